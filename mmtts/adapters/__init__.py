@@ -1,0 +1,3 @@
+"""Test-time adaptation methods, one module each, registered by name."""
+
+from . import bn, source  # noqa: F401  (registration)

@@ -1,0 +1,22 @@
+"""The unadapted model: the baseline every adaptation method is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.adapter import Adapter
+from ..core.registry import ADAPTERS
+
+
+@ADAPTERS.register("source")
+class Source(Adapter):
+    """Predict with the source model in eval mode; nothing changes.
+
+    Unlike the other adapters it accepts models with no normalization layers.
+    """
+
+    needs_norm_layers = False
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x):
+        return self.model(x)

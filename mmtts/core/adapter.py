@@ -1,0 +1,208 @@
+"""Adapter: update a model from unlabeled test data while it predicts.
+
+A method is one class: ``configure_model`` (modes and which tensors may
+change), ``collect_params`` (what the optimizer updates), and
+``forward_and_adapt`` (predict, then update). The base class selects
+normalization layers by type and name, snapshots *only* what the method can
+change (the adapted parameters, the buffers of the selected layers, the
+optimizer state and any method state) and restores it bit for bit on
+``reset()``. ``release()`` hands the model back with its original modes and
+``requires_grad`` flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from abc import abstractmethod
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from .errors import MmttsError
+
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+NORM_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    "batchnorm": BATCHNORM,
+    "layernorm": (nn.LayerNorm,),
+    "groupnorm": (nn.GroupNorm,),
+}
+
+
+def is_frozen_batchnorm(m: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (and look-alikes): statistics and affine as fixed buffers."""
+    return type(m).__name__ == "FrozenBatchNorm2d"
+
+
+def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every FrozenBatchNorm2d with an equivalent nn.BatchNorm2d, in place; returns the model."""
+    for name, child in list(model.named_children()):
+        if is_frozen_batchnorm(child):
+            bn = nn.BatchNorm2d(child.weight.numel(), eps=getattr(child, "eps", 1e-5))
+            with torch.no_grad():
+                bn.weight.copy_(child.weight)
+                bn.bias.copy_(child.bias)
+                bn.running_mean.copy_(child.running_mean)
+                bn.running_var.copy_(child.running_var)
+            bn.to(child.weight.device)
+            bn.eval()
+            setattr(model, name, bn)
+        else:
+            unfreeze_batchnorm(child)
+    return model
+
+
+def select_norm_modules(model: nn.Module, kinds: Sequence[str], include: Sequence[str] | None = None,
+                        exclude: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """Normalization modules of the given kinds whose names match ``include`` and not ``exclude`` (globs)."""
+    unknown = [k for k in kinds if k not in NORM_KINDS]
+    if unknown:
+        raise MmttsError(f"unknown norm kind(s) {unknown}; choose from {sorted(NORM_KINDS)}")
+    types = tuple(t for k in kinds for t in NORM_KINDS[k])
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, types):
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        out.append((name, m))
+    return out
+
+
+class Adapter(nn.Module):
+    """Base class of test-time adaptation methods. ``adapter(x)`` predicts and adapts."""
+
+    name: ClassVar[str] = ""
+    #: norm kinds the method adapts by default (see NORM_KINDS)
+    norm_kinds: ClassVar[tuple[str, ...]] = ("batchnorm", "layernorm", "groupnorm")
+    #: False for methods that also run models with no normalization layers
+    needs_norm_layers: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, *, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = None, norm_kinds: Sequence[str] | None = None,
+                 episodic: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"an adapter wraps a torch nn.Module, not {type(model).__name__}")
+        self.model = model
+        self.episodic = bool(episodic)
+        kinds = tuple(norm_kinds) if norm_kinds is not None else self.norm_kinds
+        frozen = [n for n, m in model.named_modules() if is_frozen_batchnorm(m)]
+        self.norm_modules = select_norm_modules(model, kinds, include, exclude)
+        if not self.norm_modules and self.needs_norm_layers:
+            hint = ""
+            if frozen:
+                hint = (f" The model has {len(frozen)} FrozenBatchNorm2d layer(s) (e.g. {frozen[0]!r}): they hold "
+                        "fixed statistics and no trainable affine, so nothing can adapt; convert them with "
+                        "mmtts.core.adapter.unfreeze_batchnorm(model) first.")
+            raise MmttsError(
+                f"{type(self).__name__} found nothing to adapt: no {'/'.join(kinds)} layers"
+                f"{' matching include=' + str(list(include)) if include else ''}"
+                f"{' after exclude=' + str(list(exclude)) if exclude else ''} in {type(model).__name__}.{hint}"
+                " Use the 'source' adapter to run the model unchanged."
+            )
+        self._original_flags = {
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "training": {n: m.training for n, m in model.named_modules()},
+            "track_running_stats": {n: m.track_running_stats for n, m in self.norm_modules
+                                    if isinstance(m, BATCHNORM)},
+        }
+        self.configure_model()
+        self.params = self.collect_params()
+        self.optimizer = self.build_optimizer([p for _, p in self.params]) if self.params else None
+        self._snapshot = self.snapshot()
+
+    # -- what a method defines -----------------------------------------------------
+    def configure_model(self) -> None:
+        """Set modes and requires_grad. Default: eval mode, nothing trainable."""
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def collect_params(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the optimizer updates (default: none, a gradient-free method)."""
+        return []
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        return None
+
+    def extra_state(self) -> dict:
+        """Method state beyond parameters and buffers (moving averages, windows); copied on snapshot."""
+        return {}
+
+    def load_extra(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    @abstractmethod
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Return predictions for ``x`` and update the model from it."""
+
+    # -- helpers for methods -----------------------------------------------------------
+    def norm_affine_params(self) -> list[tuple[str, nn.Parameter]]:
+        """Affine weight and bias of the selected norm layers, enabled for gradients."""
+        out = []
+        for mname, m in self.norm_modules:
+            for pname, p in m.named_parameters(recurse=False):
+                if pname in ("weight", "bias"):
+                    p.requires_grad_(True)
+                    out.append((f"{mname}.{pname}" if mname else pname, p))
+        return out
+
+    def use_batch_statistics(self) -> None:
+        """Selected BatchNorm layers normalise with the test batch's statistics and leave their buffers alone."""
+        for _, m in self.norm_modules:
+            if isinstance(m, BATCHNORM):
+                m.train()
+                m.track_running_stats = False
+
+    # -- snapshot / reset ------------------------------------------------------------
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for mname, m in self.norm_modules:
+            for bname, b in m.named_buffers(recurse=False):
+                if b is not None:
+                    out[f"{mname}.{bname}"] = b
+        return out
+
+    def snapshot(self) -> dict:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.params},
+            "buffers": {n: b.detach().clone() for n, b in self._buffers().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+            "extra": copy.deepcopy(self.extra_state()),
+        }
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Return to the source model exactly: parameters, norm buffers, optimizer and method state."""
+        snap = self._snapshot
+        for n, p in self.params:
+            p.copy_(snap["params"][n])
+        for n, b in self._buffers().items():
+            b.copy_(snap["buffers"][n])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        self.load_extra(copy.deepcopy(snap["extra"]))
+
+    def release(self) -> nn.Module:
+        """Give the (adapted) model back with its original modes and requires_grad flags."""
+        flags = self._original_flags
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(flags["requires_grad"].get(n, p.requires_grad))
+        for n, m in self.model.named_modules():
+            m.train(flags["training"].get(n, m.training))
+        for n, m in self.norm_modules:
+            if n in flags["track_running_stats"]:
+                m.track_running_stats = flags["track_running_stats"][n]
+        return self.model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.episodic:
+            self.reset()
+        return self.forward_and_adapt(x)
+
+    def adapted_names(self) -> list[str]:
+        """Qualified names of what the method changes (parameters and buffers)."""
+        return [n for n, _ in self.params] + list(self._buffers())

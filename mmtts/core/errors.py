@@ -1,0 +1,28 @@
+"""Errors raised for user mistakes. The CLI prints these as one line, without a traceback."""
+
+
+class MmttsError(Exception):
+    """A problem with what the user asked for; the message names it and the fix."""
+
+
+class BudgetError(MmttsError, ValueError):
+    """A budget that is invalid or too small for the requested work."""
+
+
+class BudgetExceeded(MmttsError, RuntimeError):
+    """A strategy asked for work past its budget cap (a strategy bug: they size schedules from the cap)."""
+
+
+class VerifierError(MmttsError, ValueError):
+    """A verifier returned something that cannot be used as one score per candidate."""
+
+
+class UnknownNameError(MmttsError, KeyError):
+    """A strategy, adapter, task or verifier name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingWeightsError(MmttsError, FileNotFoundError):
+    """A model file that is not on disk; nothing is fetched from the network."""

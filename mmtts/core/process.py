@@ -1,0 +1,89 @@
+"""Process: a generative model run in stages over a batch of candidates.
+
+A diffusion step, a video frame unit, a VAR scale, one draw of robot actions
+or of click points are all stages. Strategies only ever see this interface,
+so one search algorithm serves every modality.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from .rng import Streams
+from .state import State
+
+
+class Process(ABC):
+    """Subclasses set ``num_stages`` and ``nfe_per_stage`` and implement init/step/finish.
+
+    ``nfe_per_stage`` is the number of model forwards one stage costs one
+    candidate: 2 for a classifier-free-guided step, the token count of a scale
+    for a token budget. Override :meth:`stage_nfe` when stages differ.
+    ``decodes_on_preview`` / ``decodes_on_finish`` say whether those calls run
+    a decoder (a VAE), so the budget counts decodes.
+    """
+
+    num_stages: int = 1
+    nfe_per_stage: int = 1
+    decodes_on_preview: bool = False
+    decodes_on_finish: bool = False
+
+    # -- costs ------------------------------------------------------------------
+    def stage_nfe(self, stage: torch.Tensor) -> torch.Tensor:
+        """NFE to advance candidates currently at ``stage`` by one stage (per candidate)."""
+        return torch.full_like(stage, self.nfe_per_stage)
+
+    def nfe_per_candidate(self) -> int:
+        """NFE to take one fresh candidate through every stage."""
+        stages = torch.arange(self.num_stages, dtype=torch.int64)
+        return int(self.stage_nfe(stages).sum())
+
+    def remaining_nfe(self, state: State) -> int:
+        """NFE still needed to finish every candidate of ``state``."""
+        total = 0
+        for s in state.stage.tolist():
+            stages = torch.arange(s, self.num_stages, dtype=torch.int64)
+            total += int(self.stage_nfe(stages).sum()) if len(stages) else 0
+        return total
+
+    # -- the process ---------------------------------------------------------------
+    @abstractmethod
+    def init(self, streams: Streams, first_index: int = 0) -> State:
+        """Start ``len(streams)`` fresh candidates (draw initial noise from their own streams)."""
+
+    @abstractmethod
+    def step(self, state: State) -> State:
+        """Advance every candidate by one stage; noise comes from each candidate's stream."""
+
+    @abstractmethod
+    def finish(self, state: State) -> Any:
+        """The final outputs of completed candidates (a batch)."""
+
+    def preview(self, state: State) -> Any:
+        """A scoreable estimate of each partial candidate's final output (x0-hat, a partial video)."""
+        if bool((state.stage >= self.num_stages).all()):
+            return self.finish(state)
+        raise NotImplementedError(f"{type(self).__name__} has no preview of partial candidates")
+
+    def context(self, state: State) -> Any:
+        """The conditioning a verifier needs for each candidate (labels, prompts); None by default."""
+        return None
+
+    def is_done(self, state: State) -> torch.Tensor:
+        return state.stage >= self.num_stages
+
+    # -- optional capabilities -------------------------------------------------------
+    def perturb(self, state: State, scale: float | torch.Tensor) -> State:
+        """Mutate candidates at their current stage with the stage's own noise scale."""
+        raise NotImplementedError(f"{type(self).__name__} cannot perturb candidates")
+
+    def renoise(self, state: State, stages: int) -> State:
+        """Move candidates back ``stages`` stages by the forward noising transition."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-noise candidates")
+
+    def describe(self) -> dict:
+        return {"process": type(self).__name__, "num_stages": self.num_stages,
+                "nfe_per_candidate": self.nfe_per_candidate()}

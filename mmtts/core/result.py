@@ -1,0 +1,108 @@
+"""Results of a search run and the checkpoint format a run resumes from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .state import State
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Result:
+    """What a strategy chose, how it got there, and what it cost.
+
+    ``outputs``/``scores`` are the chosen candidates (best first) and their
+    search-verifier scores; ``heldout`` maps each held-out verifier's name to
+    its scores of the same outputs (computed after the search, never used to
+    select). ``trace`` has one entry per scoring of finished candidates: the
+    budget spent so far, the best score so far and all scores of that batch,
+    which is what a scaling curve is drawn from.
+    """
+
+    outputs: Any
+    scores: torch.Tensor
+    heldout: dict[str, torch.Tensor]
+    trace: list[dict]
+    budget: dict
+    strategy: str
+    settings: dict
+    seed: int
+    lineage: dict[str, torch.Tensor] = field(default_factory=dict)
+    population: Any = None
+    population_scores: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def best_score(self) -> float:
+        return float(self.scores[0])
+
+    @property
+    def best(self) -> Any:
+        from .batch import take
+        return take(self.outputs, [0])
+
+    def curve(self) -> tuple[list[int], list[float]]:
+        """(NFE spent, best final score so far) after each scoring of finished candidates."""
+        return [e["nfe"] for e in self.trace], [e["best"] for e in self.trace]
+
+    def summary(self) -> dict:
+        """A JSON-ready summary (outputs left out)."""
+        return {
+            "strategy": self.strategy,
+            "settings": self.settings,
+            "seed": self.seed,
+            "best_score": self.best_score,
+            "scores": self.scores.tolist(),
+            "heldout": {k: v.tolist() for k, v in self.heldout.items()},
+            "budget": self.budget,
+            "trace": [{k: v for k, v in e.items() if k != "scores"} for e in self.trace],
+            "extra": self.extra,
+        }
+
+
+def _pack(obj: Any) -> Any:
+    """Make a payload loadable with ``torch.load(weights_only=True)``: States become tagged dicts."""
+    if isinstance(obj, State):
+        return {"__state__": obj.state_dict()}
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v) for v in obj]
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}; use tensors, numbers, strings, lists, dicts or States")
+
+
+def _unpack(obj: Any, device) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__state__"}:
+            return State.from_state_dict(obj["__state__"], device=device)
+        return {k: _unpack(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v, device) for v in obj]
+    return obj
+
+
+def save_checkpoint(path: str | os.PathLike, content: dict) -> None:
+    """Write atomically, so an interrupted write never leaves a broken checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(_pack({"version": CHECKPOINT_VERSION, **content}), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
+    d = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if d.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {d.get('version')}; this mmtts reads {CHECKPOINT_VERSION}")
+    return _unpack(d, device)

@@ -1,0 +1,153 @@
+"""Per-candidate, counter-based random streams.
+
+Every candidate in a search owns a stream identified by ``(seed, counter)``.
+Drawing noise seeds a fresh generator from a hash of the pair and then bumps
+the counter, so a stream is a pair of integers: it can be copied with its
+candidate, saved in a checkpoint and resumed exactly, and it never depends on
+how candidates were batched together. The same (seed, offset) pair is what
+the Triton kernels feed to their in-kernel Philox generator.
+
+When a resampling step duplicates a candidate, the first copy keeps the
+stream and every further copy is *forked*: it gets a new seed derived from the
+parent's seed, counter and copy index. Copies therefore diverge (as particle
+filters need) while the whole run stays a pure function of the root seed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+_MASK = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """One round of the SplitMix64 mixer: a bijective 64-bit integer hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """Hash any number of integers into one 63-bit seed (valid for torch)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = splitmix64(h ^ (int(p) & _MASK))
+    return h >> 1
+
+
+class Streams:
+    """A batch of independent random streams, one per candidate.
+
+    ``seeds`` and ``counters`` are int64 tensors of shape (B,) on the CPU.
+    """
+
+    def __init__(self, seeds: torch.Tensor, counters: torch.Tensor | None = None):
+        seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+        if counters is None:
+            counters = torch.zeros_like(seeds)
+        counters = torch.as_tensor(counters, dtype=torch.int64).reshape(-1)
+        if seeds.shape != counters.shape:
+            raise ValueError(f"seeds {tuple(seeds.shape)} and counters {tuple(counters.shape)} differ in shape")
+        self.seeds = seeds.cpu()
+        self.counters = counters.cpu()
+
+    @classmethod
+    def spawn(cls, root_seed: int, n: int, start: int = 0) -> "Streams":
+        """``n`` streams derived from one root seed; stream i is the same whatever ``n`` is."""
+        return cls(torch.tensor([derive_seed(root_seed, start + i) for i in range(n)], dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.seeds.numel())
+
+    def generator(self, i: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator for the next draw of stream ``i`` (does not advance it)."""
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(int(self.seeds[i]), int(self.counters[i])))
+        return g
+
+    def randn(self, shape: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
+        """Draw one standard normal tensor of ``shape`` per candidate: result (B, *shape).
+
+        Noise is drawn on the CPU so that results do not depend on the device;
+        every stream advances by one.
+        """
+        out = torch.empty((len(self), *shape), dtype=torch.float32)
+        for i in range(len(self)):
+            out[i] = torch.randn(tuple(shape), generator=self.generator(i))
+        self.counters += 1
+        return out.to(device=device, dtype=dtype)
+
+    def rand(self, shape: Sequence[int] = ()) -> torch.Tensor:
+        """Uniform [0, 1) draws, one tensor of ``shape`` per candidate; advances every stream."""
+        out = torch.empty((len(self), *shape), dtype=torch.float64)
+        for i in range(len(self)):
+            out[i] = torch.rand(tuple(shape), generator=self.generator(i), dtype=torch.float64)
+        self.counters += 1
+        return out
+
+    def select(self, index: torch.Tensor, fork_duplicates: bool) -> "Streams":
+        """Streams of the candidates at ``index``.
+
+        With ``fork_duplicates`` the second and later copies of a candidate get
+        derived seeds, so they draw different noise from then on.
+        """
+        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+        seeds = self.seeds[index].clone()
+        counters = self.counters[index].clone()
+        if fork_duplicates:
+            seen: dict[int, int] = {}
+            for j, src in enumerate(index.tolist()):
+                k = seen.get(src, 0)
+                seen[src] = k + 1
+                if k > 0:
+                    seeds[j] = derive_seed(int(seeds[j]), int(counters[j]), k)
+                    counters[j] = 0
+        return Streams(seeds, counters)
+
+    @staticmethod
+    def cat(items: Sequence["Streams"]) -> "Streams":
+        return Streams(torch.cat([s.seeds for s in items]), torch.cat([s.counters for s in items]))
+
+    def clone(self) -> "Streams":
+        return Streams(self.seeds.clone(), self.counters.clone())
+
+    def state_dict(self) -> dict:
+        return {"seeds": self.seeds.clone(), "counters": self.counters.clone()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Streams":
+        return cls(d["seeds"], d["counters"])
+
+
+class StrategyRNG:
+    """The strategy's own random stream (resampling draws, tournament picks).
+
+    Counter-based like :class:`Streams` so that it checkpoints as two integers.
+    """
+
+    def __init__(self, seed: int, counter: int = 0):
+        self.seed = int(seed)
+        self.counter = int(counter)
+
+    def numpy(self) -> np.random.Generator:
+        """A numpy generator for the next draw; advances the counter."""
+        g = np.random.default_rng(derive_seed(self.seed, self.counter, 0x5EED))
+        self.counter += 1
+        return g
+
+    def torch(self) -> torch.Generator:
+        """A torch CPU generator for the next draw; advances the counter."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.counter, 0x70C4))
+        self.counter += 1
+        return g
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "counter": self.counter}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "StrategyRNG":
+        return cls(d["seed"], d["counter"])

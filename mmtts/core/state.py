@@ -1,0 +1,144 @@
+"""A batch of candidates and what must follow each one when it is copied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .rng import Streams, derive_seed
+
+
+@dataclass
+class State:
+    """A batch of partial candidates of a staged generative process.
+
+    ``data`` holds the process's per-candidate tensors (latents, timestep
+    indices, cached prompts, ...), each with the batch on dimension 0.
+    ``stage`` is the number of stages each candidate has completed (candidates
+    may sit at different stages, as in tree search). ``streams`` are their
+    random streams; ``ids``, ``parents`` and ``origin`` record lineage:
+    a unique id per candidate, the id it was copied from, and the index of the
+    fresh candidate its line started from.
+    """
+
+    data: dict[str, torch.Tensor]
+    stage: torch.Tensor
+    streams: Streams
+    ids: torch.Tensor
+    parents: torch.Tensor
+    origin: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.streams)
+        for name, t in {"stage": self.stage, "ids": self.ids, "parents": self.parents, "origin": self.origin}.items():
+            if t.shape != (n,):
+                raise ValueError(f"State.{name} has shape {tuple(t.shape)}; expected ({n},), one entry per candidate")
+        for k, v in self.data.items():
+            if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != n:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"State.data[{k!r}] has shape {shape}; every entry needs the batch ({n}) on dim 0")
+
+    @classmethod
+    def fresh(cls, data: dict[str, torch.Tensor], streams: Streams, first_index: int = 0, meta: dict | None = None) -> "State":
+        """A new batch of candidates at stage 0; ids are derived from the streams' seeds."""
+        n = len(streams)
+        origin = torch.arange(first_index, first_index + n, dtype=torch.int64)
+        ids = streams.seeds.clone()
+        return cls(
+            data=dict(data),
+            stage=torch.zeros(n, dtype=torch.int64),
+            streams=streams,
+            ids=ids,
+            parents=torch.full((n,), -1, dtype=torch.int64),
+            origin=origin,
+            meta=dict(meta or {}),
+        )
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    @property
+    def device(self) -> torch.device:
+        for v in self.data.values():
+            return v.device
+        return torch.device("cpu")
+
+    def _gather(self, index: torch.Tensor, fork: bool) -> "State":
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
+        if index.numel() and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"candidate index out of range for a batch of {len(self)}: {index.tolist()}")
+        streams = self.streams.select(index, fork_duplicates=fork)
+        ids = self.ids[index].clone()
+        parents = self.parents[index].clone()
+        if fork:
+            seen: dict[int, int] = {}
+            for j, src in enumerate(index.tolist()):
+                k = seen.get(src, 0)
+                seen[src] = k + 1
+                if k > 0:
+                    parents[j] = self.ids[src]
+                    ids[j] = derive_seed(int(self.ids[src]), int(self.streams.counters[src]), k)
+        data = {k: v[index.to(v.device)] for k, v in self.data.items()}
+        return State(data, self.stage[index].clone(), streams, ids, parents, self.origin[index].clone(), dict(self.meta))
+
+    def select(self, index) -> "State":
+        """Exact copies of the candidates at ``index`` (duplicates share their stream)."""
+        return self._gather(index, fork=False)
+
+    def resample(self, index) -> "State":
+        """Candidates at ``index``; a duplicate becomes a child with its own forked stream.
+
+        The first copy of each candidate keeps its id and stream, so a
+        candidate chosen once continues exactly as if nothing happened.
+        """
+        return self._gather(index, fork=True)
+
+    @staticmethod
+    def cat(states: Sequence["State"]) -> "State":
+        if not states:
+            raise ValueError("State.cat needs at least one state")
+        keys = set(states[0].data)
+        for s in states[1:]:
+            if set(s.data) != keys:
+                raise ValueError(f"cannot concatenate states with different fields: {sorted(keys)} vs {sorted(s.data)}")
+        return State(
+            data={k: torch.cat([s.data[k] for s in states]) for k in states[0].data},
+            stage=torch.cat([s.stage for s in states]),
+            streams=Streams.cat([s.streams for s in states]),
+            ids=torch.cat([s.ids for s in states]),
+            parents=torch.cat([s.parents for s in states]),
+            origin=torch.cat([s.origin for s in states]),
+            meta=dict(states[0].meta),
+        )
+
+    def replace(self, **data: torch.Tensor) -> "State":
+        """The same candidates with some data fields replaced (streams are shared, not copied)."""
+        new = dict(self.data)
+        new.update(data)
+        return State(new, self.stage, self.streams, self.ids, self.parents, self.origin, self.meta)
+
+    def state_dict(self) -> dict:
+        return {
+            "data": {k: v.detach().cpu() for k, v in self.data.items()},
+            "stage": self.stage,
+            "streams": self.streams.state_dict(),
+            "ids": self.ids,
+            "parents": self.parents,
+            "origin": self.origin,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict, device: torch.device | str = "cpu") -> "State":
+        return cls(
+            data={k: v.to(device) for k, v in d["data"].items()},
+            stage=d["stage"],
+            streams=Streams.from_state_dict(d["streams"]),
+            ids=d["ids"],
+            parents=d["parents"],
+            origin=d["origin"],
+            meta=dict(d.get("meta", {})),
+        )

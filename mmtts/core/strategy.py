@@ -1,0 +1,243 @@
+"""Strategies and the context they run in.
+
+A strategy is written once against :class:`SearchContext`, which is the only
+door to the process and the verifier: every model forward, decode and
+verifier evaluation goes through it, so the budget is counted and enforced in
+one place, scores are validated, the trace is recorded, and held-out verifiers
+stay out of the strategy's reach.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+from .batch import batch_size, to_cpu
+from .budget import Budget
+from .errors import BudgetError, MmttsError
+from .process import Process
+from .result import Result, load_checkpoint, save_checkpoint
+from .rng import Streams, StrategyRNG
+from .state import State
+from .verifier import Verifier, as_verifier
+
+
+@dataclass
+class Selection:
+    """What a strategy returns: chosen outputs best first, their scores, and optional extras."""
+
+    outputs: Any
+    scores: torch.Tensor
+    state: State | None = None
+    population: Any = None
+    population_scores: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class SearchContext:
+    """The process, verifier, budget, random stream, trace and checkpoints of one run."""
+
+    def __init__(self, process: Process, verifier: Verifier, budget: Budget, seed: int,
+                 strategy: str = "", settings: Mapping | None = None,
+                 checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                 on_checkpoint: Callable[[int], None] | None = None):
+        self.process = process
+        self.verifier = verifier
+        self.budget = budget
+        self.seed = int(seed)
+        self.rng = StrategyRNG(self.seed)
+        self.trace: list[dict] = []
+        self.next_index = 0
+        self.best_so_far = float("-inf")
+        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else None
+        self.on_checkpoint = on_checkpoint
+        self.checkpoints_written = 0
+        self.restored: dict | None = None
+        self._identity = {"strategy": strategy, "settings": dict(settings or {}), "seed": self.seed,
+                          "caps": list(budget.caps())}
+        if resume:
+            if self.checkpoint_path is None:
+                raise MmttsError("resume=True needs checkpoint=PATH, the file to resume from")
+            if self.checkpoint_path.exists():
+                self._restore(load_checkpoint(self.checkpoint_path, device="cpu"))
+        self.budget.start()
+
+    # -- checkpoints ---------------------------------------------------------------
+    def _restore(self, ck: dict) -> None:
+        if ck["identity"] != _jsonable(self._identity):
+            raise MmttsError(
+                f"checkpoint {self.checkpoint_path} was written by a different run "
+                f"({ck['identity']}), not {self._identity}; delete it or pass the same settings"
+            )
+        b = Budget.from_state_dict(ck["budget"])
+        self.budget.__dict__.update(b.__dict__)
+        self.rng = StrategyRNG.from_state_dict(ck["rng"])
+        self.trace = ck["trace"]
+        self.next_index = ck["next_index"]
+        self.best_so_far = ck["best_so_far"]
+        self.restored = ck["payload"]
+
+    def checkpoint(self, payload: dict) -> None:
+        """Record a resumable point: the strategy's loop state plus the context's own."""
+        if self.checkpoint_path is None:
+            return
+        save_checkpoint(self.checkpoint_path, {
+            "identity": _jsonable(self._identity),
+            "budget": self.budget.state_dict(),
+            "rng": self.rng.state_dict(),
+            "trace": self.trace,
+            "next_index": self.next_index,
+            "best_so_far": self.best_so_far,
+            "payload": payload,
+        })
+        self.checkpoints_written += 1
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoints_written)
+
+    # -- the process, metered ------------------------------------------------------
+    def fresh(self, n: int) -> State:
+        """``n`` new candidates; candidate i of a run always gets the same stream."""
+        if n < 1:
+            raise ValueError(f"cannot start {n} candidates; n must be at least 1")
+        streams = Streams.spawn(self.seed, n, start=self.next_index)
+        first = self.next_index
+        self.next_index += n
+        with self.budget.timer("model"):
+            return self.process.init(streams, first_index=first)
+
+    def step(self, state: State) -> State:
+        if bool(self.process.is_done(state).any()):
+            raise MmttsError("cannot step candidates that already completed every stage")
+        cost = int(self.process.stage_nfe(state.stage).sum())
+        self.budget.check_affordable(f"stepping {len(state)} candidates", nfe=cost)
+        with self.budget.timer("model"):
+            new = self.process.step(state)
+        self.budget.charge(nfe=cost)
+        return new
+
+    def advance(self, state: State, stages: int | None = None) -> State:
+        """Step ``stages`` times (default: until every candidate is done)."""
+        k = 0
+        while not bool(self.process.is_done(state).all()) and (stages is None or k < stages):
+            state = self.step(state)
+            k += 1
+        return state
+
+    def preview(self, state: State) -> Any:
+        with self.budget.timer("decode"):
+            out = self.process.preview(state)
+        if self.process.decodes_on_preview:
+            self.budget.charge(decodes=len(state))
+        return out
+
+    def finish(self, state: State) -> Any:
+        if not bool(self.process.is_done(state).all()):
+            raise MmttsError("finish() needs every candidate to have completed all stages")
+        with self.budget.timer("decode"):
+            out = self.process.finish(state)
+        if self.process.decodes_on_finish:
+            self.budget.charge(decodes=len(state))
+        return out
+
+    def score(self, outputs: Any, state: State | None = None, final: bool = True) -> torch.Tensor:
+        """Score with the search verifier; ``final`` scores of finished candidates enter the trace."""
+        n = batch_size(outputs)
+        self.budget.check_affordable(f"scoring {n} candidates", verifier_calls=n)
+        context = self.process.context(state) if state is not None else None
+        before = self.verifier.evaluations
+        with self.budget.timer("verifier"):
+            s = self.verifier(outputs, context)
+        self.budget.charge(verifier_calls=self.verifier.evaluations - before)
+        if final and n:
+            self.best_so_far = max(self.best_so_far, float(s.max()))
+            self.trace.append({"nfe": self.budget.nfe, "verifier_calls": self.budget.verifier_calls,
+                               "seconds": round(self.budget.elapsed, 6), "best": self.best_so_far,
+                               "scores": s.tolist()})
+        return s
+
+    def candidates_affordable(self, verifier_calls_per_candidate: int = 1) -> int:
+        """Complete candidates the remaining budget pays for (-1: no count cap, only time)."""
+        return self.budget.capacity(self.process.nfe_per_candidate(), verifier_calls_per_candidate)
+
+
+class Strategy(ABC):
+    """A search algorithm. Settings are keyword arguments, validated in ``__init__``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **settings):
+        self._settings = settings
+
+    @property
+    def settings(self) -> dict:
+        return dict(self._settings)
+
+    @abstractmethod
+    def run(self, ctx: SearchContext) -> Selection:
+        """Search within ``ctx.budget`` and return the chosen candidates."""
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, (int, float, str, bool)):
+        return x
+    return repr(x)
+
+
+def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Callable, budget: Budget | int,
+                 seed: int = 0, heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
+                 checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                 on_checkpoint: Callable[[int], None] | None = None) -> Result:
+    """Run one strategy and score its choice with the held-out verifiers."""
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be an mmtts Process, not {type(process).__name__}")
+    verifier = as_verifier(verifier)
+    budget = Budget.coerce(budget)
+    if budget.max_nfe is not None and budget.max_nfe < process.nfe_per_candidate():
+        raise BudgetError(
+            f"budget of {budget.max_nfe} NFE is below the cost of one candidate "
+            f"({process.nfe_per_candidate()} NFE for {process.num_stages} stages); "
+            f"raise the budget to at least {process.nfe_per_candidate()}"
+        )
+    held = _heldout_dict(heldout)
+    if any(v is verifier for v in held.values()):
+        raise MmttsError("a held-out verifier must not be the search verifier itself")
+    ctx = SearchContext(process, verifier, budget, seed, strategy=strategy.name, settings=strategy.settings,
+                        checkpoint=checkpoint, resume=resume, on_checkpoint=on_checkpoint)
+    sel = strategy.run(ctx)
+    held_scores = {}
+    for name, v in held.items():
+        context = process.context(sel.state) if sel.state is not None else None
+        held_scores[name] = v(sel.outputs, context)
+    lineage = {}
+    if sel.state is not None:
+        lineage = {"ids": sel.state.ids.clone(), "parents": sel.state.parents.clone(),
+                   "origin": sel.state.origin.clone()}
+    return Result(
+        outputs=to_cpu(sel.outputs), scores=sel.scores, heldout=held_scores, trace=ctx.trace,
+        budget=budget.report(), strategy=strategy.name, settings=strategy.settings, seed=int(seed),
+        lineage=lineage, population=to_cpu(sel.population), population_scores=sel.population_scores,
+        extra=sel.extra,
+    )
+
+
+def _heldout_dict(heldout) -> dict[str, Verifier]:
+    if heldout is None:
+        return {}
+    if isinstance(heldout, Mapping):
+        return {str(k): as_verifier(v, name=str(k)) for k, v in heldout.items()}
+    out = {}
+    for v in heldout:
+        v = as_verifier(v)
+        if v.name in out:
+            raise MmttsError(f"two held-out verifiers share the name {v.name!r}; pass a dict to name them")
+        out[v.name] = v
+    return out

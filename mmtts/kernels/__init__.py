@@ -1,0 +1,1 @@
+"""Triton kernels, their pure-torch references, and the dispatch between them."""

@@ -1,0 +1,1 @@
+"""One plugin per modality, wrapping real models in the Process interface."""

@@ -1,0 +1,67 @@
+"""Top-k beam search over the stages of a stochastic process."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.batch import take
+from ..core.errors import BudgetError
+from ..core.registry import STRATEGIES
+from ..core.strategy import SearchContext, Selection, Strategy
+from .best_of_n import top_k
+
+
+@STRATEGIES.register("beam")
+class Beam(Strategy):
+    """Keep ``beams`` candidates; every ``interval`` stages each spawns ``width`` children.
+
+    Children of one parent share its past and draw their own noise from then
+    on (forked streams), so the process must be stochastic for children to
+    differ. Survivors are chosen by the verifier's score of the preview
+    (x0-hat). The population is ``beams * width`` at every stage, so the cost is
+    ``beams * width`` candidates' worth of NFE; ``width=None`` spends the budget.
+    """
+
+    def __init__(self, beams: int = 4, width: int | None = None, interval: int = 1):
+        if beams < 1 or interval < 1 or (width is not None and width < 1):
+            raise ValueError(f"beam needs beams >= 1, width >= 1 and interval >= 1; got {beams}, {width}, {interval}")
+        super().__init__(beams=beams, width=width, interval=interval)
+        self.beams, self.width, self.interval = beams, width, interval
+
+    def plan(self, ctx: SearchContext) -> tuple[int, list[int]]:
+        T = ctx.process.num_stages
+        checkpoints = [t for t in range(self.interval, T, self.interval)]
+        calls_per_candidate = len(checkpoints) + 1
+        cap = ctx.candidates_affordable(calls_per_candidate)
+        width = self.width
+        if width is None:
+            if cap == -1:
+                raise BudgetError("beam with width=None needs an NFE or verifier-call cap to size its width")
+            width = cap // self.beams
+        if width < 1 or (cap != -1 and self.beams * width > cap):
+            ctx.budget.require_candidates(self.beams * max(width, 1), ctx.process.nfe_per_candidate(),
+                                          calls_per_candidate)
+        return width, checkpoints
+
+    def run(self, ctx: SearchContext) -> Selection:
+        width, points = self.plan(ctx)
+        pop = self.beams * width
+        loop = ctx.restored or {"state": None}
+        state = loop["state"]
+        if state is None:
+            state = ctx.fresh(pop)
+        while True:
+            stage = int(state.stage.max())
+            nxt = next((t for t in points if t > stage), ctx.process.num_stages)
+            state = ctx.advance(state, nxt - stage)
+            if nxt >= ctx.process.num_stages:
+                break
+            s = ctx.score(ctx.preview(state), state, final=False)
+            keep = top_k(s, self.beams)
+            state = state.resample(keep.repeat_interleave(width))
+            ctx.checkpoint({"state": state})
+        out = ctx.finish(state)
+        s = ctx.score(out, state)
+        order = top_k(s, pop)
+        return Selection(outputs=take(out, order[:1]), scores=s[order[:1]], state=state.select(order[:1]),
+                         population=out, population_scores=s, extra={"width": width})

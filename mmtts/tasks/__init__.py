@@ -1,0 +1,1 @@
+"""Offline benchmark tasks: data, reference models cached locally, metrics."""

@@ -1,0 +1,1 @@
+"""Verifiers for real models: classifiers, CLIP, ensembles, learned verifiers."""
