@@ -29,8 +29,8 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or name not in self._items:
             valid = ", ".join(self.names()) or "(none registered)"
             close = difflib.get_close_matches(str(name), self.names(), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} valid {self.kind} names: {valid}")
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid {self.kind} names: {valid}{hint}")
         return self._items[name]
 
     def create(self, name: str, *args, **kwargs) -> T:

@@ -115,7 +115,11 @@ class GMMDiffusion(Process):
 
     SAMPLERS = ("exact", "ddim")
 
-    def __init__(self, mixture: GaussianMixture, num_stages: int = 20, sampler: str = "exact", eta: float = 1.0):
+    def __init__(self, mixture: GaussianMixture, num_stages: int = 20, sampler: str = "exact", eta: float = 1.0,
+                 denoiser=None):
+        """``denoiser(x, abar) -> x0_hat`` replaces the exact E[x0 | x_t] (a trained model); ddim only."""
+        if denoiser is not None and sampler != "ddim":
+            raise ValueError("a learned denoiser needs sampler='ddim' (the exact sampler uses the closed form)")
         if sampler not in self.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {self.SAMPLERS}")
         if num_stages < 1:
@@ -126,6 +130,7 @@ class GMMDiffusion(Process):
         self.eta = float(eta)
         self.abar = cosine_abar(self.num_stages)
         self.pi, self.mu, self.s = mixture.tensors()
+        self.denoiser = denoiser
 
     # -- closed forms ---------------------------------------------------------------
     def _marginal(self, abar):
@@ -142,7 +147,10 @@ class GMMDiffusion(Process):
         return torch.softmax(logj, 1)
 
     def denoise(self, x, abar):
-        """E[x0 | x_t] for x of shape (B, D) at per-candidate abar (B,)."""
+        """E[x0 | x_t] for x of shape (B, D) at per-candidate abar (B,), or the learned denoiser's estimate."""
+        if self.denoiser is not None:
+            with torch.no_grad():
+                return self.denoiser(x, abar).to(torch.float64)
         a, v = self._marginal(abar)
         gain = a * self.s[None] ** 2 / v                                   # (B, K)
         cond = self.mu[None] + gain[:, :, None] * (x[:, None, :] - a[:, :, None] * self.mu[None])

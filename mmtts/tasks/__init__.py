@@ -1,1 +1,7 @@
 """Offline benchmark tasks: data, reference models cached locally, metrics."""
+
+from . import toy_gmm  # noqa: F401  (registration)
+from .base import Task
+from .cache import ModelCache
+
+__all__ = ["ModelCache", "Task"]

@@ -1,0 +1,220 @@
+"""Benchmark runner: methods x budgets x paired seeds -> results JSON, a markdown table and plots.
+
+Every method runs at the same budgets on the same seeds (seed s gives every
+method the same data and the same root random stream), so differences are
+paired. A row reports the mean over seeds with a 95% t-interval; each method
+is compared with the task's baseline at equal budget by the paired difference
+and its interval, and called significant only when that interval excludes 0.
+Timings and memory are kept out of ``rows`` so that the same seeds give
+identical rows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .core.errors import MmttsError
+from .core.progress import progress_bar
+from .tasks.base import Task
+
+VERSION_PACKAGES = ("mmtts", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "diffusers", "transformers",
+                    "timm", "open-clip-torch", "triton", "matplotlib")
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+    try:
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # torch missing or broken: report what we can
+        info["cuda"] = None
+    return info
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in VERSION_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (0 for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if v.size < 2:
+        return m, 0.0
+    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return m, half
+
+
+def paired_comparison(a, b) -> dict:
+    """Paired difference a - b over seeds: mean, 95% interval, p-value, and whether it excludes zero."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    m, half = mean_ci95(d)
+    if d.size < 2:
+        p = float("nan")
+    elif np.allclose(d, d[0]):
+        p = 0.0 if d[0] != 0 else 1.0
+    else:
+        p = float(stats.ttest_1samp(d, 0.0).pvalue)
+    significant = bool(d.size >= 2 and (m - half > 0 or m + half < 0))
+    return {"diff": m, "diff_ci95": half, "p_value": p, "significant": significant}
+
+
+def run_benchmark(task: Task, seeds: list[int], budgets: list[int], methods: list[str] | None = None,
+                  out: str | os.PathLike | None = None, command: str | None = None) -> dict:
+    """Run the sweep and, when ``out`` is given, write ``<task>.json``, ``<task>.md`` and ``<task>.png`` there."""
+    methods = list(methods or task.methods)
+    for m in methods:
+        task.check_method(m)
+    if not seeds:
+        raise MmttsError("no seeds given; pass --seeds 0 1 2 (at least two for confidence intervals)")
+    if len(set(seeds)) != len(seeds):
+        raise MmttsError(f"seeds {seeds} repeat a value; paired seeds must be distinct")
+    if not budgets:
+        raise MmttsError("no budgets given; pass --budgets with at least one positive value")
+    bad = [b for b in budgets if int(b) != b or b <= 0]
+    if bad:
+        raise MmttsError(f"budgets {bad} must be positive whole numbers of {task.budget_unit}")
+    budgets = sorted(int(b) for b in budgets)
+    task.prepare()
+    rows, timings, per_seed = [], [], {}
+    with progress_bar(len(methods) * len(budgets) * len(seeds), f"bench {task.name}") as advance:
+        for method in methods:
+            for budget in budgets:
+                runs, secs = [], []
+                for seed in seeds:
+                    t0 = time.perf_counter()
+                    runs.append(task.run(method, budget, seed))
+                    secs.append(time.perf_counter() - t0)
+                    advance(1, method=method, budget=budget)
+                names = list(runs[0])
+                metrics, raw = {}, {}
+                for k in names:
+                    vals = [r[k] for r in runs]
+                    metrics[k], metrics[f"{k}_ci95"] = mean_ci95(vals)
+                    raw[k] = vals
+                per_seed[(method, budget)] = raw
+                rows.append({"method": method, "setting": task.setting(method, budget), "budget": budget,
+                             "metrics": metrics, "per_seed": raw})
+                timings.append({"method": method, "budget": budget, "seconds_per_run": float(np.mean(secs)),
+                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
+    comparisons = []
+    key = task.primary_metric
+    if task.baseline in methods:
+        for method in methods:
+            if method == task.baseline:
+                continue
+            for budget in budgets:
+                c = paired_comparison(per_seed[(method, budget)][key], per_seed[(task.baseline, budget)][key])
+                comparisons.append({"method": method, "baseline": task.baseline, "budget": budget,
+                                    "metric": key, **c})
+    results = {
+        "task": task.name,
+        "command": command or " ".join(["mmtts", *sys.argv[1:]]),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "seeds": list(seeds),
+        "budgets": budgets,
+        "budget_unit": task.budget_unit,
+        "primary_metric": key,
+        "task_config": task.describe(),
+        "rows": rows,
+        "comparisons": comparisons,
+        "references": task.references(budgets),
+        "timings": timings,
+    }
+    if out is not None:
+        write_results(results, Path(out))
+    return results
+
+
+def markdown(results: dict) -> str:
+    key = results["primary_metric"]
+    metric_names = [k for k in results["rows"][0]["metrics"] if not k.endswith("_ci95")]
+    lines = [f"# {results['task']}", "", f"Command: `{results['command']}`  ", f"Created: {results['created']}  ",
+             f"Seeds: {results['seeds']}; budgets in {results['budget_unit']}: {results['budgets']}  ",
+             f"Machine: {results['machine'].get('platform')}, {results['machine'].get('cpu_count')} CPUs, "
+             f"CUDA: {results['machine'].get('cuda')}  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), "",
+             "Mean over seeds, with the half-width of the 95% t-interval.", "",
+             "| method | setting | budget | " + " | ".join(metric_names) + " |",
+             "|---|---|---:|" + "---:|" * len(metric_names)]
+    for r in results["rows"]:
+        cells = [f"{r['metrics'][m]:.4g} ± {r['metrics'][m + '_ci95']:.2g}" for m in metric_names]
+        lines.append(f"| {r['method']} | {r['setting']} | {r['budget']} | " + " | ".join(cells) + " |")
+    if results["comparisons"]:
+        lines += ["", f"Paired difference in {key} against the baseline at equal budget "
+                      "(significant when the 95% interval excludes 0):", "",
+                  "| method | baseline | budget | difference | p | verdict |", "|---|---|---:|---:|---:|---|"]
+        for c in results["comparisons"]:
+            verdict = ("better" if c["diff"] > 0 else "worse") if c["significant"] else "not significant"
+            lines.append(f"| {c['method']} | {c['baseline']} | {c['budget']} | {c['diff']:+.4g} ± "
+                         f"{c['diff_ci95']:.2g} | {c['p_value']:.3g} | {verdict} |")
+    if results["references"]:
+        lines += ["", "Reference values of " + key + ":", ""]
+        for name, vals in results["references"].items():
+            lines.append(f"- {name}: " + ", ".join(f"{b}: {v:.4g}" for b, v in zip(results["budgets"], vals)))
+    lines += ["", "Time per run (s): " + ", ".join(
+        f"{t['method']}@{t['budget']}: {t['seconds_per_run']:.3g}" for t in results["timings"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric_names = [k for k in results["rows"][0]["metrics"]
+                    if not k.endswith("_ci95") and k not in ("nfe", "verifier_calls")]
+    fig, axes = plt.subplots(1, len(metric_names), figsize=(5.2 * len(metric_names), 4), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+    for ax, m in zip(axes[0], metric_names):
+        for method in methods:
+            rs = [r for r in results["rows"] if r["method"] == method]
+            x = np.array([r["budget"] for r in rs])
+            y = np.array([r["metrics"][m] for r in rs])
+            e = np.array([r["metrics"][m + "_ci95"] for r in rs])
+            ax.plot(x, y, marker="o", label=method)
+            ax.fill_between(x, y - e, y + e, alpha=0.2)
+        if m == results["primary_metric"]:
+            for name, vals in results["references"].items():
+                ax.plot(results["budgets"], vals, linestyle="--", color="gray" if "sup" in name else "black",
+                        label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"budget ({results['budget_unit']})")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['task']}: mean and 95% CI over seeds {results['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(results: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{results['task']}.json", "md": out / f"{results['task']}.md",
+             "png": out / f"{results['task']}.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["md"].write_text(markdown(results))
+    plot(results, paths["png"])
+    return paths
