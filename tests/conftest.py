@@ -1,0 +1,14 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["MMTTS_PROGRESS"] = "0"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private model cache for one test."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("MMTTS_CACHE", str(d))
+    return d
