@@ -78,68 +78,91 @@ def paired_comparison(a, b) -> dict:
     return {"diff": m, "diff_ci95": half, "p_value": p, "significant": significant}
 
 
-def run_benchmark(task: Task, seeds: list[int], budgets: list[int], methods: list[str] | None = None,
-                  out: str | os.PathLike | None = None, command: str | None = None) -> dict:
-    """Run the sweep and, when ``out`` is given, write ``<task>.json``, ``<task>.md`` and ``<task>.png`` there."""
+def _check_sweep(task: Task, seeds, budgets, settings, methods):
     methods = list(methods or task.methods)
     for m in methods:
         task.check_method(m)
+    settings = list(settings or task.settings)
+    for st in settings:
+        task.check_setting(st)
     if not seeds:
         raise MmttsError("no seeds given; pass --seeds 0 1 2 (at least two for confidence intervals)")
     if len(set(seeds)) != len(seeds):
         raise MmttsError(f"seeds {seeds} repeat a value; paired seeds must be distinct")
-    if not budgets:
-        raise MmttsError("no budgets given; pass --budgets with at least one positive value")
-    bad = [b for b in budgets if int(b) != b or b <= 0]
-    if bad:
-        raise MmttsError(f"budgets {bad} must be positive whole numbers of {task.budget_unit}")
-    budgets = sorted(int(b) for b in budgets)
+    if task.budget_unit is None:
+        if budgets:
+            raise MmttsError(f"task {task.name!r} has no budget sweep; drop --budgets")
+        budgets = [None]
+    else:
+        if not budgets:
+            raise MmttsError("no budgets given; pass --budgets with at least one positive value")
+        bad = [b for b in budgets if int(b) != b or b <= 0]
+        if bad:
+            raise MmttsError(f"budgets {bad} must be positive whole numbers of {task.budget_unit}")
+        budgets = sorted(int(b) for b in budgets)
+    return list(seeds), budgets, settings, methods
+
+
+def run_benchmark(task: Task, seeds: list[int], budgets: list[int] | None, methods: list[str] | None = None,
+                  out: str | os.PathLike | None = None, command: str | None = None,
+                  settings: list[str] | None = None) -> dict:
+    """Run the sweep and, when ``out`` is given, write ``<task>.json``, ``<task>.md`` and ``<task>.png`` there."""
+    seeds, budgets, settings, methods = _check_sweep(task, seeds, budgets, settings, methods)
     task.prepare()
     rows, timings, per_seed = [], [], {}
-    with progress_bar(len(methods) * len(budgets) * len(seeds), f"bench {task.name}") as advance:
-        for method in methods:
-            for budget in budgets:
-                runs, secs = [], []
-                for seed in seeds:
-                    t0 = time.perf_counter()
-                    runs.append(task.run(method, budget, seed))
-                    secs.append(time.perf_counter() - t0)
-                    advance(1, method=method, budget=budget)
-                names = list(runs[0])
-                metrics, raw = {}, {}
-                for k in names:
-                    vals = [r[k] for r in runs]
-                    metrics[k], metrics[f"{k}_ci95"] = mean_ci95(vals)
-                    raw[k] = vals
-                per_seed[(method, budget)] = raw
-                rows.append({"method": method, "setting": task.setting(method, budget), "budget": budget,
-                             "metrics": metrics, "per_seed": raw})
-                timings.append({"method": method, "budget": budget, "seconds_per_run": float(np.mean(secs)),
-                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
+    total = len(methods) * len(settings) * len(budgets) * len(seeds)
+    with progress_bar(total, f"bench {task.name}") as advance:
+        for setting in settings:
+            for method in methods:
+                for budget in budgets:
+                    runs, secs = [], []
+                    for seed in seeds:
+                        t0 = time.perf_counter()
+                        runs.append(task.run(method, setting, budget, seed))
+                        secs.append(time.perf_counter() - t0)
+                        advance(1, setting=setting, method=method, budget=budget)
+                    metrics, raw = {}, {}
+                    for k in runs[0]:
+                        vals = [float(r[k]) for r in runs]
+                        metrics[k], metrics[f"{k}_ci95"] = mean_ci95(vals)
+                        raw[k] = vals
+                    per_seed[(setting, method, budget)] = raw
+                    rows.append({"method": method, "setting": setting, "budget": budget,
+                                 "detail": task.detail(method, setting, budget), "metrics": metrics,
+                                 "per_seed": raw})
+                    timings.append({"method": method, "setting": setting, "budget": budget,
+                                    "seconds_per_run": float(np.mean(secs)),
+                                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
     comparisons = []
     key = task.primary_metric
     if task.baseline in methods:
-        for method in methods:
-            if method == task.baseline:
-                continue
-            for budget in budgets:
-                c = paired_comparison(per_seed[(method, budget)][key], per_seed[(task.baseline, budget)][key])
-                comparisons.append({"method": method, "baseline": task.baseline, "budget": budget,
-                                    "metric": key, **c})
+        for setting in settings:
+            for method in methods:
+                if method == task.baseline:
+                    continue
+                for budget in budgets:
+                    c = paired_comparison(per_seed[(setting, method, budget)][key],
+                                          per_seed[(setting, task.baseline, budget)][key])
+                    better = c["diff"] > 0 if task.higher_is_better else c["diff"] < 0
+                    c["verdict"] = ("better" if better else "worse") if c["significant"] else "not significant"
+                    comparisons.append({"method": method, "baseline": task.baseline, "setting": setting,
+                                        "budget": budget, "metric": key, **c})
     results = {
         "task": task.name,
         "command": command or " ".join(["mmtts", *sys.argv[1:]]),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "versions": versions(),
-        "seeds": list(seeds),
+        "seeds": seeds,
+        "settings": settings,
         "budgets": budgets,
         "budget_unit": task.budget_unit,
         "primary_metric": key,
+        "higher_is_better": task.higher_is_better,
         "task_config": task.describe(),
         "rows": rows,
         "comparisons": comparisons,
-        "references": task.references(budgets),
+        "references": task.references(budgets) if task.budget_unit is not None else {},
         "timings": timings,
     }
     if out is not None:
@@ -151,59 +174,77 @@ def markdown(results: dict) -> str:
     key = results["primary_metric"]
     metric_names = [k for k in results["rows"][0]["metrics"] if not k.endswith("_ci95")]
     lines = [f"# {results['task']}", "", f"Command: `{results['command']}`  ", f"Created: {results['created']}  ",
-             f"Seeds: {results['seeds']}; budgets in {results['budget_unit']}: {results['budgets']}  ",
+             f"Seeds: {results['seeds']}; settings: {results['settings']}; "
+             f"budgets in {results['budget_unit']}: {results['budgets']}  ",
              f"Machine: {results['machine'].get('platform')}, {results['machine'].get('cpu_count')} CPUs, "
              f"CUDA: {results['machine'].get('cuda')}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), "",
              "Mean over seeds, with the half-width of the 95% t-interval.", "",
-             "| method | setting | budget | " + " | ".join(metric_names) + " |",
-             "|---|---|---:|" + "---:|" * len(metric_names)]
+             "| setting | method | budget | detail | " + " | ".join(metric_names) + " |",
+             "|---|---|---:|---|" + "---:|" * len(metric_names)]
     for r in results["rows"]:
         cells = [f"{r['metrics'][m]:.4g} ± {r['metrics'][m + '_ci95']:.2g}" for m in metric_names]
-        lines.append(f"| {r['method']} | {r['setting']} | {r['budget']} | " + " | ".join(cells) + " |")
+        budget = "-" if r["budget"] is None else r["budget"]
+        lines.append(f"| {r['setting']} | {r['method']} | {budget} | {r['detail']} | " + " | ".join(cells) + " |")
     if results["comparisons"]:
         lines += ["", f"Paired difference in {key} against the baseline at equal budget "
                       "(significant when the 95% interval excludes 0):", "",
-                  "| method | baseline | budget | difference | p | verdict |", "|---|---|---:|---:|---:|---|"]
+                  "| setting | method | baseline | budget | difference | p | verdict |",
+                  "|---|---|---|---:|---:|---:|---|"]
         for c in results["comparisons"]:
-            verdict = ("better" if c["diff"] > 0 else "worse") if c["significant"] else "not significant"
-            lines.append(f"| {c['method']} | {c['baseline']} | {c['budget']} | {c['diff']:+.4g} ± "
-                         f"{c['diff_ci95']:.2g} | {c['p_value']:.3g} | {verdict} |")
+            budget = "-" if c["budget"] is None else c["budget"]
+            lines.append(f"| {c['setting']} | {c['method']} | {c['baseline']} | {budget} | {c['diff']:+.4g} ± "
+                         f"{c['diff_ci95']:.2g} | {c['p_value']:.3g} | {c['verdict']} |")
     if results["references"]:
         lines += ["", "Reference values of " + key + ":", ""]
         for name, vals in results["references"].items():
             lines.append(f"- {name}: " + ", ".join(f"{b}: {v:.4g}" for b, v in zip(results["budgets"], vals)))
     lines += ["", "Time per run (s): " + ", ".join(
-        f"{t['method']}@{t['budget']}: {t['seconds_per_run']:.3g}" for t in results["timings"])]
+        f"{t['setting']}/{t['method']}@{t['budget']}: {t['seconds_per_run']:.3g}" for t in results["timings"])]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
+    """Metric against budget with 95% bands (budget sweeps), or bars with 95% intervals per setting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric_names = [k for k in results["rows"][0]["metrics"]
                     if not k.endswith("_ci95") and k not in ("nfe", "verifier_calls")]
-    fig, axes = plt.subplots(1, len(metric_names), figsize=(5.2 * len(metric_names), 4), squeeze=False)
+    settings = results["settings"]
+    sweep = results["budget_unit"] is not None
+    nrows = len(settings) if sweep else 1
+    fig, axes = plt.subplots(nrows, len(metric_names), figsize=(5.2 * len(metric_names), 4 * nrows), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
-    for ax, m in zip(axes[0], metric_names):
-        for method in methods:
-            rs = [r for r in results["rows"] if r["method"] == method]
-            x = np.array([r["budget"] for r in rs])
-            y = np.array([r["metrics"][m] for r in rs])
-            e = np.array([r["metrics"][m + "_ci95"] for r in rs])
-            ax.plot(x, y, marker="o", label=method)
-            ax.fill_between(x, y - e, y + e, alpha=0.2)
-        if m == results["primary_metric"]:
-            for name, vals in results["references"].items():
-                ax.plot(results["budgets"], vals, linestyle="--", color="gray" if "sup" in name else "black",
-                        label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"budget ({results['budget_unit']})")
-        ax.set_ylabel(m)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for i, setting in enumerate(settings if sweep else [None]):
+        for ax, m in zip(axes[i], metric_names):
+            if sweep:
+                for method in methods:
+                    rs = [r for r in results["rows"] if r["method"] == method and r["setting"] == setting]
+                    x = np.array([r["budget"] for r in rs])
+                    y = np.array([r["metrics"][m] for r in rs])
+                    e = np.array([r["metrics"][m + "_ci95"] for r in rs])
+                    ax.plot(x, y, marker="o", label=method)
+                    ax.fill_between(x, y - e, y + e, alpha=0.2)
+                if m == results["primary_metric"]:
+                    for name, vals in results["references"].items():
+                        ax.plot(results["budgets"], vals, linestyle="--",
+                                color="gray" if "sup" in name else "black", label=name)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel(f"budget ({results['budget_unit']})")
+                ax.set_title(setting if len(settings) > 1 else "")
+            else:
+                width = 0.8 / len(methods)
+                for j, method in enumerate(methods):
+                    rs = {r["setting"]: r for r in results["rows"] if r["method"] == method}
+                    y = [rs[s_]["metrics"][m] for s_ in settings]
+                    e = [rs[s_]["metrics"][m + "_ci95"] for s_ in settings]
+                    ax.bar(np.arange(len(settings)) + j * width, y, width, yerr=e, capsize=3, label=method)
+                ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, rotation=20, fontsize=8)
+            ax.set_ylabel(m)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(f"{results['task']}: mean and 95% CI over seeds {results['seeds']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

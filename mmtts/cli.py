@@ -61,16 +61,14 @@ def _print_table(results: dict) -> None:
     from rich.table import Table
     key = results["primary_metric"]
     table = Table(title=f"{results['task']} ({key}: mean ± 95% CI over seeds {results['seeds']})")
-    for col in ("method", "budget", key, "vs baseline"):
+    for col in ("setting", "method", "budget", key, "vs baseline"):
         table.add_column(col)
-    comps = {(c["method"], c["budget"]): c for c in results["comparisons"]}
+    comps = {(c["setting"], c["method"], c["budget"]): c for c in results["comparisons"]}
     for r in results["rows"]:
-        c = comps.get((r["method"], r["budget"]))
-        verdict = "baseline" if c is None else (
-            f"{c['diff']:+.3g} ± {c['diff_ci95']:.2g} " + (("better" if c["diff"] > 0 else "worse")
-                                                          if c["significant"] else "n.s."))
-        table.add_row(r["method"], str(r["budget"]), f"{r['metrics'][key]:.4g} ± {r['metrics'][key + '_ci95']:.2g}",
-                      verdict)
+        c = comps.get((r["setting"], r["method"], r["budget"]))
+        verdict = "baseline" if c is None else f"{c['diff']:+.3g} ± {c['diff_ci95']:.2g} {c['verdict']}"
+        table.add_row(r["setting"], r["method"], "-" if r["budget"] is None else str(r["budget"]),
+                      f"{r['metrics'][key]:.4g} ± {r['metrics'][key + '_ci95']:.2g}", verdict)
     Console().print(table)
 
 
@@ -78,9 +76,15 @@ def cmd_bench(args) -> int:
     from .bench import run_benchmark
     task = _make_task(args.task, quick=args.quick, options=args.option)
     seeds = args.seeds if args.seeds is not None else list(task.default_seeds)
-    budgets = args.budgets or list(task.quick_budgets if args.quick else task.default_budgets)
+    budgets = args.budgets
+    if budgets is None and task.budget_unit is not None:
+        budgets = list(task.quick_budgets if args.quick else task.default_budgets)
+    settings = args.settings
+    if settings is None and args.quick and task.quick_settings is not None:
+        settings = list(task.quick_settings)
     command = "mmtts " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command is None else args.command
-    results = run_benchmark(task, seeds, budgets, methods=args.methods, out=args.out, command=command)
+    results = run_benchmark(task, seeds, budgets, methods=args.methods, out=args.out, command=command,
+                            settings=settings)
     _print_table(results)
     print(f"wrote {args.out}/{task.name}.json, .md and .png")
     return 0
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", help="paired seeds (default: the task's, usually 0 1 2)")
     s.add_argument("--budgets", type=int, nargs="+", help="budgets in the task's unit (default: the task's sweep)")
     s.add_argument("--methods", nargs="+", help="subset of the task's methods (default: all)")
+    s.add_argument("--settings", nargs="+", help="subset of the task's settings (default: all)")
     s.add_argument("--out", default="mmtts-results", help="directory for <task>.json/.md/.png (default: %(default)s)")
     s.add_argument("--quick", action="store_true", help="the small version (as run in the test suite)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="task option (repeatable)")

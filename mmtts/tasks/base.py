@@ -13,8 +13,11 @@ class Task(ABC):
     """One benchmark. ``run(method, budget, seed)`` returns the metrics of one paired run.
 
     ``methods`` are compared at equal ``budget`` (in ``budget_unit``) against
-    ``baseline`` on ``primary_metric``. ``options`` are task-specific settings
-    (strings from the CLI's ``--option key=value``), declared in ``option_defaults``.
+    ``baseline`` on ``primary_metric``, within each of the task's experimental
+    ``settings`` (e.g. "continual/bs64"). A task without a budget sweep sets
+    ``budget_unit = None`` and receives ``budget=None``. ``options`` are
+    task-specific knobs (strings from the CLI's ``--option key=value``),
+    declared with their defaults in ``option_defaults``.
     """
 
     name: ClassVar[str] = ""
@@ -23,7 +26,9 @@ class Task(ABC):
     baseline: ClassVar[str] = ""
     primary_metric: ClassVar[str] = "reward"
     higher_is_better: ClassVar[bool] = True
-    budget_unit: ClassVar[str] = "NFE"
+    budget_unit: ClassVar[str | None] = "NFE"
+    settings: ClassVar[tuple[str, ...]] = ("default",)
+    quick_settings: ClassVar[tuple[str, ...] | None] = None
     default_budgets: ClassVar[tuple[int, ...]] = ()
     quick_budgets: ClassVar[tuple[int, ...]] = ()
     default_seeds: ClassVar[tuple[int, ...]] = (0, 1, 2)
@@ -48,15 +53,19 @@ class Task(ABC):
         return []
 
     @abstractmethod
-    def run(self, method: str, budget: int, seed: int) -> dict[str, float]:
-        """Metrics of ``method`` at ``budget`` for ``seed`` (the same seed means the same data)."""
+    def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
+        """Metrics of ``method`` in ``setting`` at ``budget`` for ``seed`` (the same seed means the same data)."""
 
-    def setting(self, method: str, budget: int) -> str:
-        """A short description of the method's settings at this budget (for the results table)."""
+    def detail(self, method: str, setting: str, budget: int | None) -> str:
+        """A short description of the method's own settings here (for the results table)."""
         return ""
 
+    def check_setting(self, setting: str) -> None:
+        if setting not in self.settings:
+            raise MmttsError(f"task {self.name!r} has no setting {setting!r}; its settings are: {', '.join(self.settings)}")
+
     def references(self, budgets: list[int]) -> dict[str, list[float]]:
-        """Analytic or reference values of the primary metric per budget, drawn as lines."""
+        """Analytic or reference values of the primary metric per budget, drawn as lines (budget sweeps only)."""
         return {}
 
     def describe(self) -> dict:

@@ -116,11 +116,12 @@ class ToyGMM(Task):
             return {"beams": max(1, n // 4)}
         return {}
 
-    def setting(self, method: str, budget: int) -> str:
+    def detail(self, method: str, setting: str, budget: int | None) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.strategy_settings(method, budget).items())
 
-    def run(self, method: str, budget: int, seed: int) -> dict[str, float]:
+    def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
         self.check_method(method)
+        self.check_setting(setting)
         strategy = STRATEGIES.create(method, **self.strategy_settings(method, budget))
         res = run_strategy(strategy, self.process, self.reward, budget, seed=seed,
                            heldout={"log_density": MixtureLogDensity(self.mixture)})
