@@ -158,7 +158,7 @@ class Adapter(nn.Module):
                 m.track_running_stats = False
 
     # -- snapshot / reset ------------------------------------------------------------
-    def _buffers(self) -> dict[str, torch.Tensor]:
+    def _norm_buffers(self) -> dict[str, torch.Tensor]:
         out = {}
         for mname, m in self.norm_modules:
             for bname, b in m.named_buffers(recurse=False):
@@ -169,7 +169,7 @@ class Adapter(nn.Module):
     def snapshot(self) -> dict:
         return {
             "params": {n: p.detach().clone() for n, p in self.params},
-            "buffers": {n: b.detach().clone() for n, b in self._buffers().items()},
+            "buffers": {n: b.detach().clone() for n, b in self._norm_buffers().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
             "extra": copy.deepcopy(self.extra_state()),
         }
@@ -180,7 +180,7 @@ class Adapter(nn.Module):
         snap = self._snapshot
         for n, p in self.params:
             p.copy_(snap["params"][n])
-        for n, b in self._buffers().items():
+        for n, b in self._norm_buffers().items():
             b.copy_(snap["buffers"][n])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
@@ -205,4 +205,4 @@ class Adapter(nn.Module):
 
     def adapted_names(self) -> list[str]:
         """Qualified names of what the method changes (parameters and buffers)."""
-        return [n for n, _ in self.params] + list(self._buffers())
+        return [n for n, _ in self.params] + list(self._norm_buffers())

@@ -44,12 +44,12 @@ class Beam(Strategy):
         return width, checkpoints
 
     def run(self, ctx: SearchContext) -> Selection:
-        width, points = self.plan(ctx)
+        loop = ctx.restored
+        if loop is None:
+            width, points = self.plan(ctx)
+            loop = {"state": ctx.fresh(self.beams * width), "width": width, "points": points}
+        state, width, points = loop["state"], loop["width"], loop["points"]
         pop = self.beams * width
-        loop = ctx.restored or {"state": None}
-        state = loop["state"]
-        if state is None:
-            state = ctx.fresh(pop)
         while True:
             stage = int(state.stage.max())
             nxt = next((t for t in points if t > stage), ctx.process.num_stages)
@@ -59,7 +59,7 @@ class Beam(Strategy):
             s = ctx.score(ctx.preview(state), state, final=False)
             keep = top_k(s, self.beams)
             state = state.resample(keep.repeat_interleave(width))
-            ctx.checkpoint({"state": state})
+            ctx.checkpoint({"state": state, "width": width, "points": points})
         out = ctx.finish(state)
         s = ctx.score(out, state)
         order = top_k(s, pop)

@@ -47,10 +47,9 @@ class BestOfN(Strategy):
         return cap
 
     def run(self, ctx: SearchContext) -> Selection:
-        total = self.plan(ctx)
-        loop = ctx.restored or {"done": 0, "best": None}
+        loop = ctx.restored or {"done": 0, "best": None, "total": self.plan(ctx)}
         best: dict | None = loop["best"]
-        done = loop["done"]
+        done, total = loop["done"], loop["total"]
         while total == -1 or done < total:
             if total == -1 and done > 0 and ctx.budget.out_of_time():
                 break
@@ -60,7 +59,7 @@ class BestOfN(Strategy):
             s = ctx.score(out, state)
             best = self._merge(best, out, s, state)
             done += m
-            ctx.checkpoint({"done": done, "best": best})
+            ctx.checkpoint({"done": done, "best": best, "total": total})
         if best is None:
             raise BudgetError("the time limit ran out before a single candidate finished")
         return Selection(outputs=best["outputs"], scores=best["scores"], state=best["state"],

@@ -63,15 +63,16 @@ class ParticleFilter(Strategy):
         return n
 
     def run(self, ctx: SearchContext) -> Selection:
-        n = self.plan(ctx)
         T = ctx.process.num_stages
         loop = ctx.restored
         if loop is None:
+            n = self.plan(ctx)
             state = ctx.fresh(n)
             zeros = torch.zeros(n, dtype=torch.float64)
             loop = {"state": state, "log_w": zeros, "prev": zeros.clone(), "hist_max": torch.full((n,), float("-inf"),
                     dtype=torch.float64), "hist_sum": zeros.clone(), "ess": [], "resampled_at": []}
         state, log_w, prev = loop["state"], loop["log_w"], loop["prev"]
+        n = len(state)
         hist_max, hist_sum = loop["hist_max"], loop["hist_sum"]
         ess_trace, resampled_at = loop["ess"], loop["resampled_at"]
         out = r = None

@@ -1,0 +1,134 @@
+"""Strategies against closed forms on the analytic Gaussian-mixture diffusion."""
+
+import numpy as np
+import pytest
+import torch
+
+import mmtts
+from mmtts.core import Streams
+from mmtts.modalities.toy_gmm import (DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, MixtureLogDensity,
+                                      QuadraticReward)
+
+MIX = DEFAULT_MIXTURE
+REWARD = QuadraticReward(DEFAULT_TARGET)
+
+
+def run_to_end(p, n, seed):
+    st = p.init(Streams.spawn(seed, n))
+    while int(st.stage[0]) < p.num_stages:
+        st = p.step(st)
+    return p.finish(st)
+
+
+@pytest.mark.parametrize("stages", [1, 5, 20])
+def test_exact_sampler_draws_the_mixture(stages):
+    x = run_to_end(GMMDiffusion(MIX, stages), 4000, seed=0)
+    frac = torch.bincount(MIX.assign(x), minlength=4).double() / len(x)
+    # binomial standard error at n = 4000 is <= 0.008; allow 4 of them
+    assert torch.allclose(frac, torch.tensor(MIX.weights, dtype=torch.float64), atol=0.032)
+    assert float(REWARD.score(x).mean()) == pytest.approx(REWARD.expected_under(MIX), abs=0.45)
+
+
+def test_ddim_with_exact_denoiser_approximates_the_mixture():
+    x = run_to_end(GMMDiffusion(MIX, 50, sampler="ddim", eta=1.0), 3000, seed=1)
+    frac = torch.bincount(MIX.assign(x), minlength=4).double() / len(x)
+    assert torch.allclose(frac, torch.tensor(MIX.weights, dtype=torch.float64), atol=0.05)
+
+
+def test_denoiser_is_the_posterior_mean():
+    """E[x0 | x_t] from the closed form matches a Monte Carlo estimate over the joint."""
+    p = GMMDiffusion(MIX, 10)
+    g = torch.Generator().manual_seed(0)
+    x0 = MIX.sample(2_000_000, g)
+    abar = torch.tensor(0.5, dtype=torch.float64)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    near = ((xt - torch.tensor([-1.0, 0.3], dtype=torch.float64)) ** 2).sum(1) < 0.05 ** 2
+    mc, se = x0[near].mean(0), x0[near].std(0) / near.sum().sqrt()
+    exact = p.denoise(torch.tensor([[-1.0, 0.3]], dtype=torch.float64), abar.reshape(1))[0]
+    assert int(near.sum()) > 300
+    assert ((mc - exact).abs() < 4 * se + 0.01).all(), (mc, exact, se)
+
+
+def test_tilt_is_the_normalised_product():
+    tilted = MIX.tilt(DEFAULT_TARGET, width=1.0, lmbda=2.0)
+    xs = torch.stack(torch.meshgrid(torch.linspace(-6, 6, 241, dtype=torch.float64),
+                                    torch.linspace(-6, 6, 241, dtype=torch.float64), indexing="ij"), -1).reshape(-1, 2)
+    logp = MIX.log_prob(xs) + 2.0 * REWARD.score(xs)
+    dens = torch.softmax(logp, 0)
+    assert torch.allclose(dens, torch.softmax(tilted.log_prob(xs), 0), atol=1e-9)
+
+
+def test_best_of_n_matches_order_statistics():
+    p = GMMDiffusion(MIX, 10)
+    n, seeds = 16, 150
+    best = [mmtts.search(p, REWARD, "best-of-n", budget=10 * n, seed=s).best_score for s in range(seeds)]
+    expected = REWARD.expected_best_of(MIX, n)
+    se = np.std(best, ddof=1) / np.sqrt(seeds)
+    assert abs(np.mean(best) - expected) < 4 * se, (np.mean(best), expected, se)
+    # and the analytic curve really depends on n
+    assert REWARD.expected_best_of(MIX, 64) > expected + 0.1
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
+def test_particle_filter_population_approaches_the_tilted_target(scheme):
+    """Mode weights of the final population match p(x) exp(lmbda r(x)) within 0.05 (3 seeds x 600 particles)."""
+    lmbda = 1.0
+    p = GMMDiffusion(MIX, 20)
+    target = torch.tensor(MIX.tilt(DEFAULT_TARGET, 1.0, lmbda).weights, dtype=torch.float64)
+    fracs = []
+    for seed in range(3):
+        r = mmtts.search(p, REWARD, "particle-filter", budget=20 * 600, seed=seed, lmbda=lmbda,
+                         potential="diff", resampling=scheme, ess_threshold=0.5)
+        fracs.append(torch.bincount(MIX.assign(r.population), minlength=4).double() / 600)
+    frac = torch.stack(fracs).mean(0)
+    assert torch.allclose(frac, target, atol=0.05), (frac, target)
+    # the untilted weights are far away, so the check has teeth
+    assert (frac - torch.tensor(MIX.weights, dtype=torch.float64)).abs().max() > 0.2
+
+
+def test_particle_filter_without_weights_is_best_of_n():
+    p = GMMDiffusion(MIX, 10, sampler="ddim")
+    pf = mmtts.search(p, REWARD, "particle-filter", n=32, budget=320, seed=4, lmbda=0.0, final_resample=False)
+    bon = mmtts.search(p, REWARD, "best-of-n", n=32, budget=320, seed=4)
+    assert torch.equal(pf.outputs, bon.outputs) and pf.best_score == bon.best_score
+    assert pf.extra["resampled_at"] == []
+
+
+def test_beam_without_intermediate_selection_is_best_of_n():
+    p = GMMDiffusion(MIX, 10)
+    beam = mmtts.search(p, REWARD, "beam", beams=4, width=3, interval=10, budget=120, seed=2)
+    bon = mmtts.search(p, REWARD, "best-of-n", n=12, budget=120, seed=2)
+    assert torch.equal(beam.outputs, bon.outputs)
+
+
+@pytest.mark.parametrize("potential", ["diff", "max", "add", "rt"])
+def test_search_beats_sampling_at_equal_budget(potential):
+    p = GMMDiffusion(MIX, 20)
+    base = REWARD.expected_best_of(MIX, 1)
+    scores = [mmtts.search(p, REWARD, "particle-filter", budget=20 * 16, seed=s, lmbda=10.0,
+                           potential=potential).best_score for s in range(4)]
+    assert np.mean(scores) > base + 5.0
+
+
+def test_same_seed_same_result_and_seeds_differ():
+    p = GMMDiffusion(MIX, 10)
+    for strat in ("best-of-n", "particle-filter", "beam"):
+        a = mmtts.search(p, REWARD, strat, budget=160, seed=0, heldout=[MixtureLogDensity(MIX)])
+        b = mmtts.search(p, REWARD, strat, budget=160, seed=0, heldout=[MixtureLogDensity(MIX)])
+        c = mmtts.search(p, REWARD, strat, budget=160, seed=1)
+        untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.trace] for r in (a, b)]
+        assert torch.equal(a.outputs, b.outputs) and untimed[0] == untimed[1]
+        assert torch.equal(a.heldout["log_density"], b.heldout["log_density"])
+        assert not torch.equal(a.outputs, c.outputs)
+
+
+def test_perturb_and_renoise_scales():
+    p = GMMDiffusion(MIX, 10, sampler="ddim")
+    st = p.init(Streams.spawn(0, 20000))
+    st = p.step(p.step(st))
+    moved = p.perturb(st, 1.0)
+    d = moved.data["x"] - st.data["x"]
+    assert float(d.std()) == pytest.approx(float(p.step_sigma(st.stage[:1])), rel=0.03)
+    back = p.renoise(st, 2)
+    assert int(back.stage[0]) == 0
+    assert float(back.data["x"].std()) == pytest.approx(1.0, abs=0.02)  # abar = 0 at the start: pure noise
