@@ -6,6 +6,7 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.registry import ADAPTERS
+from .common import check_batch, expected_ndim
 
 
 @ADAPTERS.register("source")
@@ -19,4 +20,5 @@ class Source(Adapter):
 
     @torch.no_grad()
     def forward_and_adapt(self, x):
+        check_batch(x, self.model, expected_ndim(self.model))
         return self.model(x)
