@@ -1,0 +1,146 @@
+"""Triton kernels and launchers for per-channel normalization over (N, C, *spatial) tensors.
+
+Three kernels cover the forward and backward of batch normalization:
+
+- ``_stats_kernel``: per (channel, chunk) program, block-wise mean and M2
+  merged across blocks with Chan's formula in float32; the launcher merges the
+  chunks (few per channel) the same way. One read of ``x``.
+- ``_grad_sums_kernel``: the two per-channel sums the backward needs,
+  ``sum(dy)`` and ``sum(dy * xhat)``. One read of ``dy`` and ``x``.
+- ``_channel_affine_kernel``: ``out = u*p[c] + v*q[c] + r[c]`` elementwise, which
+  is normalize + affine (``v`` absent) and the input gradient.
+
+Spatial dimensions are flattened: channel ``c`` of a contiguous (N, C, L)
+view holds the values at ``n*C*L + c*L + l``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import interpreting
+
+if interpreting():  # no autotuning in the interpreter, and few large programs run fastest there
+    _REDUCE_BLOCK, _EW_CONFIGS, _TARGET_PROGRAMS = 1024, [triton.Config({"BLOCK": 4096}, num_warps=4)], 8
+else:
+    _REDUCE_BLOCK, _TARGET_PROGRAMS = 2048, 1024
+    _EW_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+def _split(x: torch.Tensor):
+    """Contiguous (N, C, L) view and the chunking of each channel's N*L values over programs."""
+    x3 = x.contiguous().reshape(x.shape[0], x.shape[1], -1)
+    n, c, length = x3.shape
+    total = n * length
+    chunks = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c), triton.cdiv(total, _REDUCE_BLOCK)))
+    chunk = triton.cdiv(triton.cdiv(total, chunks), _REDUCE_BLOCK) * _REDUCE_BLOCK
+    return x3, c, length, total, triton.cdiv(total, chunk), chunk
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_ptr, m2_ptr, C, L, total, chunk, BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    start = s * chunk
+    end = tl.minimum(start + chunk, total)
+    count = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for off in range(start, end, BLOCK):
+        i = off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = i < end
+        v = tl.load(x_ptr + (i // L) * C * L + c * L + i % L, mask=mask, other=0.0).to(tl.float32)
+        n_blk = tl.minimum(end - off, BLOCK).to(tl.float32)
+        mean_blk = tl.sum(v, axis=0) / n_blk
+        d = tl.where(mask, v - mean_blk, 0.0)
+        m2_blk = tl.sum(d * d, axis=0)
+        new_count = count + n_blk
+        delta = mean_blk - mean
+        mean += delta * (n_blk / new_count)
+        m2 += m2_blk + delta * delta * (count * n_blk / new_count)
+        count = new_count
+    nchunks = tl.num_programs(1)
+    tl.store(mean_ptr + c * nchunks + s, mean)
+    tl.store(m2_ptr + c * nchunks + s, m2)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float32 mean and biased variance of ``x`` (N, C, *spatial)."""
+    x3, c, length, total, chunks, chunk = _split(x)
+    mean = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    _stats_kernel[(c, chunks)](x3, mean, m2, c, length, total, chunk, BLOCK=_REDUCE_BLOCK)
+    if chunks == 1:
+        return mean[:, 0], m2[:, 0] / total
+    counts = (total - torch.arange(chunks, device=x.device) * chunk).clamp(max=chunk).to(torch.float32)
+    grand = (mean * counts).sum(dim=1, keepdim=True) / total
+    var = (m2.sum(dim=1) + (counts * (mean - grand) ** 2).sum(dim=1)) / total
+    return grand[:, 0], var
+
+
+@triton.jit
+def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, C, L, total, chunk,
+                      BLOCK: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    start = s * chunk
+    end = tl.minimum(start + chunk, total)
+    mu = tl.load(mean_ptr + c)
+    rstd = tl.load(rstd_ptr + c)
+    acc_dy = tl.zeros((BLOCK,), tl.float32)
+    acc_dyx = tl.zeros((BLOCK,), tl.float32)
+    for off in range(start, end, BLOCK):
+        i = off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = i < end
+        at = (i // L) * C * L + c * L + i % L
+        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        acc_dy += dy
+        acc_dyx += tl.where(mask, dy * (x - mu) * rstd, 0.0)
+    nchunks = tl.num_programs(1)
+    tl.store(sdy_ptr + c * nchunks + s, tl.sum(acc_dy, axis=0))
+    tl.store(sdyx_ptr + c * nchunks + s, tl.sum(acc_dyx, axis=0))
+
+
+def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean) * rstd)`` in float32."""
+    x3, c, length, total, chunks, chunk = _split(x)
+    dy3 = dy.contiguous().reshape(x3.shape)
+    sdy = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
+    sdyx = torch.empty_like(sdy)
+    _grad_sums_kernel[(c, chunks)](dy3, x3, mean.float().contiguous(), rstd.float().contiguous(), sdy, sdyx,
+                                   c, length, total, chunk, BLOCK=_REDUCE_BLOCK)
+    return sdy.sum(dim=1), sdyx.sum(dim=1)
+
+
+@triton.autotune(configs=_EW_CONFIGS, key=["numel", "HAS_V"])
+@triton.jit
+def _channel_affine_kernel(u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, out_ptr, numel, C, L, HAS_V: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    c = (i // L) % C
+    out = tl.load(u_ptr + i, mask=mask, other=0.0).to(tl.float32) * tl.load(p_ptr + c, mask=mask, other=0.0)
+    out += tl.load(r_ptr + c, mask=mask, other=0.0)
+    if HAS_V:
+        v = tl.load(v_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        out += v * tl.load(q_ptr + c, mask=mask, other=0.0)
+    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def channel_affine(u: torch.Tensor, p: torch.Tensor, r: torch.Tensor, v: torch.Tensor | None = None,
+                   q: torch.Tensor | None = None) -> torch.Tensor:
+    """``u*p[c] + v*q[c] + r[c]`` over (N, C, *spatial), per-channel factors in float32, output in ``u.dtype``."""
+    u = u.contiguous()
+    c = u.shape[1]
+    length = u[0, 0].numel()
+    out = torch.empty_like(u)
+    p, r = p.float().contiguous(), r.float().contiguous()
+    has_v = v is not None
+    v = v.contiguous() if has_v else u
+    q = q.float().contiguous() if has_v else p
+    grid = lambda meta: (triton.cdiv(u.numel(), meta["BLOCK"]),)  # noqa: E731
+    _channel_affine_kernel[grid](u, v, p, q, r, out, u.numel(), c, length, HAS_V=has_v)
+    return out

@@ -1,0 +1,132 @@
+"""Step coefficients for the fused denoising step, from scheduler quantities.
+
+Each helper turns per-candidate scheduler quantities (tensors of shape (B,),
+so candidates may sit at different timesteps) into the
+:class:`~mmtts.kernels.denoise.StepCoefficients` of ``x_next = a*x + b*out +
+c*z`` and ``x0 = x0_a*x + x0_b*out``. They follow the update rules of
+diffusers' DDIMScheduler, DDPMScheduler and FlowMatchEulerDiscreteScheduler,
+and :func:`coefficients_from_scheduler` reads the quantities from such a
+scheduler. Sample clipping and dynamic thresholding are not affine, so they
+are refused rather than silently skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .denoise import StepCoefficients
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+
+
+def _to_x0_eps(alpha_prod: torch.Tensor, prediction_type: str):
+    """(p, q, r, s) with x0 = p*x + q*out and eps = r*x + s*out for the model's prediction type."""
+    sa, sb = alpha_prod.sqrt(), (1 - alpha_prod).sqrt()
+    if prediction_type == "epsilon":
+        return 1 / sa, -sb / sa, torch.zeros_like(sa), torch.ones_like(sa)
+    if prediction_type == "v_prediction":
+        return sa, -sb, sb, sa
+    if prediction_type == "sample":
+        return torch.zeros_like(sa), torch.ones_like(sa), 1 / sb, -sa / sb
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
+def _pack(a, b, c, x0_a, x0_b) -> StepCoefficients:
+    n = max(t.numel() for t in (a, b, c, x0_a, x0_b))
+    return StepCoefficients(*(t.expand(n).to(torch.float32).contiguous() for t in (a, b, c, x0_a, x0_b)))
+
+
+def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta=0.0, prediction_type: str = "epsilon") -> StepCoefficients:
+    """DDIM (Song et al.) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like variance)."""
+    at, ap, eta = _f64(alpha_prod_t), _f64(alpha_prod_prev), _f64(eta)
+    p, q, r, s = _to_x0_eps(at, prediction_type)
+    variance = (1 - ap) / (1 - at) * (1 - at / ap)
+    std = eta * variance.sqrt()
+    direction = (1 - ap - std**2).clamp_min(0).sqrt()
+    return _pack(ap.sqrt() * p + direction * r, ap.sqrt() * q + direction * s, std, p, q)
+
+
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+def ddpm_coefficients(alpha_prod_t, alpha_prod_prev, prediction_type: str = "epsilon",
+                      variance_type: str = "fixed_small") -> StepCoefficients:
+    """DDPM ancestral step (Ho et al.); no noise on the final step (where ``alpha_prod_prev`` is 1)."""
+    if variance_type not in DDPM_VARIANCE_TYPES:
+        raise ValueError(f"variance_type {variance_type!r} is not affine-supported; use one of {DDPM_VARIANCE_TYPES}")
+    at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
+    p, q, _, _ = _to_x0_eps(at, prediction_type)
+    alpha_t = at / ap
+    beta_t = 1 - alpha_t
+    coef_x0 = ap.sqrt() * beta_t / (1 - at)
+    coef_x = alpha_t.sqrt() * (1 - ap) / (1 - at)
+    if variance_type == "fixed_large":
+        variance = beta_t
+    else:
+        variance = ((1 - ap) / (1 - at) * beta_t).clamp_min(1e-20)
+    std = torch.where(ap < 1, variance.sqrt(), torch.zeros_like(variance))
+    return _pack(coef_x0 * p + coef_x, coef_x0 * q, std, p, q)
+
+
+def flow_match_coefficients(sigma, sigma_next, eta=0.0) -> StepCoefficients:
+    """Rectified-flow step for a velocity model, ``x = (1-sigma)*x0 + sigma*noise``, ``out = noise - x0``.
+
+    ``x_next = (1-sigma_next)*x0 + sigma_next*(sqrt(1-eta**2)*eps + eta*z)``
+    with ``eps`` the noise implied by ``out``: eta = 0 is the Euler ODE step,
+    eta = 1 is diffusers' ``stochastic_sampling`` (fresh noise at each step);
+    every eta keeps the marginal noise level at ``sigma_next``.
+    """
+    s, sn, eta = _f64(sigma), _f64(sigma_next), _f64(eta)
+    if bool(((eta < 0) | (eta > 1)).any()):
+        raise ValueError("eta must lie in [0, 1] for the flow-matching step")
+    keep = sn * (1 - eta**2).sqrt()
+    return _pack(1 - sn + keep, -(1 - sn) * s + keep * (1 - s), sn * eta, torch.ones_like(s), -s)
+
+
+def _refuse_nonlinear(config):
+    if getattr(config, "clip_sample", False) or getattr(config, "thresholding", False):
+        raise ValueError("the scheduler clips or thresholds x0, which the fused affine step cannot express; "
+                         "build it with clip_sample=False and thresholding=False")
+
+
+def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) -> StepCoefficients:
+    """Coefficients of ``scheduler.step`` at per-candidate ``timesteps`` (after ``set_timesteps``).
+
+    Supports DDIMScheduler (``eta`` defaults to 0), DDPMScheduler (``eta``
+    must stay None) and FlowMatchEulerDiscreteScheduler (``eta`` defaults to 1
+    with ``stochastic_sampling`` and 0 without).
+    """
+    kind = type(scheduler).__name__
+    config = scheduler.config
+    t = torch.as_tensor(timesteps).reshape(-1).cpu()
+    if kind == "DDIMScheduler":
+        _refuse_nonlinear(config)
+        ac = scheduler.alphas_cumprod.to(torch.float64)
+        step = config.num_train_timesteps // scheduler.num_inference_steps
+        prev = t.long() - step
+        ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], _f64(scheduler.final_alpha_cumprod))
+        return ddim_coefficients(ac[t.long()], ap, 0.0 if eta is None else eta, config.prediction_type)
+    if kind == "DDPMScheduler":
+        _refuse_nonlinear(config)
+        if eta is not None:
+            raise ValueError("DDPMScheduler has no eta; leave eta=None (use DDIMScheduler with eta=1 instead)")
+        ac = scheduler.alphas_cumprod.to(torch.float64)
+        prev = torch.tensor([int(scheduler.previous_timestep(int(ti))) for ti in t])
+        ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.ones(()))
+        return ddpm_coefficients(ac[t.long()], ap, config.prediction_type, config.variance_type)
+    if kind == "FlowMatchEulerDiscreteScheduler":
+        sched_t = scheduler.timesteps.to(torch.float64).cpu()
+        dist = (sched_t[None, :] - t.to(torch.float64)[:, None]).abs()
+        index = dist.argmin(dim=1)
+        if bool((dist.min(dim=1).values > 1e-3 * config.num_train_timesteps).any()):
+            raise ValueError(f"timesteps {t.tolist()} are not among scheduler.timesteps; call set_timesteps first")
+        sigmas = scheduler.sigmas.to(torch.float64).cpu()
+        if eta is None:
+            eta = 1.0 if config.stochastic_sampling else 0.0
+        return flow_match_coefficients(sigmas[index], sigmas[index + 1], eta)
+    raise TypeError(f"no step coefficients for {kind}; use DDIMScheduler, DDPMScheduler or "
+                    "FlowMatchEulerDiscreteScheduler, or call ddim/ddpm/flow_match_coefficients directly")
