@@ -82,7 +82,7 @@ def cmd_bench(args) -> int:
     settings = args.settings
     if settings is None and args.quick and task.quick_settings is not None:
         settings = list(task.quick_settings)
-    command = "mmtts " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command is None else args.command
+    command = "mmtts " + " ".join(shlex.quote(a) for a in args.argv) if args.command is None else args.command
     results = run_benchmark(task, seeds, budgets, methods=args.methods, out=args.out, command=command,
                             settings=settings)
     _print_table(results)
@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
