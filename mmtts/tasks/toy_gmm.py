@@ -64,7 +64,7 @@ def train_denoiser(config: dict) -> dict[str, torch.Tensor]:
             opt.step()
             sched.step()
             if i % 100 == 99:
-                advance(100, loss=float(loss))
+                advance(100, loss=loss.item())
     return model.state_dict()
 
 
