@@ -97,8 +97,10 @@ class _BatchNorm(torch.autograd.Function):
         w = weight.to(stat_dtype)
         scale = w * rstd
         y = _channel_affine(x, scale, bias.to(stat_dtype) - mean * scale)
+        mixes_means = batch is not None and exact and alpha > 0
+        # a copy: the running buffers that served as source may be updated in place before backward
         ctx.save_for_backward(x, w, mean, rstd, *(() if batch is None else (batch.mean,)),
-                              *(() if src_mean is None else (src_mean.to(stat_dtype),)))
+                              *((src_mean.to(stat_dtype, copy=True),) if mixes_means else ()))
         ctx.alpha, ctx.exact, ctx.use_batch = alpha, exact, use_batch
         ctx.count = None if batch is None else batch.count
         return y

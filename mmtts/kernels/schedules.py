@@ -101,6 +101,9 @@ def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) 
     with ``stochastic_sampling`` and 0 without).
     """
     kind = type(scheduler).__name__
+    if kind not in ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"):
+        raise TypeError(f"no step coefficients for {kind}; use DDIMScheduler, DDPMScheduler or "
+                        "FlowMatchEulerDiscreteScheduler, or call ddim/ddpm/flow_match_coefficients directly")
     config = scheduler.config
     t = torch.as_tensor(timesteps).reshape(-1).cpu()
     if kind == "DDIMScheduler":
@@ -118,15 +121,12 @@ def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) 
         prev = torch.tensor([int(scheduler.previous_timestep(int(ti))) for ti in t])
         ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.ones(()))
         return ddpm_coefficients(ac[t.long()], ap, config.prediction_type, config.variance_type)
-    if kind == "FlowMatchEulerDiscreteScheduler":
-        sched_t = scheduler.timesteps.to(torch.float64).cpu()
-        dist = (sched_t[None, :] - t.to(torch.float64)[:, None]).abs()
-        index = dist.argmin(dim=1)
-        if bool((dist.min(dim=1).values > 1e-3 * config.num_train_timesteps).any()):
-            raise ValueError(f"timesteps {t.tolist()} are not among scheduler.timesteps; call set_timesteps first")
-        sigmas = scheduler.sigmas.to(torch.float64).cpu()
-        if eta is None:
-            eta = 1.0 if config.stochastic_sampling else 0.0
-        return flow_match_coefficients(sigmas[index], sigmas[index + 1], eta)
-    raise TypeError(f"no step coefficients for {kind}; use DDIMScheduler, DDPMScheduler or "
-                    "FlowMatchEulerDiscreteScheduler, or call ddim/ddpm/flow_match_coefficients directly")
+    sched_t = scheduler.timesteps.to(torch.float64).cpu()  # FlowMatchEulerDiscreteScheduler
+    dist = (sched_t[None, :] - t.to(torch.float64)[:, None]).abs()
+    index = dist.argmin(dim=1)
+    if bool((dist.min(dim=1).values > 1e-3 * config.num_train_timesteps).any()):
+        raise ValueError(f"timesteps {t.tolist()} are not among scheduler.timesteps; call set_timesteps first")
+    sigmas = scheduler.sigmas.to(torch.float64).cpu()
+    if eta is None:
+        eta = 1.0 if config.stochastic_sampling else 0.0
+    return flow_match_coefficients(sigmas[index], sigmas[index + 1], eta)
