@@ -11,8 +11,8 @@ from mmtts.adapters.deyo import patch_shuffle
 from mmtts.adapters.eata import redundancy_margin
 from mmtts.adapters.norm_math import batch_moments, mix_moments, online_batch_norm
 
-GRADIENT = ["tent", "eta", "deyo"]
-ALL = ["source", "bn", "alpha_bn", "tent", "eta", "eata", "deyo"]
+GRADIENT = ["tent", "eta", "deyo", "sar"]
+ALL = ["source", "bn", "alpha_bn", "tent", "eta", "eata", "deyo", "sar"]
 
 
 def net(norm="bn", classes=5, seed=0):
@@ -137,6 +137,22 @@ def test_deyo_with_filters_and_weights_off_equals_tent():
     assert deyo.cost.counts["forward_samples"] == deyo.cost.counts["samples"]  # no extra pass on x'
 
 
+def test_sar_without_its_sharpness_step_and_filters_equals_tent_with_sgd():
+    opt = {"optimizer": "sgd", "lr": 0.05}
+    tent = mmtts.adapt(net(), "tent", **opt)
+    sar = mmtts.adapt(net(), "sar", rho=0.0, entropy_margin=1.01, reset_margin=0.0, **opt)
+    _run_pair(tent, sar)
+
+
+def test_sar_recovers_the_source_model_when_its_loss_collapses():
+    model = net()
+    before = state(model)
+    sar = mmtts.adapt(model, "sar", lr=0.05, entropy_margin=1.01, reset_margin=1.0)  # any loss counts as collapse
+    sar(batches(1)[0])
+    assert sar.recoveries == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 # -- reset, episodic, determinism ----------------------------------------------------------------------
 
 
@@ -144,9 +160,10 @@ def test_deyo_with_filters_and_weights_off_equals_tent():
 def test_reset_restores_every_parameter_and_buffer_bit_for_bit_after_ten_steps(method):
     model = net()
     before = state(model)
-    kw = {"lr": 0.05, "filter_entropy": False} if method in ("eta", "eata", "deyo") else {}
-    kw = {"lr": 0.05} if method == "tent" else kw
-    kw = {**kw, "plpd_threshold": -1.0} if method == "deyo" else kw
+    # settings under which every gradient method updates on these random batches
+    kw = {"tent": {"lr": 0.05}, "sar": {"lr": 0.05, "entropy_margin": 1.01},
+          "deyo": {"lr": 0.05, "filter_entropy": False, "plpd_threshold": -1.0},
+          "eta": {"lr": 0.05, "filter_entropy": False}, "eata": {"lr": 0.05, "filter_entropy": False}}.get(method, {})
     ad = make(method, model, **kw)
     first = [ad(x) for x in batches(10)]
     if method in GRADIENT:
@@ -158,7 +175,7 @@ def test_reset_restores_every_parameter_and_buffer_bit_for_bit_after_ten_steps(m
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@pytest.mark.parametrize("method", ["alpha_bn", "tent", "eta", "eata", "deyo"])
+@pytest.mark.parametrize("method", ["alpha_bn", "tent", "eta", "eata", "deyo", "sar"])
 def test_episodic_mode_does_not_leak_between_batches(method):
     ad = make(method, net(), episodic=True, **({} if method == "alpha_bn" else {"lr": 0.05}))
     x, y = batches(2)
@@ -275,7 +292,7 @@ def test_nan_input_raises_and_leaves_the_model_unchanged(method):
     assert opt == (str(ad.optimizer.state_dict()) if ad.optimizer else None)
 
 
-@pytest.mark.parametrize("method", ["bn", "alpha_bn", "tent", "eta", "deyo"])
+@pytest.mark.parametrize("method", ["bn", "alpha_bn", "tent", "eta", "deyo", "sar"])
 def test_a_model_without_norm_layers_is_refused_with_a_way_out(method):
     with pytest.raises(mmtts.MmttsError, match="nothing to adapt.*'source'"):
         mmtts.adapt(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), method)
@@ -283,7 +300,7 @@ def test_a_model_without_norm_layers_is_refused_with_a_way_out(method):
 
 def test_batch_size_one():
     x = batches(1)[0][:1]
-    for method in ("bn", "tent", "eta", "deyo"):
+    for method in ("bn", "tent", "eta", "deyo", "sar"):
         with pytest.raises(mmtts.MmttsError, match="batch of 1"):
             mmtts.adapt(net(), method)(x)
     assert mmtts.adapt(net(), "alpha_bn")(x).shape == (1, 5)  # source statistics regularize one sample
@@ -297,8 +314,8 @@ def test_batch_size_one():
     assert torch.equal(ad(stream[:1]), outs[0])
     # GroupNorm models adapt sample by sample
     for method in GRADIENT:
-        ad = mmtts.adapt(net("gn"), method, lr=0.05, filter_entropy=False) if method != "tent" else \
-            mmtts.adapt(net("gn"), method, lr=0.05)
+        kw = {"tent": {}, "sar": {"entropy_margin": 1.01}}.get(method, {"filter_entropy": False})
+        ad = mmtts.adapt(net("gn"), method, lr=0.05, **kw)
         for i in range(3):
             assert ad(stream[i:i + 1]).shape == (1, 5)
     assert ad.cost.counts["samples"] == 3
