@@ -133,18 +133,19 @@ def test_stats_kernel_matches_reference(shape, dtype):
 @pytest.mark.parametrize("mode", [dict(training=True), dict(training=True, source_weight=0.3),
                                   dict(training=True, source_weight=0.3, exact_mixture=False),
                                   dict(training=False)])
-def test_batch_norm_forward_backward_kernels(mode, dtype, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 4, 341), (2, 5, 1500)])
+def test_batch_norm_forward_backward_kernels(shape, mode, dtype, monkeypatch):
     import mmtts.kernels as K
 
     g = torch.Generator().manual_seed(5)
-    shape = (3, 4, 1023 // 3)
+    c = shape[1]
     x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
     dy = torch.randn(shape, generator=g).to(dtype)
-    w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
     results = []
     for backend in ("triton", "torch"):
         monkeypatch.setenv("MMTTS_KERNELS", backend)
-        rm, rv = torch.randn(4, generator=torch.Generator().manual_seed(1)), torch.full((4,), 1.5)
+        rm, rv = torch.randn(c, generator=torch.Generator().manual_seed(1)), torch.full((c,), 1.5)
         xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
         y = K.batch_norm(xi, rm, rv, wi, bi, momentum=0.3, **mode)
         grads = torch.autograd.grad(y, (xi, wi, bi), dy)

@@ -83,23 +83,28 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, src_mean, src_var, alpha, exact, eps, use_batch, stats_sink):
         stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if use_batch:
-            batch = batch_norm_stats(x)
-            stats_sink.append(batch)
-            if alpha > 0:
-                mean, var = alpha_mix(batch.mean, batch.var, src_mean, src_var, alpha, exact)
-            else:
-                mean, var = batch.mean, batch.var
+        batch = None
+        if use_batch and kernel_eligible(x):
+            from .norm_triton import batch_norm_forward
+
+            y, batch_mean, batch_var, mean, rstd = batch_norm_forward(x, weight, bias, src_mean, src_var, alpha,
+                                                                      exact, eps)
+            batch = BatchStats(batch_mean, batch_var, x.numel() // x.shape[1])
         else:
-            batch = None
-            mean, var = src_mean.to(stat_dtype), src_var.to(stat_dtype)
-        rstd = torch.rsqrt(var + eps)
-        w = weight.to(stat_dtype)
-        scale = w * rstd
-        y = _channel_affine(x, scale, bias.to(stat_dtype) - mean * scale)
+            if use_batch:
+                batch = batch_norm_stats(x)
+                mean, var = (alpha_mix(batch.mean, batch.var, src_mean, src_var, alpha, exact) if alpha > 0
+                             else (batch.mean, batch.var))
+            else:
+                mean, var = src_mean.to(stat_dtype), src_var.to(stat_dtype)
+            rstd = torch.rsqrt(var + eps)
+            scale = weight.to(stat_dtype) * rstd
+            y = _channel_affine(x, scale, bias.to(stat_dtype) - mean * scale)
+        if batch is not None:
+            stats_sink.append(batch)
         mixes_means = batch is not None and exact and alpha > 0
         # a copy: the running buffers that served as source may be updated in place before backward
-        ctx.save_for_backward(x, w, mean, rstd, *(() if batch is None else (batch.mean,)),
+        ctx.save_for_backward(x, weight.to(stat_dtype), mean, rstd, *(() if batch is None else (batch.mean,)),
                               *((src_mean.to(stat_dtype, copy=True),) if mixes_means else ()))
         ctx.alpha, ctx.exact, ctx.use_batch = alpha, exact, use_batch
         ctx.count = None if batch is None else batch.count

@@ -1,10 +1,12 @@
 """Triton kernels and launchers for per-channel normalization over (N, C, *spatial) tensors.
 
-Three kernels cover the forward and backward of batch normalization:
+Three main kernels cover the forward and backward of batch normalization:
 
 - ``_stats_kernel``: per (channel, chunk) program, block-wise mean and M2
-  merged across blocks with Chan's formula in float32; the launcher merges the
-  chunks (few per channel) the same way. One read of ``x``.
+  merged across blocks with Chan's formula in float32. One read of ``x``.
+  ``_finalize_kernel`` then merges the chunks of each channel the same way and,
+  for batch norm, mixes in the source statistics and emits scale and shift, so
+  a training-mode forward is three launches whatever the mixing.
 - ``_grad_sums_kernel``: the two per-channel sums the backward needs,
   ``sum(dy)`` and ``sum(dy * xhat)``. One read of ``dy`` and ``x``.
 - ``_channel_affine_kernel``: ``out = u*p[c] + v*q[c] + r[c]`` elementwise, which
@@ -24,8 +26,9 @@ from .dispatch import interpreting
 
 if interpreting():  # no autotuning in the interpreter, and few large programs run fastest there
     _REDUCE_BLOCK, _EW_CONFIGS, _TARGET_PROGRAMS = 1024, [triton.Config({"BLOCK": 4096}, num_warps=4)], 8
+    _FINALIZE_TILE = 4  # small tiles so that the tests cover several chunks and several channel blocks
 else:
-    _REDUCE_BLOCK, _TARGET_PROGRAMS = 2048, 1024
+    _REDUCE_BLOCK, _TARGET_PROGRAMS, _FINALIZE_TILE = 2048, 1024, 4096
     _EW_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
 
@@ -66,18 +69,74 @@ def _stats_kernel(x_ptr, mean_ptr, m2_ptr, C, L, total, chunk, BLOCK: tl.constex
     tl.store(m2_ptr + c * nchunks + s, m2)
 
 
+@triton.jit
+def _finalize_kernel(pmean_ptr, pm2_ptr, smean_ptr, svar_ptr, w_ptr, b_ptr, bmean_ptr, bvar_ptr, mean_ptr, rstd_ptr,
+                     scale_ptr, shift_ptr, C, total, chunk, nchunks, alpha, eps, MIX: tl.constexpr,
+                     EXACT: tl.constexpr, AFFINE: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
+    """Merge the chunk partials per channel, mix with the source, and emit the normalization's scale and shift."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.arange(0, CHUNKS)
+    cmask = c < C
+    smask = s < nchunks
+    at = c[:, None] * nchunks + s[None, :]
+    both = cmask[:, None] & smask[None, :]
+    pmean = tl.load(pmean_ptr + at, mask=both, other=0.0)
+    pm2 = tl.load(pm2_ptr + at, mask=both, other=0.0)
+    count = tl.where(smask, tl.minimum(total - s.to(tl.int64) * chunk, chunk), 0).to(tl.float32)[None, :]
+    bmean = tl.sum(pmean * count, axis=1) / total
+    d = tl.where(both, pmean - bmean[:, None], 0.0)
+    bvar = (tl.sum(pm2, axis=1) + tl.sum(count * d * d, axis=1)) / total
+    tl.store(bmean_ptr + c, bmean, mask=cmask)
+    tl.store(bvar_ptr + c, bvar, mask=cmask)
+    if AFFINE:
+        mean = bmean
+        var = bvar
+        if MIX:
+            src_mean = tl.load(smean_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            src_var = tl.load(svar_ptr + c, mask=cmask, other=1.0).to(tl.float32)
+            mean = alpha * src_mean + (1 - alpha) * bmean
+            var = alpha * src_var + (1 - alpha) * bvar
+            if EXACT:
+                var += alpha * (1 - alpha) * (src_mean - bmean) * (src_mean - bmean)
+        rstd = tl.rsqrt(var + eps)
+        scale = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32) * rstd
+        tl.store(mean_ptr + c, mean, mask=cmask)
+        tl.store(rstd_ptr + c, rstd, mask=cmask)
+        tl.store(scale_ptr + c, scale, mask=cmask)
+        tl.store(shift_ptr + c, tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32) - mean * scale, mask=cmask)
+
+
+def _stats_and_coefficients(x, weight=None, bias=None, src_mean=None, src_var=None, alpha=0.0, exact=True, eps=0.0):
+    """Two launches: chunk partials of ``x``, then per-channel merge (+ mixing, scale and shift when affine)."""
+    x3, c, length, total, chunks, chunk = _split(x)
+    pmean = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    _stats_kernel[(c, chunks)](x3, pmean, pm2, c, length, total, chunk, BLOCK=_REDUCE_BLOCK)
+    out = torch.empty((6, c), device=x.device, dtype=torch.float32)
+    affine = weight is not None
+    mix = affine and alpha > 0
+    chunks_p2 = triton.next_power_of_2(chunks)
+    block_c = max(1, min(triton.next_power_of_2(c), _FINALIZE_TILE // chunks_p2))
+    _finalize_kernel[(triton.cdiv(c, block_c),)](
+        pmean, pm2, src_mean if mix else pmean, src_var if mix else pmean, weight if affine else pmean,
+        bias if affine else pmean, *out, c, total, chunk, chunks, float(alpha), float(eps),
+        MIX=mix, EXACT=bool(exact), AFFINE=affine, BLOCK_C=block_c, CHUNKS=chunks_p2)
+    return x3, out
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float32 mean and biased variance of ``x`` (N, C, *spatial)."""
-    x3, c, length, total, chunks, chunk = _split(x)
-    mean = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    _stats_kernel[(c, chunks)](x3, mean, m2, c, length, total, chunk, BLOCK=_REDUCE_BLOCK)
-    if chunks == 1:
-        return mean[:, 0], m2[:, 0] / total
-    counts = (total - torch.arange(chunks, device=x.device) * chunk).clamp(max=chunk).to(torch.float32)
-    grand = (mean * counts).sum(dim=1, keepdim=True) / total
-    var = (m2.sum(dim=1) + (counts * (mean - grand) ** 2).sum(dim=1)) / total
-    return grand[:, 0], var
+    _, out = _stats_and_coefficients(x)
+    return out[0], out[1]
+
+
+def batch_norm_forward(x, weight, bias, src_mean, src_var, alpha: float, exact: bool, eps: float):
+    """Training-mode forward in three launches; returns y and the float32 batch mean, batch var, mean and rstd."""
+    x3, out = _stats_and_coefficients(x, weight.float().contiguous(), bias.float().contiguous(),
+                                      None if src_mean is None else src_mean.float().contiguous(),
+                                      None if src_var is None else src_var.float().contiguous(), alpha, exact, eps)
+    y = channel_affine(x3, out[4], out[5]).reshape(x.shape)
+    return y, out[0], out[1], out[2], out[3]
 
 
 @triton.jit
