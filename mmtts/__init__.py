@@ -48,8 +48,8 @@ def adapt(model, method: str = "tent", **overrides) -> Adapter:
     return ADAPTERS.create(method, model, **overrides)
 
 
-def search(process: Process, verifier: Verifier | Callable, strategy: str | Strategy = "best-of-n",
-           budget: Budget | int = 64, seed: int = 0,
+def search(process: Process, verifier: Verifier | Callable, strategy: str | Strategy = "best-of-n", *,
+           budget: Budget | int, seed: int = 0,
            heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
            checkpoint=None, resume: bool = False, on_checkpoint: Callable[[int], None] | None = None,
            **settings) -> Result:

@@ -41,14 +41,6 @@ class Process(ABC):
         stages = torch.arange(self.num_stages, dtype=torch.int64)
         return int(self.stage_nfe(stages).sum())
 
-    def remaining_nfe(self, state: State) -> int:
-        """NFE still needed to finish every candidate of ``state``."""
-        total = 0
-        for s in state.stage.tolist():
-            stages = torch.arange(s, self.num_stages, dtype=torch.int64)
-            total += int(self.stage_nfe(stages).sum()) if len(stages) else 0
-        return total
-
     # -- the process ---------------------------------------------------------------
     @abstractmethod
     def init(self, streams: Streams, first_index: int = 0) -> State:

@@ -30,6 +30,7 @@ import torch
 from scipy import integrate, stats
 
 from ..core.process import Process
+from ..core.registry import VERIFIERS
 from ..core.rng import Streams
 from ..core.state import State
 from ..core.verifier import Verifier
@@ -229,6 +230,7 @@ class GMMDiffusion(Process):
         return {**super().describe(), "sampler": self.sampler, "eta": self.eta}
 
 
+@VERIFIERS.register("toy-quadratic")
 class QuadraticReward(Verifier):
     """r(x) = -|x - c|^2 / (2 width^2): higher is closer to the target point c."""
 
@@ -266,6 +268,7 @@ class QuadraticReward(Verifier):
         return -tot / (2 * self.width ** 2)
 
 
+@VERIFIERS.register("toy-log-density")
 class MixtureLogDensity(Verifier):
     """log p(x) under the data mixture: a held-out check that search stays on the data distribution."""
 
