@@ -411,3 +411,23 @@ def test_import_does_not_touch_triton_or_cuda():
             "assert not torch.cuda.is_initialized(), 'cuda initialized'")
     env = {k: v for k, v in os.environ.items() if k != "MMTTS_KERNELS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_benchmark_script_dry_run(tmp_path):
+    """The GPU benchmark runs end to end on the CPU (references only) and writes results in the benchmark shape."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("MMTTS_KERNELS", "TRITON_INTERPRET")}
+    subprocess.run([sys.executable, str(script), "--dry-run", "--repeats", "2", "--out", str(tmp_path)], check=True,
+                   env=env, timeout=300, capture_output=True)
+    results = json.loads((tmp_path / "kernels-dry-run.json").read_text())
+    for key in ("task", "command", "created", "machine", "versions", "seeds", "rows"):
+        assert key in results
+    assert results["dry_run"] is True and (tmp_path / "kernels-dry-run.md").exists()
+    ops = {r["detail"]["op"] for r in results["rows"]}
+    assert ops == {"denoise_step", "batch_norm_stats", "alpha_bn", "normalize_affine", "batch_norm_train"}
+    for row in results["rows"]:
+        assert row["method"] in ("mmtts", "torch_eager") and row["metrics"]["ms"] > 0
+        assert row["detail"]["agrees"], row
