@@ -431,3 +431,16 @@ def test_benchmark_script_dry_run(tmp_path):
     for row in results["rows"]:
         assert row["method"] in ("mmtts", "torch_eager") and row["metrics"]["ms"] > 0
         assert row["detail"]["agrees"], row
+
+
+@pytest.mark.parametrize("alpha,exact", [(0.0, False), (0.3, False), (0.3, True), (1.0, False)])
+def test_batch_norm_reproduces_the_adapters_online_norm(alpha, exact):
+    """The adapters' pure-torch online normalization and :func:`batch_norm` give the same tensor."""
+    norm_math = pytest.importorskip("mmtts.adapters.norm_math")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, 9, 11, generator=g) * 2 + 1
+    rm, rv, w, b = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5, torch.randn(4), torch.randn(4)
+    want = norm_math.online_batch_norm(x, rm, rv, w, b, 1e-5, alpha, exact)
+    got = K.batch_norm(x, rm, rv, w, b, training=alpha < 1, eps=1e-5, source_weight=alpha if alpha < 1 else 0.0,
+                       exact_mixture=exact, update_running=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -56,6 +56,8 @@ def denoise_step_triton(x, out, coefs, z, seed, offset, return_x0):
     numel = x[0].numel()
     if numel >= 4 * 2**32:
         raise ValueError(f"a candidate has {numel} elements; the in-kernel noise counter covers at most 2**34")
+    if batch > 65535:
+        raise ValueError(f"{batch} candidates in one call; the kernel's grid takes at most 65535: split the batch")
     x, out = x.contiguous(), out.contiguous()
     z = None if z is None else z.contiguous()
     draw = z is None and seed is not None
