@@ -1,0 +1,88 @@
+"""The action space a wrapper perturbs within: bounds and which dimensions are discrete.
+
+The Gaussian augmentation treats every dimension as continuous; a gripper
+that is either open or closed must stay a valid command, so discrete
+dimensions are set by vote instead, and every candidate is clipped to the
+bounds the robot accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ...core.errors import MmttsError
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """Per-dimension bounds ``low``/``high`` (D,) and the indices of binary dimensions.
+
+    A binary dimension takes the value ``low`` or ``high`` (a gripper's 0 and
+    1); a sample votes for ``high`` when it lies at or above the midpoint.
+    """
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    discrete: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        lo = torch.as_tensor(self.low, dtype=torch.float64)
+        hi = torch.as_tensor(self.high, dtype=torch.float64)
+        if lo.ndim != 1 or lo.shape != hi.shape or lo.numel() == 0:
+            raise MmttsError(f"action bounds low {tuple(lo.shape)} and high {tuple(hi.shape)} must be two "
+                             "non-empty vectors of the same length, one entry per action dimension")
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()) or (hi <= lo).any():
+            raise MmttsError(f"action bounds must be finite with high > low in every dimension; got low={self.low}, "
+                             f"high={self.high}")
+        bad = [i for i in self.discrete if not 0 <= int(i) < lo.numel()]
+        if bad:
+            raise MmttsError(f"discrete dimensions {bad} are outside the {lo.numel()} action dimensions")
+
+    @classmethod
+    def box(cls, low: Sequence[float] | float, high: Sequence[float] | float, dim: int | None = None,
+            discrete: Sequence[int] = ()) -> "ActionSpace":
+        """Bounds as sequences, or as scalars repeated over ``dim`` dimensions."""
+        if dim is not None:
+            low = [float(low)] * dim if isinstance(low, (int, float)) else low
+            high = [float(high)] * dim if isinstance(high, (int, float)) else high
+        return cls(tuple(float(v) for v in low), tuple(float(v) for v in high), tuple(int(i) for i in discrete))
+
+    @classmethod
+    def from_gym(cls, space, discrete: Sequence[int] = ()) -> "ActionSpace":
+        """The bounds of a gymnasium ``Box`` action space (1-D)."""
+        low, high = getattr(space, "low", None), getattr(space, "high", None)
+        if low is None or high is None or len(getattr(space, "shape", ())) != 1:
+            raise MmttsError(f"expected a 1-D gymnasium Box action space, got {space!r}")
+        return cls.box(low.tolist(), high.tolist(), discrete=discrete)
+
+    @property
+    def dim(self) -> int:
+        return len(self.low)
+
+    def bounds(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.low, dtype=like.dtype, device=like.device),
+                torch.tensor(self.high, dtype=like.dtype, device=like.device))
+
+    def clip(self, actions: torch.Tensor) -> torch.Tensor:
+        """Clip (..., D) actions to the bounds."""
+        lo, hi = self.bounds(actions)
+        return torch.minimum(torch.maximum(actions, lo), hi)
+
+    def vote(self, samples: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Majority value of each discrete dimension over the sample axis: (B, N, H, D) -> (B, H, len(discrete)).
+
+        Only samples marked ``valid`` (B, N) vote. Ties go to ``high``
+        (RoboMonkey's rule "mean >= 0.5" for a {0, 1} gripper).
+        """
+        idx = list(self.discrete)
+        lo, hi = self.bounds(samples)
+        lo, hi = lo[idx], hi[idx]
+        if valid is None:
+            valid = torch.ones(samples.shape[:2], dtype=torch.bool, device=samples.device)
+        w = valid.to(samples.dtype)[:, :, None, None]
+        high = (samples[..., idx] >= (lo + hi) / 2).to(samples.dtype)
+        share = (w * high).sum(1) / w.sum(1)
+        return torch.where(share >= 0.5, hi, lo)

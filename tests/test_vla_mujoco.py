@@ -1,0 +1,109 @@
+"""The wrapper in real gymnasium MuJoCo episodes, and the vla-mujoco benchmark's quick version."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gym = pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+
+from mmtts.bench import run_benchmark  # noqa: E402
+from mmtts.core.errors import MmttsError  # noqa: E402
+from mmtts.modalities.vla import ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, RoboMonkeyPolicy  # noqa: E402
+from mmtts.modalities.vla.gym_env import GymPolicy, run_episode  # noqa: E402
+from mmtts.tasks.cache import ModelCache  # noqa: E402
+from mmtts.tasks.vla_mujoco import (STATE_DIM, GaussianMLP, VLAMujoco, expert_action, fingertip_distance,  # noqa: E402
+                                    make_env, power_law_fit)
+
+
+def untrained_wrapper(space, seed=0, n=4, k=8):
+    torch.manual_seed(0)
+    policy = GaussianPolicy(GaussianMLP(hidden=16), STATE_DIM)
+    verifier = ActionVerifier(MLPActionScorer(STATE_DIM, space.dim, hidden=16))
+    return RoboMonkeyPolicy(policy, verifier, space, num_samples=n, num_candidates=k, seed=seed)
+
+
+def test_scripted_expert_reaches_the_target():
+    env = make_env()
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        for _ in range(50):
+            obs, *_ = env.step(expert_action(obs).astype(np.float32))
+        assert fingertip_distance(obs) < 1e-3
+
+
+def test_wrapper_runs_gymnasium_episodes_with_reset_between_them():
+    env = make_env()
+    space = ActionSpace.from_gym(env.action_space)
+    assert space.dim == 2 and space.low == (-1.0, -1.0)
+
+    def episodes(seed):
+        wrapper = untrained_wrapper(space, seed=seed)
+        agent = GymPolicy(wrapper)
+        actions, steps = [], []
+        for ep in range(2):
+            out = run_episode(env, agent, seed=100 + ep, on_step=lambda o, a, n, i: actions.append(a))
+            steps.append(out["steps"])
+            assert len(wrapper.diagnostics) == out["steps"]  # reset() emptied the previous episode's record
+            assert wrapper.episode == ep and wrapper.step == out["steps"]
+        return np.array(actions), steps
+
+    a1, steps = episodes(seed=0)
+    a2, _ = episodes(seed=0)
+    a3, _ = episodes(seed=1)
+    assert steps == [50, 50] and a1.shape == (100, 2) and a1.dtype == np.float32
+    assert (np.abs(a1) <= 1).all()
+    np.testing.assert_array_equal(a1, a2)  # same seed, same actions
+    assert not np.array_equal(a1, a3)
+    assert not np.array_equal(a1[:50], a1[50:])  # the second episode draws from new streams
+
+
+def test_gym_policy_takes_vector_batches_and_rejects_bad_input():
+    space = ActionSpace.box(-1, 1, dim=2)
+    agent = GymPolicy(untrained_wrapper(space), instruction="reach the target")
+    out = agent(np.zeros((3, STATE_DIM), dtype=np.float32))
+    assert out.shape == (3, 2)
+    with pytest.raises(MmttsError, match=r"expects \(B, 10\)"):
+        agent(np.zeros(7))
+    with pytest.raises(MmttsError, match="vector env batch"):
+        agent(np.zeros((1, 2, 5)))
+    with pytest.raises(MmttsError, match="LeRobot-style"):
+        GymPolicy(object())
+
+
+def test_power_law_fit_recovers_its_parameters():
+    k = np.array([1, 2, 4, 8, 16, 32])
+    a, b = power_law_fit(k, 0.3 * k ** -0.25)
+    assert abs(a - 0.3) < 1e-9 and abs(b + 0.25) < 1e-9
+
+
+def test_quick_benchmark_writes_results_and_single_sample_equals_the_policy(cache_dir, tmp_path):
+    task = VLAMujoco(quick=True)
+    res = run_benchmark(task, [0, 1], list(task.quick_budgets), out=tmp_path,
+                        settings=list(task.quick_settings))
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"vla-mujoco.{ext}").exists()
+    rows = {(r["method"], r["budget"]): r["metrics"] for r in res["rows"]}
+    for key in ("success", "final_distance", "action_error", "ms_per_step"):
+        assert key in rows[("policy", 1)]
+    # N = K = 1 through the wrapper is the policy itself: identical episodes
+    for key in ("success", "final_distance", "action_error"):
+        assert rows[("robomonkey", 1)][key] == rows[("policy", 1)][key]
+    assert rows[("robomonkey", 8)]["candidates"] > 4
+    saved = json.loads((tmp_path / "vla-mujoco.json").read_text())
+    assert "in-distribution" in saved["task_config"]["power_laws"]
+    assert any(name.startswith("power law") for name in saved["references"])
+    # a second instance reuses the cached models and, on the same seed, repeats the run exactly
+    assert ModelCache().has("vla-mujoco-policy", task.policy_config)
+    again = VLAMujoco(quick=True).run("robomonkey", "in-distribution", 8, 1)
+    first = next(r for r in res["rows"] if r["method"] == "robomonkey" and r["budget"] == 8)["per_seed"]
+    assert again["action_error"] == first["action_error"][1]
+
+
+def test_bad_task_options_and_settings():
+    with pytest.raises(MmttsError, match="no option"):
+        VLAMujoco(quick=True, horizon=3)
+    with pytest.raises(MmttsError, match="no setting"):
+        VLAMujoco(quick=True).run("policy", "moon", 1, 0)
