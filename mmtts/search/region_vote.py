@@ -1,0 +1,295 @@
+"""Region voting (GUI-RC): many sampled boxes vote on an integer grid; the answer is their consensus.
+
+Every sample is an axis-aligned box on a W x H integer grid (a click point
+becomes a square of side ``alpha`` around it). Each box adds one vote to
+every grid cell it covers. The consensus region is the largest 4-connected
+region of cells holding the maximum vote, and the answer is the centre of
+its bounding box. Nothing here knows about screens, so the same strategy
+votes over any process whose outputs are points or boxes on a grid.
+
+Two constructions give identical answers:
+
+- :func:`consensus_reference` adds one slice per box to a full-resolution
+  grid and labels that grid, as the published GUI-RC code does. Its cost
+  grows with the grid (tens of milliseconds at 1920x1080).
+- :func:`consensus` works on the *compressed* grid whose cell boundaries
+  are the distinct box edges: at most 2K+1 columns and rows whatever the
+  screen size. Votes are constant inside a compressed cell, two cells are
+  4-adjacent exactly when their pixel blocks are, and a region's area is
+  the sum of its cells' pixel areas, so the largest region, its tie-break
+  (first in row-major order, as the labelling numbers regions) and its
+  bounding box are the same as on the full grid.
+
+The region-consistency reward of GUI-RCPO (:func:`region_rewards`) is each
+box's mean vote over its own area divided by the maximum vote: 1 for a box
+lying entirely inside the consensus, smaller the more it strays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..core.errors import MmttsError
+from ..core.registry import STRATEGIES
+from ..core.strategy import SearchContext, Selection, Strategy
+
+#: 4-connectivity: cells touching by an edge, not by a corner
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """The outcome of a vote.
+
+    ``point`` is the answer (x, y) in continuous grid coordinates, cell i
+    covering [i, i+1); ``region`` the bounding box (x1, y1, x2, y2) of the
+    consensus region, exclusive at x2, y2; ``area`` its size in cells;
+    ``max_vote`` the number of boxes covering it; ``votes`` the boxes that
+    voted (non-empty on the grid) out of ``samples``. ``point`` and
+    ``region`` are None when no box voted.
+    """
+
+    point: tuple[float, float] | None
+    region: tuple[int, int, int, int] | None
+    area: int
+    max_vote: int
+    votes: int
+    samples: int
+
+
+def check_extent(width: int, height: int) -> tuple[int, int]:
+    w, h = int(width), int(height)
+    if w != width or h != height or w < 1 or h < 1:
+        raise MmttsError(f"grid size {width}x{height} must be positive whole numbers of cells (the image size in pixels)")
+    return w, h
+
+
+def point_boxes(points, alpha: float) -> np.ndarray:
+    """Squares of side ``alpha`` centred on points (K, 2) -> boxes (K, 4); NaN points stay NaN."""
+    if not alpha > 0:
+        raise MmttsError(f"alpha={alpha} must be a positive box side in pixels (GUI-RC uses 50)")
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    half = alpha / 2.0
+    return np.concatenate([p - half, p + half], axis=1)
+
+
+def grid_boxes(boxes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float boxes (K, 4) -> integer cell ranges (K, 4) clipped to the grid, and which of them vote.
+
+    A box covers cell i when it overlaps [i, i+1): x1 is floored and x2
+    ceiled. Rows with NaN, inverted corners (x2 < x1) or nothing left inside
+    the grid after clipping cast no vote; they come back as zero boxes with
+    ``votes`` False.
+    """
+    w, h = check_extent(width, height)
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise MmttsError(f"boxes must have shape (K, 4) as x1, y1, x2, y2; got {b.shape}")
+    finite = np.isfinite(b).all(1)
+    safe = np.where(finite[:, None], b, 0.0)
+    out = np.empty(b.shape, dtype=np.int64)
+    out[:, 0] = np.clip(np.floor(safe[:, 0]), 0, w)
+    out[:, 1] = np.clip(np.floor(safe[:, 1]), 0, h)
+    out[:, 2] = np.clip(np.ceil(safe[:, 2]), 0, w)
+    out[:, 3] = np.clip(np.ceil(safe[:, 3]), 0, h)
+    votes = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
+    votes &= (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    out[~votes] = 0
+    return out, votes
+
+
+def _check_samples(boxes) -> None:
+    if len(boxes) == 0:
+        raise MmttsError("no samples to vote over (K = 0); draw at least one answer per example")
+
+
+def _no_vote(k: int) -> Consensus:
+    return Consensus(point=None, region=None, area=0, max_vote=0, votes=0, samples=k)
+
+
+# -- the reference construction ----------------------------------------------------------
+
+def vote_grid_reference(boxes, width: int, height: int) -> np.ndarray:
+    """Votes per cell on the full grid (H, W), one slice-add per box."""
+    ib, votes = grid_boxes(boxes, width, height)
+    grid = np.zeros((int(height), int(width)), dtype=np.int32)
+    for x1, y1, x2, y2 in ib[votes]:
+        grid[y1:y2, x1:x2] += 1
+    return grid
+
+
+def consensus_of_grid(grid: np.ndarray, samples: int | None = None, votes: int | None = None) -> Consensus:
+    """The largest 4-connected max-vote region of a full vote grid; ties go to the first in row-major order."""
+    grid = np.asarray(grid)
+    top = int(grid.max()) if grid.size else 0
+    k = int(samples if samples is not None else top)
+    if top <= 0:
+        return _no_vote(k)
+    labels, n = ndimage.label(grid == top, structure=FOUR_CONNECTED)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    best = int(np.argmax(sizes)) + 1
+    rows, cols = ndimage.find_objects(labels)[best - 1]
+    region = (cols.start, rows.start, cols.stop, rows.stop)
+    point = ((region[0] + region[2]) / 2.0, (region[1] + region[3]) / 2.0)
+    return Consensus(point=point, region=region, area=int(sizes[best - 1]), max_vote=top,
+                     votes=int(votes if votes is not None else top), samples=k)
+
+
+def consensus_reference(boxes, width: int, height: int) -> Consensus:
+    """GUI-RC's answer by the published construction: full-resolution grid, labels over all of it."""
+    _check_samples(boxes)
+    _, valid = grid_boxes(boxes, width, height)
+    return consensus_of_grid(vote_grid_reference(boxes, width, height), samples=len(valid), votes=int(valid.sum()))
+
+
+# -- the compressed grid ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CompressedVotes:
+    """Votes on the grid of distinct box edges: cell (i, j) spans xs[j]..xs[j+1] by ys[i]..ys[i+1]."""
+
+    xs: np.ndarray
+    ys: np.ndarray
+    votes: np.ndarray       # (len(ys) - 1, len(xs) - 1) int64
+    boxes: np.ndarray       # (K, 4) compressed indices of each voting box (j1, i1, j2, i2)
+    valid: np.ndarray       # (K,) which boxes vote
+
+    @property
+    def areas(self) -> np.ndarray:
+        return np.diff(self.ys)[:, None] * np.diff(self.xs)[None, :]
+
+
+def compress_votes(boxes, width: int, height: int) -> CompressedVotes:
+    """Build the compressed vote grid with a 2-D difference array over edge indices (cost depends on K only)."""
+    w, h = check_extent(width, height)
+    ib, valid = grid_boxes(boxes, w, h)
+    vb = ib[valid]
+    xs = np.unique(np.concatenate([[0, w], vb[:, 0], vb[:, 2]]))
+    ys = np.unique(np.concatenate([[0, h], vb[:, 1], vb[:, 3]]))
+    cb = np.zeros_like(ib)
+    cb[valid, 0] = np.searchsorted(xs, vb[:, 0])
+    cb[valid, 2] = np.searchsorted(xs, vb[:, 2])
+    cb[valid, 1] = np.searchsorted(ys, vb[:, 1])
+    cb[valid, 3] = np.searchsorted(ys, vb[:, 3])
+    diff = np.zeros((len(ys), len(xs)), dtype=np.int64)
+    j1, i1, j2, i2 = cb[valid].T
+    np.add.at(diff, (i1, j1), 1)
+    np.add.at(diff, (i1, j2), -1)
+    np.add.at(diff, (i2, j1), -1)
+    np.add.at(diff, (i2, j2), 1)
+    votes = diff.cumsum(0).cumsum(1)[:-1, :-1]
+    return CompressedVotes(xs=xs, ys=ys, votes=votes, boxes=cb, valid=valid)
+
+
+def consensus_of_compressed(cv: CompressedVotes) -> Consensus:
+    k = len(cv.valid)
+    top = int(cv.votes.max()) if cv.votes.size else 0
+    if top <= 0:
+        return _no_vote(k)
+    labels, n = ndimage.label(cv.votes == top, structure=FOUR_CONNECTED)
+    sizes = np.bincount(labels.ravel(), weights=cv.areas.ravel().astype(np.float64), minlength=n + 1)[1:]
+    # areas are whole numbers far below 2**53, so float sums are exact and ties compare exactly
+    best = int(np.argmax(sizes)) + 1
+    rows, cols = ndimage.find_objects(labels)[best - 1]
+    region = (int(cv.xs[cols.start]), int(cv.ys[rows.start]), int(cv.xs[cols.stop]), int(cv.ys[rows.stop]))
+    point = ((region[0] + region[2]) / 2.0, (region[1] + region[3]) / 2.0)
+    return Consensus(point=point, region=region, area=int(sizes[best - 1]), max_vote=top,
+                     votes=int(cv.valid.sum()), samples=k)
+
+
+def consensus(boxes, width: int, height: int) -> Consensus:
+    """GUI-RC's answer on the compressed grid; identical to :func:`consensus_reference`."""
+    _check_samples(boxes)
+    return consensus_of_compressed(compress_votes(boxes, width, height))
+
+
+def region_rewards(boxes, width: int, height: int) -> np.ndarray:
+    """GUI-RCPO's reward per box: votes inside it / (max vote * its area); 0 for boxes that cast no vote.
+
+    Computed with a 2-D prefix sum of area-weighted votes over the
+    compressed grid, so it is exact and independent of the screen size.
+    """
+    _check_samples(boxes)
+    cv = compress_votes(boxes, width, height)
+    out = np.zeros(len(cv.valid), dtype=np.float64)
+    top = int(cv.votes.max()) if cv.votes.size else 0
+    if top <= 0:
+        return out
+    mass = np.zeros((cv.votes.shape[0] + 1, cv.votes.shape[1] + 1), dtype=np.int64)
+    mass[1:, 1:] = (cv.votes * cv.areas).cumsum(0).cumsum(1)
+    j1, i1, j2, i2 = cv.boxes[cv.valid].T
+    inside = mass[i2, j2] - mass[i1, j2] - mass[i2, j1] + mass[i1, j1]
+    area = (cv.xs[j2] - cv.xs[j1]) * (cv.ys[i2] - cv.ys[i1])
+    out[cv.valid] = inside / (top * area)
+    return out
+
+
+def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
+    """One box per sample: a given box where the sample answered with one, else a point's alpha-square."""
+    if points is None and boxes is None:
+        raise MmttsError("region voting needs points (K, 2) or boxes (K, 4) to vote with")
+    if boxes is None:
+        return point_boxes(points, alpha)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if points is None:
+        return b
+    from_points = point_boxes(points, alpha)
+    use_box = np.isfinite(b).all(1)
+    return np.where(use_box[:, None], b, from_points)
+
+
+# -- the strategy ------------------------------------------------------------------------------
+
+@STRATEGIES.register("region-vote")
+class RegionVote(Strategy):
+    """Draw K candidates, let their points or boxes vote, answer with the consensus (GUI-RC).
+
+    The process's outputs are a dict with ``points`` (K, 2) and/or ``boxes``
+    (K, 4) in grid coordinates, NaN where a sample gave no usable answer, and
+    the process says the grid size as ``extent = (width, height)``. K is
+    ``samples``, or as many candidates as the budget pays for. The verifier
+    scores every sample (for the trace and ``population_scores``); the answer
+    does not depend on it. ``outputs`` is the consensus as a (1, 2) point
+    (NaN when nothing voted); ``extra`` carries the vote's details.
+    """
+
+    def __init__(self, samples: int | None = None, alpha: float = 50.0):
+        if samples is not None and samples < 1:
+            raise MmttsError(f"region-vote needs samples >= 1 (K = {samples}); GUI-RC uses K = 64")
+        if not alpha > 0:
+            raise MmttsError(f"alpha={alpha} must be a positive box side in grid cells (GUI-RC uses 50)")
+        super().__init__(samples=samples, alpha=alpha)
+        self.samples, self.alpha = samples, float(alpha)
+
+    def run(self, ctx: SearchContext) -> Selection:
+        extent = getattr(ctx.process, "extent", None)
+        if extent is None:
+            raise MmttsError(f"region-vote needs a process with extent = (width, height); "
+                             f"{type(ctx.process).__name__} has none")
+        cap = ctx.candidates_affordable()
+        k = self.samples if self.samples is not None else cap
+        if k == -1:
+            raise MmttsError("region-vote with samples=None sizes K from an NFE budget; pass samples=K "
+                             "or a budget with max_nfe")
+        if cap != -1 and k > cap or k < 1:
+            ctx.budget.require_candidates(max(k, 1), ctx.process.nfe_per_candidate())
+        state = ctx.advance(ctx.fresh(k))
+        out = ctx.finish(state)
+        boxes = vote_boxes(_np(out.get("points")), _np(out.get("boxes")), self.alpha)
+        c = consensus(boxes, *extent)
+        scores = ctx.score(out, state)
+        point = torch.tensor([c.point if c.point is not None else (float("nan"),) * 2], dtype=torch.float64)
+        strength = c.max_vote / max(c.samples, 1)
+        return Selection(outputs=point, scores=torch.tensor([strength], dtype=torch.float64), state=None,
+                         population=out, population_scores=scores,
+                         extra={"consensus": c, "samples": k, "votes": c.votes, "missing": k - c.votes})
+
+
+def _np(x):
+    if x is None:
+        return None
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
