@@ -153,3 +153,14 @@ def test_batch_norm_forward_backward_kernels(shape, mode, dtype, monkeypatch):
     _assert_kernel_ran("norm_triton")
     for got, want in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype] * 2, atol=TOL[dtype] * 2)
+
+
+@inside_only
+def test_stats_kernel_is_stable_for_a_large_mean():
+    """Welford/Chan in float32 keeps a small variance under a large mean (a naive E[x^2] - E[x]^2 would not)."""
+    import mmtts.kernels as K
+
+    x = torch.randn(4, 3, 1500, dtype=torch.float64) * 0.01 + 1000
+    got = K.batch_norm_stats(x.float())
+    want = x.var(dim=(0, 2), unbiased=False)
+    torch.testing.assert_close(got.var.double(), want, rtol=2e-3, atol=0)

@@ -36,6 +36,7 @@ class StepCoefficients(NamedTuple):
     x0_b: torch.Tensor
 
     def to(self, device) -> "StepCoefficients":
+        """On ``device`` in float32, the precision the step computes in."""
         return StepCoefficients(*(t.to(device=device, dtype=torch.float32) for t in self))
 
     def select(self, index: torch.Tensor) -> "StepCoefficients":
@@ -82,6 +83,7 @@ def denoise_step_reference(x, out, coefs: StepCoefficients, z=None, seed=None, o
     if z is not None:
         x_next = x_next + c * z.float()
     elif seed is not None:
+        seed, offset = check_seed_offset(seed, offset, x.shape[0], x.device)
         noise = philox_normal_reference(seed, offset, x[0].numel()).reshape(x.shape)
         x_next = x_next + c * noise
     x0 = (x0_a * xf + x0_b * of).to(x.dtype) if return_x0 else None
@@ -99,6 +101,10 @@ def denoise_step(x: torch.Tensor, model_output: torch.Tensor, coefs: StepCoeffic
     (then ``c`` is ignored). ``x0`` is None when ``return_x0`` is False.
     """
     _check(x, model_output, coefs, z)
+    if z is not None and seed is not None:
+        raise ValueError("pass either z (the noise itself) or seed/offset (to draw it), not both")
+    if seed is None and offset is not None:
+        raise ValueError("offset without seed: pass seed=streams.seeds with offset=streams.counters")
     if z is None and seed is not None:
         seed, offset = check_seed_offset(seed, offset, x.shape[0], x.device)
     if use_triton(x, model_output):

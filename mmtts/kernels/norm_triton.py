@@ -2,8 +2,8 @@
 
 Three main kernels cover the forward and backward of batch normalization:
 
-- ``_stats_kernel``: per (channel, chunk) program, block-wise mean and M2
-  merged across blocks with Chan's formula in float32. One read of ``x``.
+- ``_stats_kernel``: per (channel, chunk) program, Welford's update per lane
+  and Chan's merge across lanes, in float32. One read of ``x``.
   ``_finalize_kernel`` then merges the chunks of each channel the same way and,
   for batch norm, mixes in the source statistics and emits scale and shift, so
   a training-mode forward is three launches whatever the mixing.
@@ -44,29 +44,29 @@ def _split(x: torch.Tensor):
 
 @triton.jit
 def _stats_kernel(x_ptr, mean_ptr, m2_ptr, C, L, total, chunk, BLOCK: tl.constexpr):
+    """Welford per lane over the chunk, then Chan's merge across the lanes: (mean, M2) of one chunk."""
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
     start = s * chunk
     end = tl.minimum(start + chunk, total)
-    count = tl.zeros((), tl.float32)
-    mean = tl.zeros((), tl.float32)
-    m2 = tl.zeros((), tl.float32)
+    count = tl.zeros((BLOCK,), tl.float32)
+    mean = tl.zeros((BLOCK,), tl.float32)
+    m2 = tl.zeros((BLOCK,), tl.float32)
     for off in range(start, end, BLOCK):
         i = off + tl.arange(0, BLOCK).to(tl.int64)
         mask = i < end
         v = tl.load(x_ptr + (i // L) * C * L + c * L + i % L, mask=mask, other=0.0).to(tl.float32)
-        n_blk = tl.minimum(end - off, BLOCK).to(tl.float32)
-        mean_blk = tl.sum(v, axis=0) / n_blk
-        d = tl.where(mask, v - mean_blk, 0.0)
-        m2_blk = tl.sum(d * d, axis=0)
-        new_count = count + n_blk
-        delta = mean_blk - mean
-        mean += delta * (n_blk / new_count)
-        m2 += m2_blk + delta * delta * (count * n_blk / new_count)
-        count = new_count
+        count += mask.to(tl.float32)
+        delta = tl.where(mask, v - mean, 0.0)
+        mean += delta / tl.maximum(count, 1.0)
+        m2 += delta * tl.where(mask, v - mean, 0.0)
+    n = tl.sum(count, axis=0)
+    chunk_mean = tl.sum(count * mean, axis=0) / n
+    d = mean - chunk_mean
+    chunk_m2 = tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)
     nchunks = tl.num_programs(1)
-    tl.store(mean_ptr + c * nchunks + s, mean)
-    tl.store(m2_ptr + c * nchunks + s, m2)
+    tl.store(mean_ptr + c * nchunks + s, chunk_mean)
+    tl.store(m2_ptr + c * nchunks + s, chunk_m2)
 
 
 @triton.jit
