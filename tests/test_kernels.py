@@ -36,8 +36,7 @@ def _close(ours, theirs, dtype, scale=1.0):
 
 def _per_candidate(step, x, out, z, timesteps):
     """Run a diffusers step once per candidate (each at its own timestep) and stack the results."""
-    results = [step(out[i:i + 1], int(t) if float(t).is_integer() else t, x[i:i + 1], z[i:i + 1])
-               for i, t in enumerate(timesteps)]
+    results = [step(out[i:i + 1], int(t), x[i:i + 1], z[i:i + 1]) for i, t in enumerate(timesteps)]
     return [torch.cat(parts) for parts in zip(*results)]
 
 
@@ -66,7 +65,7 @@ def test_ddim_matches_diffusers(shape, eta, prediction_type, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 def test_ddpm_matches_diffusers_with_given_generator(shape, variance_type, prediction_type, dtype):
     sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction_type,
@@ -95,16 +94,20 @@ def test_ddpm_matches_diffusers_with_given_generator(shape, variance_type, predi
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 def test_flow_match_euler_matches_diffusers(shape, stochastic, dtype):
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, stochastic_sampling=stochastic)
-    sched.set_timesteps(8)
+    def make():
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, stochastic_sampling=stochastic)
+        sched.set_timesteps(8)
+        return sched
+
+    sched = make()
     timesteps = sched.timesteps[[0, 5, 7, 2][: shape[0]]]
     x, out, _ = _data(shape, dtype)
     z = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(7 + i))
                    for i in range(shape[0])])
     want = []
-    for i, t in enumerate(timesteps):
-        sched._step_index = None  # each candidate sits at its own timestep
-        want.append(sched.step(out[i:i + 1], t, x[i:i + 1], generator=torch.Generator().manual_seed(7 + i)).prev_sample)
+    for i, t in enumerate(timesteps):  # a fresh scheduler per candidate: each sits at its own timestep
+        step = make().step(out[i:i + 1], t, x[i:i + 1], generator=torch.Generator().manual_seed(7 + i))
+        want.append(step.prev_sample)
     want = torch.cat(want)
     coefs = K.coefficients_from_scheduler(sched, timesteps)
     got_next, got_x0 = K.denoise_step(x, out, coefs, z=z)
