@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .dispatch import interpreting
 
-_TWO_PI = 2.0 * math.pi
-_INV_2_24 = 1.0 / 16777216.0
+_TWO_PI = tl.constexpr(2.0 * math.pi)
+_INV_2_24 = tl.constexpr(1.0 / 16777216.0)
 
 
 @triton.jit
