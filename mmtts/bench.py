@@ -167,6 +167,7 @@ def run_benchmark(task: Task, seeds: list[int], budgets: list[int] | None, metho
     }
     if out is not None:
         write_results(results, Path(out))
+        task.extra_plots(results, Path(out))
     return results
 
 
