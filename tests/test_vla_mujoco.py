@@ -83,8 +83,8 @@ def test_quick_benchmark_writes_results_and_single_sample_equals_the_policy(cach
     task = VLAMujoco(quick=True)
     res = run_benchmark(task, [0, 1], list(task.quick_budgets), out=tmp_path,
                         settings=list(task.quick_settings))
-    for ext in ("json", "md", "png"):
-        assert (tmp_path / f"vla-mujoco.{ext}").exists()
+    for name in ("vla-mujoco.json", "vla-mujoco.md", "vla-mujoco.png", "vla-mujoco-power-law.png"):
+        assert (tmp_path / name).exists()
     rows = {(r["method"], r["budget"]): r["metrics"] for r in res["rows"]}
     for key in ("success", "final_distance", "action_error", "ms_per_step"):
         assert key in rows[("policy", 1)]

@@ -215,7 +215,7 @@ class VLAMujoco(Task):
     quick_settings = ("in-distribution",)
     default_budgets = (1, 2, 4, 8, 16, 32)
     quick_budgets = (1, 8)
-    option_defaults = {"episodes": 50, "samples": 8, "success_radius": 0.01, "ood_gear": 0.5}
+    option_defaults = {"episodes": 100, "samples": 8, "success_radius": 0.01, "ood_gear": 0.5}
 
     def __init__(self, cache=None, quick: bool = False, **options):
         super().__init__(cache, quick, **options)
@@ -310,6 +310,42 @@ class VLAMujoco(Task):
     def references(self, budgets: list[int]) -> dict[str, list[float]]:
         return {f"power law, {s}: e = {a:.3g} k^{b:.3g}": [a * k ** b for k in budgets]
                 for s, (a, b) in self.power_laws().items()}
+
+    def extra_plots(self, results: dict, out) -> list:
+        """``vla-mujoco-power-law.png``: action error against samples on log-log axes, with the fitted power laws."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        settings = results["settings"]
+        fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False)
+        for ax, setting in zip(axes[0], settings):
+            for method, marker in (("robomonkey", "o"), ("sample-verify", "s")):
+                rows = sorted((r for r in results["rows"] if r["setting"] == setting and r["method"] == method),
+                              key=lambda r: r["budget"])
+                if not rows:
+                    continue
+                k = np.array([r["budget"] for r in rows], dtype=np.float64)
+                e = np.array([r["metrics"]["action_error"] for r in rows])
+                ci = np.array([r["metrics"]["action_error_ci95"] for r in rows])
+                ax.errorbar(k, e, yerr=ci, marker=marker, linestyle="none", capsize=3, label=f"{method} (95% CI)")
+                if method == "robomonkey" and len(k) >= 2:
+                    a, b = power_law_fit(k, e)
+                    grid = np.geomspace(k.min(), k.max(), 50)
+                    ax.plot(grid, a * grid ** b, color="black", linewidth=1, label=f"fit e = {a:.3g} k^{b:.3g}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("samples k (K candidates)")
+            ax.set_ylabel("action error (RMSE to the expert)")
+            ax.set_title(setting)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"vla-mujoco: action error against samples, seeds {results['seeds']}")
+        fig.tight_layout()
+        path = out / "vla-mujoco-power-law.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]
 
     def describe(self) -> dict:
         return {**super().describe(), "env": ENV_ID, "episodes_per_run": self.episodes,

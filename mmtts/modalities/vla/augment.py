@@ -90,8 +90,8 @@ class GaussianAugmenter:
     def draw(self, mean: torch.Tensor, var: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """K raw Gaussian draws per observation: (B, K, H, D), before voting and clipping."""
         b, h, d = mean.shape
-        eps = torch.randn((b, self.num_candidates, h, d), generator=generator, dtype=torch.float64)
-        return (mean[:, None].double() + var[:, None].double().sqrt() * eps).to(mean.dtype)
+        eps = torch.randn((b, self.num_candidates, h, d), generator=generator, dtype=mean.dtype)
+        return mean[:, None] + var[:, None].sqrt() * eps.to(mean.device)
 
     def __call__(self, samples: torch.Tensor, generator: torch.Generator,
                  valid: torch.Tensor | None = None) -> Candidates:

@@ -33,6 +33,8 @@ class Proposals:
 
     def first(self) -> torch.Tensor:
         """The first valid sample of each observation, untouched: the anytime fallback (B, H, D)."""
+        if bool(self.valid[:, 0].all()):
+            return self.samples[:, 0]
         idx = self.valid.to(torch.int64).argmax(1)
         return self.samples[torch.arange(self.samples.shape[0]), idx]
 

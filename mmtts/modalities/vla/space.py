@@ -63,8 +63,13 @@ class ActionSpace:
         return len(self.low)
 
     def bounds(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.tensor(self.low, dtype=like.dtype, device=like.device),
-                torch.tensor(self.high, dtype=like.dtype, device=like.device))
+        """The bounds as tensors of ``like``'s dtype and device (kept, since a control loop asks every step)."""
+        cache = self.__dict__.setdefault("_bounds", {})
+        key = (like.dtype, like.device)
+        if key not in cache:
+            cache[key] = (torch.tensor(self.low, dtype=like.dtype, device=like.device),
+                          torch.tensor(self.high, dtype=like.dtype, device=like.device))
+        return cache[key]
 
     def clip(self, actions: torch.Tensor) -> torch.Tensor:
         """Clip (..., D) actions to the bounds."""
