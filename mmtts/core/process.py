@@ -28,6 +28,8 @@ class Process(ABC):
 
     num_stages: int = 1
     nfe_per_stage: int = 1
+    #: the State.data entry holding each candidate's latent (noise at stage 0), for strategies that move it
+    latent_key: str = "x"
     decodes_on_preview: bool = False
     decodes_on_finish: bool = False
 
@@ -66,6 +68,19 @@ class Process(ABC):
 
     def is_done(self, state: State) -> torch.Tensor:
         return state.stage >= self.num_stages
+
+    def latent(self, state: State) -> torch.Tensor:
+        """Each candidate's current latent (the initial noise at stage 0)."""
+        if self.latent_key not in state.data:
+            raise NotImplementedError(f"{type(self).__name__} exposes no latent {self.latent_key!r} to search over")
+        return state.data[self.latent_key]
+
+    def with_latent(self, state: State, latent: torch.Tensor) -> State:
+        """The same candidates with their latents replaced (streams and lineage kept)."""
+        if latent.shape != self.latent(state).shape:
+            raise ValueError(f"latent of shape {tuple(latent.shape)} for candidates of shape "
+                             f"{tuple(self.latent(state).shape)}")
+        return state.replace(**{self.latent_key: latent})
 
     # -- optional capabilities -------------------------------------------------------
     def perturb(self, state: State, scale: float | torch.Tensor) -> State:

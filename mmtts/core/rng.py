@@ -89,11 +89,12 @@ class Streams:
         self.counters += 1
         return out
 
-    def select(self, index: torch.Tensor, fork_duplicates: bool) -> "Streams":
+    def select(self, index: torch.Tensor, fork_duplicates: bool, fork_all: bool = False) -> "Streams":
         """Streams of the candidates at ``index``.
 
         With ``fork_duplicates`` the second and later copies of a candidate get
-        derived seeds, so they draw different noise from then on.
+        derived seeds, so they draw different noise from then on; with
+        ``fork_all`` every copy does (children that must not replay their parent).
         """
         index = torch.as_tensor(index, dtype=torch.int64).cpu()
         seeds = self.seeds[index].clone()
@@ -103,8 +104,8 @@ class Streams:
             for j, src in enumerate(index.tolist()):
                 k = seen.get(src, 0)
                 seen[src] = k + 1
-                if k > 0:
-                    seeds[j] = derive_seed(int(seeds[j]), int(counters[j]), k)
+                if k > 0 or fork_all:
+                    seeds[j] = derive_seed(int(seeds[j]), int(counters[j]), k + (1 << 32) * fork_all)
                     counters[j] = 0
         return Streams(seeds, counters)
 

@@ -66,11 +66,11 @@ class State:
             return v.device
         return torch.device("cpu")
 
-    def _gather(self, index: torch.Tensor, fork: bool) -> "State":
+    def _gather(self, index: torch.Tensor, fork: bool, fork_all: bool = False) -> "State":
         index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
         if index.numel() and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"candidate index out of range for a batch of {len(self)}: {index.tolist()}")
-        streams = self.streams.select(index, fork_duplicates=fork)
+        streams = self.streams.select(index, fork_duplicates=fork, fork_all=fork_all)
         ids = self.ids[index].clone()
         parents = self.parents[index].clone()
         if fork:
@@ -78,9 +78,9 @@ class State:
             for j, src in enumerate(index.tolist()):
                 k = seen.get(src, 0)
                 seen[src] = k + 1
-                if k > 0:
+                if k > 0 or fork_all:
                     parents[j] = self.ids[src]
-                    ids[j] = derive_seed(int(self.ids[src]), int(self.streams.counters[src]), k)
+                    ids[j] = derive_seed(int(self.ids[src]), int(self.streams.counters[src]), k + (1 << 32) * fork_all)
         data = {k: v[index.to(v.device)] for k, v in self.data.items()}
         return State(data, self.stage[index].clone(), streams, ids, parents, self.origin[index].clone(), dict(self.meta))
 
@@ -88,13 +88,15 @@ class State:
         """Exact copies of the candidates at ``index`` (duplicates share their stream)."""
         return self._gather(index, fork=False)
 
-    def resample(self, index) -> "State":
+    def resample(self, index, fork_all: bool = False) -> "State":
         """Candidates at ``index``; a duplicate becomes a child with its own forked stream.
 
         The first copy of each candidate keeps its id and stream, so a
-        candidate chosen once continues exactly as if nothing happened.
+        candidate chosen once continues exactly as if nothing happened; with
+        ``fork_all`` every copy is a new child (for offspring that must not
+        replay the noise their parent already used).
         """
-        return self._gather(index, fork=True)
+        return self._gather(index, fork=True, fork_all=fork_all)
 
     @staticmethod
     def cat(states: Sequence["State"]) -> "State":

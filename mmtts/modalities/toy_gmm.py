@@ -208,12 +208,21 @@ class GMMDiffusion(Process):
         return state.data["x"].clone()
 
     def perturb(self, state: State, scale: float | torch.Tensor) -> State:
-        """x + scale * sigma_t * eps, with sigma_t the sampler's own noise std at the candidate's stage."""
-        sigma = self.step_sigma(state.stage.clamp(max=self.num_stages - 1))[:, None]
-        if self.sampler == "exact":
-            sigma = torch.where(state.stage[:, None] == 0, torch.ones_like(sigma), sigma)
+        """Mutate candidates before their next step.
+
+        At stage 0 the initial noise is mixed, sqrt(1 - b^2) x + b eps with b = scale, which
+        keeps it standard normal; later, x + scale * sigma_t * eps with sigma_t the std of the
+        ancestral (eta = 1) step at that stage, so deterministic samplers can be mutated too.
+        """
+        x = state.data["x"]
         z = state.streams.randn((self.mixture.dim,), dtype=torch.float64)
-        return state.replace(x=state.data["x"] + torch.as_tensor(scale, dtype=torch.float64) * sigma * z)
+        b = torch.as_tensor(scale, dtype=torch.float64)
+        stage = state.stage.clamp(max=self.num_stages - 1)
+        at, as_ = self.abar[stage], self.abar[stage + 1]
+        ratio = torch.where(as_ > 0, at / as_.clamp(min=1e-300), torch.zeros_like(at))
+        sigma = ((1 - as_) / (1 - at).clamp(min=1e-300) * (1 - ratio)).clamp(min=0).sqrt()[:, None]
+        start = (state.stage == 0)[:, None]
+        return state.replace(x=torch.where(start, (1 - b ** 2).clamp(min=0).sqrt() * x + b * z, x + b * sigma * z))
 
     def renoise(self, state: State, stages: int) -> State:
         """The forward transition x_t = sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) eps."""

@@ -57,7 +57,7 @@ class BestOfN(Strategy):
             state = ctx.advance(ctx.fresh(m))
             out = ctx.finish(state)
             s = ctx.score(out, state)
-            best = self._merge(best, out, s, state)
+            best = merge_top(best, out, s, state, self.keep)
             done += m
             ctx.checkpoint({"done": done, "best": best, "total": total})
         if best is None:
@@ -65,10 +65,12 @@ class BestOfN(Strategy):
         return Selection(outputs=best["outputs"], scores=best["scores"], state=best["state"],
                          extra={"n": done})
 
-    def _merge(self, best, out, s, state: State):
-        if best is not None:
-            out = concat([best["outputs"], out])
-            s = torch.cat([best["scores"], s])
-            state = State.cat([best["state"], state])
-        idx = top_k(s, self.keep)
-        return {"outputs": take(out, idx), "scores": s[idx], "state": state.select(idx)}
+
+def merge_top(best: dict | None, out, s: torch.Tensor, state: State, keep: int) -> dict:
+    """The top ``keep`` of the candidates kept so far and a new finished batch."""
+    if best is not None:
+        out = concat([best["outputs"], out])
+        s = torch.cat([best["scores"], s])
+        state = State.cat([best["state"], state])
+    idx = top_k(s, keep)
+    return {"outputs": take(out, idx), "scores": s[idx], "state": state.select(idx)}
