@@ -45,18 +45,19 @@ def _variants(full: bool):
                {"HAS_Z": has_z, "DRAW_Z": draw, "WRITE_X0": write_x0, "QUADS": 512})
     yield philox_triton._noise_kernel, {"out_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
                                         "numel": "i64"}, {"QUADS": 256}
-    sizes = {"C": "i32", "L": "i32", "total": "i64", "chunk": "i32"}
-    for dtype in ("fp32", "bf16") if full else ("bf16",):
+    sizes = {"N": "i32", "C": "i32", "L": "i32", "rows_per_chunk": "i32"}
+    tiles = [{"BLOCK_R": 1, "BLOCK_L": 2048}, {"BLOCK_R": 2048, "BLOCK_L": 1}, {"BLOCK_R": 32, "BLOCK_L": 64}]
+    for dtype, tile in itertools.product(("fp32", "bf16") if full else ("bf16",), tiles if full else tiles[2:]):
         yield norm_triton._stats_kernel, {"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "m2_ptr": "*fp32", **sizes}, \
-            {"BLOCK": 2048}
+            tile
         yield norm_triton._grad_sums_kernel, {"dy_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "mean_ptr": "*fp32",
                                               "rstd_ptr": "*fp32", "sdy_ptr": "*fp32", "sdyx_ptr": "*fp32",
-                                              **sizes}, {"BLOCK": 2048}
+                                              **sizes}, tile
         for has_v in (False, True):
             yield norm_triton._channel_affine_kernel, {"u_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "p_ptr": "*fp32",
                                                        "q_ptr": "*fp32", "r_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                                                       "numel": "i64", "C": "i32", "L": "i32"}, \
-                {"HAS_V": has_v, "BLOCK": 4096}
+                                                       "R": "i32", "C": "i32", "L": "i32"}, \
+                {"HAS_V": has_v, "BLOCK_R": 2 * tile["BLOCK_R"], "BLOCK_L": tile["BLOCK_L"]}
     finalize_ptrs = ("pmean_ptr", "pm2_ptr", "smean_ptr", "svar_ptr", "w_ptr", "b_ptr", "bmean_ptr", "bvar_ptr",
                      "mean_ptr", "rstd_ptr", "scale_ptr", "shift_ptr")
     finalize = [(False, True, False), (True, True, True)]

@@ -115,7 +115,7 @@ def test_kernel_noise_statistics():
 
 @inside_only
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3, 1023), (4, 2, 1500), (7, 3), (2, 5, 3, 3)])
+@pytest.mark.parametrize("shape", [(1, 3, 1023), (4, 2, 1500), (7, 3), (2, 5, 3, 3), (5000, 2)])
 def test_stats_kernel_matches_reference(shape, dtype):
     import mmtts.kernels as K
 

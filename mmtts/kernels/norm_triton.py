@@ -12,8 +12,11 @@ Three main kernels cover the forward and backward of batch normalization:
 - ``_channel_affine_kernel``: ``out = u*p[c] + v*q[c] + r[c]`` elementwise, which
   is normalize + affine (``v`` absent) and the input gradient.
 
-Spatial dimensions are flattened: channel ``c`` of a contiguous (N, C, L)
-view holds the values at ``n*C*L + c*L + l``.
+Spatial dimensions are flattened: a contiguous (N, C, L) view is N*C rows of
+length L, and channel ``c`` owns rows ``n*C + c``. Kernels work on 2-D tiles
+of (rows, L) so that no per-element integer division is needed; a tile is
+``BLOCK_L = min(next_pow2(L), BLOCK)`` wide, so L = 1 (BatchNorm1d) and large
+images both fill it. Statistics programs split a channel's rows into chunks.
 """
 
 from __future__ import annotations
@@ -24,46 +27,53 @@ import triton.language as tl
 
 from .dispatch import interpreting
 
-if interpreting():  # no autotuning in the interpreter, and few large programs run fastest there
-    _REDUCE_BLOCK, _EW_CONFIGS, _TARGET_PROGRAMS = 1024, [triton.Config({"BLOCK": 4096}, num_warps=4)], 8
+if interpreting():  # few, large programs run fastest in the interpreter
+    _BLOCK, _TARGET_PROGRAMS = 1024, 8
     _FINALIZE_TILE = 4  # small tiles so that the tests cover several chunks and several channel blocks
 else:
-    _REDUCE_BLOCK, _TARGET_PROGRAMS, _FINALIZE_TILE = 2048, 1024, 4096
-    _EW_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
+    _BLOCK, _TARGET_PROGRAMS, _FINALIZE_TILE = 2048, 1024, 4096
+_EW_BLOCK = 4096
+
+
+def _tile(length: int, block: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_L): a tile of ``block`` elements, as wide as the rows allow."""
+    block_l = min(triton.next_power_of_2(length), block)
+    return block // block_l, block_l
 
 
 def _split(x: torch.Tensor):
-    """Contiguous (N, C, L) view and the chunking of each channel's N*L values over programs."""
+    """Contiguous (N, C, L) view and the chunking of each channel's N rows over programs."""
     x3 = x.contiguous().reshape(x.shape[0], x.shape[1], -1)
     n, c, length = x3.shape
-    total = n * length
-    chunks = max(1, min(triton.cdiv(_TARGET_PROGRAMS, c), triton.cdiv(total, _REDUCE_BLOCK)))
-    chunk = triton.cdiv(triton.cdiv(total, chunks), _REDUCE_BLOCK) * _REDUCE_BLOCK
-    return x3, c, length, total, triton.cdiv(total, chunk), chunk
+    rows_per_chunk = triton.cdiv(n, max(1, min(triton.cdiv(_TARGET_PROGRAMS, c), n)))
+    return x3, n, c, length, triton.cdiv(n, rows_per_chunk), rows_per_chunk
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_ptr, m2_ptr, C, L, total, chunk, BLOCK: tl.constexpr):
-    """Welford per lane over the chunk, then Chan's merge across the lanes: (mean, M2) of one chunk."""
+def _stats_kernel(x_ptr, mean_ptr, m2_ptr, N, C, L, rows_per_chunk, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Welford per lane over one chunk of a channel's rows, then Chan's merge across lanes: (mean, M2)."""
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    start = s * chunk
-    end = tl.minimum(start + chunk, total)
-    count = tl.zeros((BLOCK,), tl.float32)
-    mean = tl.zeros((BLOCK,), tl.float32)
-    m2 = tl.zeros((BLOCK,), tl.float32)
-    for off in range(start, end, BLOCK):
-        i = off + tl.arange(0, BLOCK).to(tl.int64)
-        mask = i < end
-        v = tl.load(x_ptr + (i // L) * C * L + c * L + i % L, mask=mask, other=0.0).to(tl.float32)
-        count += mask.to(tl.float32)
-        delta = tl.where(mask, v - mean, 0.0)
-        mean += delta / tl.maximum(count, 1.0)
-        m2 += delta * tl.where(mask, v - mean, 0.0)
-    n = tl.sum(count, axis=0)
-    chunk_mean = tl.sum(count * mean, axis=0) / n
+    n_start = s * rows_per_chunk
+    n_end = tl.minimum(n_start + rows_per_chunk, N)
+    count = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
+    mean = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
+    m2 = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_R):
+        n = n0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        row = ((n * C + c) * L)[:, None]
+        for l0 in range(0, L, BLOCK_L):
+            col = l0 + tl.arange(0, BLOCK_L)
+            mask = (n < n_end)[:, None] & (col < L)[None, :]
+            v = tl.load(x_ptr + row + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            count += mask.to(tl.float32)
+            delta = tl.where(mask, v - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * tl.where(mask, v - mean, 0.0)
+    n_total = tl.sum(tl.sum(count, axis=1), axis=0)
+    chunk_mean = tl.sum(tl.sum(count * mean, axis=1), axis=0) / n_total
     d = mean - chunk_mean
-    chunk_m2 = tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)
+    chunk_m2 = tl.sum(tl.sum(m2 + count * d * d, axis=1), axis=0)
     nchunks = tl.num_programs(1)
     tl.store(mean_ptr + c * nchunks + s, chunk_mean)
     tl.store(m2_ptr + c * nchunks + s, chunk_m2)
@@ -108,10 +118,12 @@ def _finalize_kernel(pmean_ptr, pm2_ptr, smean_ptr, svar_ptr, w_ptr, b_ptr, bmea
 
 def _stats_and_coefficients(x, weight=None, bias=None, src_mean=None, src_var=None, alpha=0.0, exact=True, eps=0.0):
     """Two launches: chunk partials of ``x``, then per-channel merge (+ mixing, scale and shift when affine)."""
-    x3, c, length, total, chunks, chunk = _split(x)
+    x3, n, c, length, chunks, rows_per_chunk = _split(x)
     pmean = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
-    _stats_kernel[(c, chunks)](x3, pmean, pm2, c, length, total, chunk, BLOCK=_REDUCE_BLOCK)
+    block_r, block_l = _tile(length, _BLOCK)
+    _stats_kernel[(c, chunks)](x3, pmean, pm2, n, c, length, rows_per_chunk, BLOCK_R=block_r, BLOCK_L=block_l)
+    total, chunk = n * length, rows_per_chunk * length
     out = torch.empty((6, c), device=x.device, dtype=torch.float32)
     affine = weight is not None
     mix = affine and alpha > 0
@@ -140,53 +152,57 @@ def batch_norm_forward(x, weight, bias, src_mean, src_var, alpha: float, exact: 
 
 
 @triton.jit
-def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, C, L, total, chunk,
-                      BLOCK: tl.constexpr):
+def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, N, C, L, rows_per_chunk,
+                      BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    start = s * chunk
-    end = tl.minimum(start + chunk, total)
+    n_start = s * rows_per_chunk
+    n_end = tl.minimum(n_start + rows_per_chunk, N)
     mu = tl.load(mean_ptr + c)
     rstd = tl.load(rstd_ptr + c)
-    acc_dy = tl.zeros((BLOCK,), tl.float32)
-    acc_dyx = tl.zeros((BLOCK,), tl.float32)
-    for off in range(start, end, BLOCK):
-        i = off + tl.arange(0, BLOCK).to(tl.int64)
-        mask = i < end
-        at = (i // L) * C * L + c * L + i % L
-        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        acc_dy += dy
-        acc_dyx += tl.where(mask, dy * (x - mu) * rstd, 0.0)
+    acc_dy = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
+    acc_dyx = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_R):
+        n = n0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        row = ((n * C + c) * L)[:, None]
+        for l0 in range(0, L, BLOCK_L):
+            col = l0 + tl.arange(0, BLOCK_L)
+            mask = (n < n_end)[:, None] & (col < L)[None, :]
+            dy = tl.load(dy_ptr + row + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + row + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc_dy += dy
+            acc_dyx += tl.where(mask, dy * (x - mu) * rstd, 0.0)
     nchunks = tl.num_programs(1)
-    tl.store(sdy_ptr + c * nchunks + s, tl.sum(acc_dy, axis=0))
-    tl.store(sdyx_ptr + c * nchunks + s, tl.sum(acc_dyx, axis=0))
+    tl.store(sdy_ptr + c * nchunks + s, tl.sum(tl.sum(acc_dy, axis=1), axis=0))
+    tl.store(sdyx_ptr + c * nchunks + s, tl.sum(tl.sum(acc_dyx, axis=1), axis=0))
 
 
 def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean) * rstd)`` in float32."""
-    x3, c, length, total, chunks, chunk = _split(x)
+    x3, n, c, length, chunks, rows_per_chunk = _split(x)
     dy3 = dy.contiguous().reshape(x3.shape)
     sdy = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
     sdyx = torch.empty_like(sdy)
+    block_r, block_l = _tile(length, _BLOCK)
     _grad_sums_kernel[(c, chunks)](dy3, x3, mean.float().contiguous(), rstd.float().contiguous(), sdy, sdyx,
-                                   c, length, total, chunk, BLOCK=_REDUCE_BLOCK)
+                                   n, c, length, rows_per_chunk, BLOCK_R=block_r, BLOCK_L=block_l)
     return sdy.sum(dim=1), sdyx.sum(dim=1)
 
 
-@triton.autotune(configs=_EW_CONFIGS, key=["numel", "HAS_V"])
 @triton.jit
-def _channel_affine_kernel(u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, out_ptr, numel, C, L, HAS_V: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < numel
-    c = (i // L) % C
-    out = tl.load(u_ptr + i, mask=mask, other=0.0).to(tl.float32) * tl.load(p_ptr + c, mask=mask, other=0.0)
-    out += tl.load(r_ptr + c, mask=mask, other=0.0)
+def _channel_affine_kernel(u_ptr, v_ptr, p_ptr, q_ptr, r_ptr, out_ptr, R, C, L, HAS_V: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = (rows % C)[:, None]
+    at = (rows.to(tl.int64) * L)[:, None] + col[None, :]
+    mask = (rows < R)[:, None] & (col < L)[None, :]
+    out = tl.load(u_ptr + at, mask=mask, other=0.0).to(tl.float32) * tl.load(p_ptr + c, mask=rows[:, None] < R)
+    out += tl.load(r_ptr + c, mask=rows[:, None] < R)
     if HAS_V:
-        v = tl.load(v_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        out += v * tl.load(q_ptr + c, mask=mask, other=0.0)
-    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        out += v * tl.load(q_ptr + c, mask=rows[:, None] < R)
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def channel_affine(u: torch.Tensor, p: torch.Tensor, r: torch.Tensor, v: torch.Tensor | None = None,
@@ -195,11 +211,16 @@ def channel_affine(u: torch.Tensor, p: torch.Tensor, r: torch.Tensor, v: torch.T
     u = u.contiguous()
     c = u.shape[1]
     length = u[0, 0].numel()
+    rows = u.numel() // length
+    if rows >= 2**31:
+        raise ValueError(f"{rows} (sample, channel) rows exceed the kernel's int32 row index; split the batch")
     out = torch.empty_like(u)
     p, r = p.float().contiguous(), r.float().contiguous()
     has_v = v is not None
     v = v.contiguous() if has_v else u
     q = q.float().contiguous() if has_v else p
-    grid = lambda meta: (triton.cdiv(u.numel(), meta["BLOCK"]),)  # noqa: E731
-    _channel_affine_kernel[grid](u, v, p, q, r, out, u.numel(), c, length, HAS_V=has_v)
+    block_r, block_l = _tile(length, _EW_BLOCK)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(length, block_l))
+    _channel_affine_kernel[grid](u, v, p, q, r, out, rows, c, length, HAS_V=has_v, BLOCK_R=block_r, BLOCK_L=block_l,
+                                 num_warps=8)
     return out
