@@ -132,3 +132,34 @@ def test_perturb_and_renoise_scales():
     back = p.renoise(st, 2)
     assert int(back.stage[0]) == 0
     assert float(back.data["x"].std()) == pytest.approx(1.0, abs=0.02)  # abar = 0 at the start: pure noise
+
+
+@pytest.mark.parametrize("strategy, kw", [("zero-order", {}), ("paths", {}), ("paths", {"width": 2, "start": 0.5}),
+                                          ("evosearch", {}), ("evosearch", {"population": 3, "elites": 0})])
+@pytest.mark.parametrize("budget", [10, 47, 200])
+def test_new_strategies_stay_within_budget(strategy, kw, budget):
+    p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
+    try:
+        r = mmtts.search(p, REWARD, strategy, budget=budget, seed=0, **kw)
+    except mmtts.BudgetError as e:
+        assert strategy == "paths" and "pays for 0 path" in str(e)
+        return
+    assert 10 <= r.budget["nfe"] <= budget
+
+
+def test_paths_from_the_last_stage_is_best_of_n():
+    p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
+    a = mmtts.search(p, REWARD, "paths", n=6, start=1.0, budget=60, seed=5)
+    b = mmtts.search(p, REWARD, "best-of-n", n=6, budget=60, seed=5)
+    assert torch.equal(a.outputs, b.outputs) and a.extra["rounds"] == 0
+
+
+def test_evosearch_schedule_grows_with_budget_and_mutates():
+    p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
+    small = mmtts.search(p, REWARD, "evosearch", population=4, budget=40, seed=0)
+    big = mmtts.search(p, REWARD, "evosearch", population=4, budget=400, seed=0)
+    assert small.extra["generations"] == 1 and big.extra["generations"] > 5
+    assert big.extra["stages"] == sorted(big.extra["stages"]) and big.extra["stages"][0] == 0
+    assert big.best_score >= small.best_score  # the archive only grows
+    with pytest.raises(mmtts.BudgetError, match="generation"):
+        mmtts.search(p, REWARD, "evosearch", population=4, generations=30, budget=100, seed=0)

@@ -159,7 +159,7 @@ def schedule_from_scheduler(scheduler, num_inference_steps: int, update: str | N
             raise MmttsError(f"{name} gave {len(sig)} sigmas for {num_inference_steps} steps")
         timesteps = scheduler.timesteps.cpu()
         return Schedule(timesteps, 1 - sig, sig, "flow", update or "ddim", eta, clip_sample)
-    if not hasattr(scheduler, "alphas_cumprod"):
+    if name not in ("DDIMScheduler", "DDPMScheduler"):
         raise MmttsError(f"{name} is not supported: use a DDIM, DDPM or flow-matching Euler scheduler "
                          "(e.g. DDIMScheduler.from_config(pipe.scheduler.config))")
     abar = scheduler.alphas_cumprod.to(torch.float64).cpu()
