@@ -131,7 +131,7 @@ def test_stats_kernel_matches_reference(shape, dtype):
 @inside_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", [dict(training=True), dict(training=True, source_weight=0.3),
-                                  dict(training=True, source_weight=0.3, exact_mixture=False),
+                                  dict(training=True, source_weight=0.3, exact_mixture=True),
                                   dict(training=False)])
 @pytest.mark.parametrize("shape", [(3, 4, 341), (2, 5, 1500)])
 def test_batch_norm_forward_backward_kernels(shape, mode, dtype, monkeypatch):

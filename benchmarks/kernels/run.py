@@ -149,7 +149,8 @@ def norm_cases(shapes, dtypes, device):
             yield {**base, "op": "batch_norm_stats", "variant": "", "bytes": size,
                    "mmtts": partial(K.batch_norm_stats, x), "torch": stats_eager, "args": (x,)}
             yield {**base, "op": "alpha_bn", "variant": "forward, alpha 0.3", "bytes": 3 * size,
-                   "mmtts": partial(K.batch_norm, x, src_mean, src_var, w, b, training=True, source_weight=0.3),
+                   "mmtts": partial(K.batch_norm, x, src_mean, src_var, w, b, training=True, source_weight=0.3,
+                                     exact_mixture=True),
                    "torch": alpha_bn_eager, "args": (x, src_mean, src_var, w, b, 0.3)}
             yield {**base, "op": "normalize_affine", "variant": "", "bytes": 2 * size,
                    "mmtts": partial(K.normalize_affine, x, src_mean, src_var, w, b),

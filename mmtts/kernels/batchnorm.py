@@ -136,7 +136,7 @@ class _BatchNorm(torch.autograd.Function):
 
 def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = True,
-               momentum: float = 0.1, eps: float = 1e-5, *, source_weight: float = 0.0, exact_mixture: bool = True,
+               momentum: float = 0.1, eps: float = 1e-5, *, source_weight: float = 0.0, exact_mixture: bool = False,
                update_running: bool | None = None) -> torch.Tensor:
     """Batch normalization of ``x`` (N, C, *spatial), differentiable in ``x``, ``weight`` and ``bias``.
 

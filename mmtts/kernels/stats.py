@@ -67,7 +67,7 @@ def batch_norm_stats(x: torch.Tensor) -> BatchStats:
     return batch_norm_stats_reference(x)
 
 
-def alpha_mix(batch_mean, batch_var, source_mean, source_var, alpha, exact: bool = True):
+def alpha_mix(batch_mean, batch_var, source_mean, source_var, alpha, exact: bool = False):
     """Mix source and batch statistics; ``alpha`` is the weight of the *source*.
 
     ``mean = alpha*source_mean + (1-alpha)*batch_mean``; the variance mixes
