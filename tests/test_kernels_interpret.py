@@ -20,7 +20,8 @@ import torch
 pytestmark = pytest.mark.triton_interpret
 
 INSIDE = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MMTTS_KERNELS") == "triton"
-inside_only = pytest.mark.skipif(not INSIDE, reason="runs in the interpreter process that test_interpreter_subset starts")
+inside_only = pytest.mark.skipif(not INSIDE,
+                                 reason="runs in the interpreter process that test_interpreter_subset starts")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -150,7 +150,7 @@ def norm_cases(shapes, dtypes, device):
                    "mmtts": partial(K.batch_norm_stats, x), "torch": stats_eager, "args": (x,)}
             yield {**base, "op": "alpha_bn", "variant": "forward, alpha 0.3", "bytes": 3 * size,
                    "mmtts": partial(K.batch_norm, x, src_mean, src_var, w, b, training=True, source_weight=0.3,
-                                     exact_mixture=True),
+                                    exact_mixture=True),
                    "torch": alpha_bn_eager, "args": (x, src_mean, src_var, w, b, 0.3)}
             yield {**base, "op": "normalize_affine", "variant": "", "bytes": 2 * size,
                    "mmtts": partial(K.normalize_affine, x, src_mean, src_var, w, b),
@@ -253,7 +253,8 @@ def markdown(results) -> str:
                   "|---|---|---:|---:|---|"]
         for g in results["goals"]:
             value = "-" if g["value"] is None else f"{g['value']:.3g}"
-            lines.append(f"| {g['setting']} | {g['metric']} | {g['target']} | {value} | {'yes' if g['met'] else 'NO'} |")
+            met = "yes" if g["met"] else "NO"
+            lines.append(f"| {g['setting']} | {g['metric']} | {g['target']} | {value} | {met} |")
     return "\n".join(lines) + "\n"
 
 
