@@ -447,3 +447,29 @@ def test_batch_norm_reproduces_the_adapters_online_norm(alpha, exact):
     got = K.batch_norm(x, rm, rv, w, b, training=alpha < 1, eps=1e-5, source_weight=alpha if alpha < 1 else 0.0,
                        exact_mixture=exact, update_running=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_goal_check_and_table():
+    """The parts of the benchmark only a GPU run reaches: goals on large inputs and the table with peak fractions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels" / "run.py"
+    spec = importlib.util.spec_from_file_location("kernel_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(method, op, elements, fraction, speedup):
+        return {"method": method, "setting": f"{op} {elements}", "budget": None,
+                "detail": {"op": op, "elements": elements, "agrees": True},
+                "metrics": {"ms": 1.0, "ms_ci95": 0.1, "gbps": 4000.0 * fraction, "peak_fraction": fraction,
+                            "speedup_vs_eager": speedup}}
+
+    rows = [row("mmtts", "denoise_step", 1 << 26, 0.85, 2.5), row("torch_eager", "denoise_step", 1 << 26, 0.3, 1.0),
+            row("mmtts", "alpha_bn", 1 << 26, 0.7, 1.2), row("mmtts", "alpha_bn", 1 << 10, 0.01, 0.1)]
+    goals = bench.check_goals(rows)
+    assert [(g["metric"], g["met"]) for g in goals] == [("peak_fraction", True), ("speedup_vs_eager", True),
+                                                        ("speedup_vs_eager", False)]
+    table = bench.markdown({"task": "kernels", "command": "c", "created": "t", "machine": {"cuda": "GPU"},
+                            "versions": {}, "peak_gbps": 4000.0, "peak_source": "test", "rows": rows, "goals": goals})
+    assert "| 85% | 2.50x | yes |" in table and "| NO |" in table
