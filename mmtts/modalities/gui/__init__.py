@@ -1,0 +1,23 @@
+"""GUI grounding: parse click answers, vote over them (GUI-RC), adapt at test time (GUI-RCPO).
+
+    sampler = TransformersSampler(model, processor, space="permille")   # or HeatmapSampler(net)
+    process = ClickProcess(sampler, image, "click the Save button", image.size)
+    result = run_strategy(STRATEGIES.create("region-vote", samples=64, alpha=50),
+                          process, RegionConsistency(*image.size), budget=64)
+    x, y = result.outputs[0]                                            # pixels of the screenshot
+
+The voting itself is modality-free and lives in :mod:`mmtts.search.region_vote`;
+GUI-RCPO is the ``gui-rcpo`` adapter (:mod:`mmtts.adapters.gui_rcpo`).
+"""
+
+from .coords import CoordSpace
+from .data import (GroundingExample, grounding_accuracy, load_rcpo_jsonl, load_screenspot, load_screenspot_pro,
+                   point_in_box, write_screenspot)
+from .model import GroundingNet
+from .parse import ParsedAnswers, parse_answer, parse_answers
+from .process import ClickProcess
+from .sampler import ClickSampler, HeatmapSampler, TransformersSampler
+
+__all__ = ["ClickProcess", "ClickSampler", "CoordSpace", "GroundingExample", "GroundingNet", "HeatmapSampler",
+           "ParsedAnswers", "TransformersSampler", "grounding_accuracy", "load_rcpo_jsonl", "load_screenspot",
+           "load_screenspot_pro", "parse_answer", "parse_answers", "point_in_box", "write_screenspot"]
