@@ -1,0 +1,159 @@
+"""GUI-RCPO: test-time reinforcement learning of a grounding policy from its own region consistency.
+
+For every unlabeled prompt (a screenshot and an instruction) the policy
+samples K clicks; each click's reward is its region consistency with the
+group it was sampled in (votes inside its alpha-box over max vote times the
+box area, :func:`mmtts.search.region_vote.region_rewards`). Advantages are
+normalised within each prompt's group, GRPO style, and the update adds
+beta times the KL divergence to the starting policy. Labels are never read:
+the batch holds images, instructions, image sizes and prompt ids only.
+
+Groups are formed by prompt id, whatever the batch holds: several prompts
+per batch, in any order, and rows that repeat a prompt id pool their
+samples into one group. The published code assumes one prompt per batch.
+
+The policy is a model ``model(images, tokens) -> logits (B, rows, cols)``
+over a grid of screen cells (as :class:`mmtts.modalities.gui.model.GroundingNet`),
+so the policy's distribution, its log-probabilities and the KL are exact.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from ..core.adapter import Adapter
+from ..core.errors import MmttsError
+from ..core.registry import ADAPTERS
+from ..core.rng import derive_seed
+from ..modalities.gui.model import cells_to_unit
+from ..search.region_vote import point_boxes, region_rewards
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean) / (std + eps) within each group of equal id; a group of equal rewards gets 0."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    groups = torch.as_tensor(groups).reshape(-1)
+    if rewards.shape != groups.shape:
+        raise MmttsError(f"{rewards.numel()} rewards for {groups.numel()} group ids; pass one id per sample")
+    out = torch.zeros_like(rewards)
+    for g in torch.unique(groups):
+        m = groups == g
+        r = rewards[m]
+        out[m] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+    return out
+
+
+def grouped_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict, alpha: float) -> np.ndarray:
+    """Region-consistency reward of each click within the group of its prompt id (``sizes``: id -> (w, h))."""
+    out = np.zeros(len(points))
+    for g in np.unique(groups):
+        m = groups == g
+        out[m] = region_rewards(point_boxes(points[m], alpha), *sizes[g])
+    return out
+
+
+@ADAPTERS.register("gui-rcpo")
+class GUIRCPO(Adapter):
+    """Region-consistency policy optimisation at test time.
+
+    ``adapter(batch)`` takes ``{"images": (B, 3, H, W), "tokens": (B, L),
+    "sizes": (B, 2) original (width, height), "ids": (B,) prompt ids}``,
+    returns the greedy clicks of the policy before the update, (B, 2) in
+    pixels, and takes one GRPO step. ``include`` (parameter-name globs)
+    chooses what adapts (default: every parameter); only those are
+    snapshotted and restored by ``reset()``.
+    """
+
+    needs_norm_layers = False
+
+    def __init__(self, model: torch.nn.Module, *, samples: int = 16, temperature: float = 1.0,
+                 alpha: float = 50.0, beta: float = 0.04, lr: float = 1e-4, include: Sequence[str] | None = None,
+                 seed: int = 0, episodic: bool = False):
+        if samples < 2:
+            raise MmttsError(f"GUI-RCPO needs samples >= 2 per prompt to form a group (got {samples})")
+        if not temperature > 0 or not alpha > 0 or beta < 0 or not lr > 0:
+            raise MmttsError(f"need temperature > 0, alpha > 0, beta >= 0 and lr > 0; got temperature={temperature}, "
+                             f"alpha={alpha}, beta={beta}, lr={lr}")
+        self.samples, self.temperature, self.alpha, self.beta, self.lr = int(samples), float(temperature), \
+            float(alpha), float(beta), float(lr)
+        self.patterns = list(include) if include else ["*"]
+        self.seed, self.updates = int(seed), 0
+        super().__init__(model, norm_kinds=(), episodic=episodic)
+
+    def configure_model(self) -> None:
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def collect_params(self):
+        params = [(n, p) for n, p in self.model.named_parameters()
+                  if any(fnmatch.fnmatchcase(n, pat) for pat in self.patterns)]
+        if not params:
+            raise MmttsError(f"include={self.patterns} matches no parameter of {type(self.model).__name__}")
+        for _, p in params:
+            p.requires_grad_(True)
+        return params
+
+    def build_optimizer(self, params):
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def extra_state(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_extra(self, state: dict) -> None:
+        self.updates = state["updates"]
+
+    def _check(self, batch: dict):
+        missing = [k for k in ("images", "tokens", "sizes", "ids") if k not in batch]
+        if missing:
+            raise MmttsError(f"GUI-RCPO batch lacks {missing}; it needs images, tokens, sizes and ids (no labels)")
+        b = len(batch["ids"])
+        if b == 0:
+            raise MmttsError("GUI-RCPO got an empty batch; pass at least one prompt")
+        for k in ("images", "tokens", "sizes"):
+            if len(batch[k]) != b:
+                raise MmttsError(f"batch[{k!r}] has {len(batch[k])} rows for {b} prompt ids")
+
+    def forward_and_adapt(self, batch: dict) -> torch.Tensor:
+        self._check(batch)
+        images, tokens = batch["images"], batch["tokens"]
+        sizes = torch.as_tensor(batch["sizes"], dtype=torch.float64)
+        ids = torch.as_tensor(batch["ids"]).reshape(-1)
+        logits = self.model(images, tokens).flatten(1)
+        grid = cell_grid(self.model, logits)
+        greedy = cells_to_unit(logits.argmax(1).detach(), None, grid) * sizes
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.updates))
+        logp = torch.log_softmax(logits / self.temperature, 1)
+        cells = torch.multinomial(logp.detach().exp(), self.samples, replacement=True, generator=g)  # (B, K)
+        jitter = torch.rand(*cells.shape, 2, generator=g, dtype=torch.float64)
+        points = (cells_to_unit(cells, jitter, grid) * sizes[:, None]).reshape(-1, 2).numpy()
+        groups = ids.repeat_interleave(self.samples).numpy()
+        size_of = {int(i): tuple(int(v) for v in s) for i, s in zip(ids.tolist(), sizes.tolist())}
+        rewards = torch.from_numpy(grouped_region_rewards(points, groups, size_of, self.alpha))
+        adv = group_advantages(rewards, torch.from_numpy(groups)).float().reshape(cells.shape)
+        pg = -(adv * logp.gather(1, cells)).mean()
+        loss = pg
+        if self.beta > 0:
+            with torch.no_grad():
+                ref = functional_call(self.model, self._snapshot["params"], (images, tokens)).flatten(1)
+            ref_logp = torch.log_softmax(ref / self.temperature, 1)
+            loss = loss + self.beta * (logp.exp() * (logp - ref_logp)).sum(1).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        self.last = {"reward": float(rewards.mean()), "loss": float(loss)}
+        return greedy
+
+
+def cell_grid(model, logits: torch.Tensor) -> tuple[int, int]:
+    """The (columns, rows) of the policy's cell grid, from the model's ``cells`` attribute."""
+    cells = getattr(model, "cells", None)
+    if cells is None or cells[0] * cells[1] != logits.shape[1]:
+        raise MmttsError(f"{type(model).__name__} must say its cell grid as model.cells = (columns, rows) "
+                         f"matching its {logits.shape[1]} logits")
+    return int(cells[0]), int(cells[1])

@@ -1,0 +1,123 @@
+"""A small grounding model: screenshot and instruction in, a distribution over screen cells out.
+
+It stands in for a vision-language model in the offline benchmark. The
+screenshot is resized to ``INPUT_SIZE`` and encoded by a small
+convolutional network with coordinate channels; the instruction is a bag of
+hashed word embeddings that modulates the image features (FiLM) at three
+scales; a 1x1 head gives one logit per cell of a ``CELLS`` grid over the
+screen. Sampling a click is sampling a cell from softmax(logits / T) and a
+uniform position inside it; greedy decoding is the centre of the most
+likely cell. Having the whole distribution in closed form lets GUI-RCPO use
+the exact KL to the starting policy.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+INPUT_SIZE = (192, 112)      # (width, height) of the image the network sees
+CELLS = (48, 28)             # (columns, rows) of the output distribution
+VOCAB = 2048
+MAX_TOKENS = 16
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """Words hashed to ``VOCAB - 1`` buckets (0 pads), (B, MAX_TOKENS); stable across runs and machines."""
+    out = torch.zeros(len(texts), MAX_TOKENS, dtype=torch.int64)
+    for i, t in enumerate(texts):
+        words = re.findall(r"[a-z0-9]+", str(t).lower())[:MAX_TOKENS]
+        for j, w in enumerate(words):
+            out[i, j] = 1 + zlib.crc32(w.encode()) % (VOCAB - 1)
+    return out
+
+
+def image_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images resized to INPUT_SIZE -> float (B, 3, H, W) in [0, 1]."""
+    arrs = [np.asarray(im.convert("RGB").resize(INPUT_SIZE, Image.BILINEAR, reducing_gap=2.0)) for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(4, cout), nn.SiLU())
+
+
+class GroundingNet(nn.Module):
+    def __init__(self, width: int = 32, text_dim: int = 64):
+        super().__init__()
+        self.cells = CELLS
+        c1, c2, c3 = width, 2 * width, 2 * width
+        self.embed = nn.EmbeddingBag(VOCAB, text_dim, mode="mean", padding_idx=0)
+        self.text = nn.Sequential(nn.Linear(text_dim, 128), nn.SiLU())
+        self.stem = nn.Sequential(nn.Conv2d(5, c1, 4, 4), nn.GroupNorm(4, c1), nn.SiLU(), _block(c1, c1, 1))  # stride 4
+        self.down1 = _block(c1, c2, 2)                                                     # stride 8
+        self.down2 = nn.Sequential(_block(c2, c3, 2), _block(c3, c3, 1))                   # stride 16
+        self.film = nn.ModuleList([nn.Linear(128, 2 * c) for c in (c1, c2, c3)])
+        self.up2 = nn.Conv2d(c3, c2, 1)
+        self.up1 = nn.Conv2d(c2, c1, 1)
+        self.mix = _block(c1 + 2, c1, 1)
+        self.head = nn.Conv2d(c1, 1, 1)
+
+    @staticmethod
+    def _coords(x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        return torch.cat([xs, ys], 1)
+
+    def _modulate(self, f: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        g, b = self.film[i](t).chunk(2, dim=1)
+        return f * (1 + g[:, :, None, None]) + b[:, :, None, None]
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, rows, cols) over the cell grid."""
+        t = self.text(self.embed(tokens))
+        f1 = self._modulate(self.stem(torch.cat([images, self._coords(images)], 1)), t, 0)
+        f2 = self._modulate(self.down1(f1), t, 1)
+        f3 = self._modulate(self.down2(f2), t, 2)
+        f2 = f2 + F.interpolate(self.up2(f3), size=f2.shape[-2:], mode="nearest")
+        f1 = f1 + F.interpolate(self.up1(f2), size=f1.shape[-2:], mode="nearest")
+        return self.head(self.mix(torch.cat([f1, self._coords(f1)], 1)))[:, 0]
+
+
+def cell_targets(boxes: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
+    """Training targets (B, rows, cols): uniform over the cells whose centres lie in each box
+    (the nearest cell when none does)."""
+    cols, rows = CELLS
+    out = torch.zeros(len(boxes), rows, cols)
+    for i, ((x1, y1, x2, y2), (w, h)) in enumerate(zip(boxes, sizes)):
+        cx = (np.arange(cols) + 0.5) * w / cols
+        cy = (np.arange(rows) + 0.5) * h / rows
+        mx, my = (cx >= x1) & (cx <= x2), (cy >= y1) & (cy <= y2)
+        if not mx.any():
+            mx[np.clip(int((x1 + x2) / 2 / w * cols), 0, cols - 1)] = True
+        if not my.any():
+            my[np.clip(int((y1 + y2) / 2 / h * rows), 0, rows - 1)] = True
+        m = torch.from_numpy(np.outer(my, mx).astype(np.float32))
+        out[i] = m / m.sum()
+    return out
+
+
+def sample_cells(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """k cell indices (B, k) per distribution; temperature 0 is the argmax, repeated."""
+    flat = logits.reshape(len(logits), -1)
+    if temperature == 0:
+        return flat.argmax(1, keepdim=True).expand(-1, k)
+    probs = torch.softmax(flat.double() / temperature, dim=1)
+    return torch.multinomial(probs, k, replacement=True, generator=generator)
+
+
+def cells_to_unit(cells: torch.Tensor, jitter: torch.Tensor | None = None,
+                  grid: tuple[int, int] = CELLS) -> torch.Tensor:
+    """Cell indices (...) of a (columns, rows) grid -> (..., 2) points as fractions of the image;
+    ``jitter`` in [0, 1)^2 places the point inside the cell (None: its centre)."""
+    cols, rows = grid
+    cx, cy = (cells % cols).double(), (cells // cols).double()
+    off = torch.full((*cells.shape, 2), 0.5, dtype=torch.float64) if jitter is None else jitter.double()
+    return torch.stack([(cx + off[..., 0]) / cols, (cy + off[..., 1]) / rows], -1)

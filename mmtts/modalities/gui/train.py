@@ -1,0 +1,57 @@
+"""Training the grounding model on procedural screenshots (labels come from the renderer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...core.progress import progress_bar
+from .model import INPUT_SIZE, GroundingNet, cell_targets, image_tensor, tokenize
+from .render import instructions, render_screen
+
+
+def synthetic_batch(screen_seeds, per_screen: int, seed: int) -> dict:
+    """Screens drawn from ``screen_seeds`` with ``per_screen`` instructions each, at model resolution.
+
+    Returns ``images`` (S, 3, H, W) uint8, and per instruction: ``screen``
+    (its image's row), ``tokens``, ``boxes`` (pixels) and ``sizes``.
+    """
+    rng = np.random.default_rng(seed)
+    images, screen, texts, boxes, sizes, kinds = [], [], [], [], [], []
+    for i, s in enumerate(screen_seeds):
+        sc = render_screen(int(s))
+        images.append((image_tensor([sc.image])[0] * 255).round().to(torch.uint8))
+        for el, kind, text in instructions(sc, per_screen, rng):
+            kinds.append(kind)
+            screen.append(i)
+            texts.append(text)
+            boxes.append(el.box)
+            sizes.append(sc.size)
+    return {"images": torch.stack(images), "screen": torch.tensor(screen), "tokens": tokenize(texts),
+            "boxes": np.asarray(boxes, dtype=np.float64), "sizes": np.asarray(sizes, dtype=np.float64), "kinds": kinds}
+
+
+def train_grounding(config: dict) -> dict[str, torch.Tensor]:
+    """Cross-entropy to a uniform target over the target element's cells; AdamW with a cosine schedule."""
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(1)
+    seeds = np.arange(config["screens"]) + config["seed"] * 1_000_003
+    data = synthetic_batch(seeds, config["per_screen"], config["seed"])
+    targets = cell_targets(data["boxes"], data["sizes"])
+    model = GroundingNet(config["width"])
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"], pct_start=0.1)
+    g = torch.Generator().manual_seed(config["seed"])
+    n = len(data["tokens"])
+    with progress_bar(config["steps"], "training gui grounding model") as advance:
+        for step in range(config["steps"]):
+            idx = torch.randint(n, (config["batch"],), generator=g)
+            img = data["images"][data["screen"][idx]].float() / 255.0
+            logits = model(img, data["tokens"][idx]).flatten(1)
+            loss = -(targets[idx].flatten(1) * torch.log_softmax(logits, 1)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            advance(1, loss=loss.item())
+    return model.state_dict()
