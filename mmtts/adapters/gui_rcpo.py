@@ -146,7 +146,7 @@ class GUIRCPO(Adapter):
         loss.backward()
         self.optimizer.step()
         self.updates += 1
-        self.last = {"reward": float(rewards.mean()), "loss": float(loss)}
+        self.last = {"reward": float(rewards.mean()), "loss": float(loss.detach())}
         return greedy
 
 

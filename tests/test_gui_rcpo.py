@@ -1,0 +1,132 @@
+"""GUI-RCPO: grouped advantages, rewards per prompt, exact reset, and that adaptation raises consistency."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmtts.adapters.gui_rcpo import GUIRCPO, group_advantages, grouped_region_rewards
+from mmtts.core.errors import MmttsError
+from mmtts.core.registry import ADAPTERS
+from mmtts.modalities.gui.model import GroundingNet, tokenize
+from mmtts.search.region_vote import point_boxes, region_rewards
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Small models train faster on one thread than on oversubscribed cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_group_advantages_match_per_group_normalisation():
+    rng = np.random.default_rng(0)
+    r = torch.from_numpy(rng.random(12))
+    g = torch.tensor([3, 1, 3, 3, 1, 7, 7, 1, 3, 7, 1, 7])
+    a = group_advantages(r, g)
+    for gid in (1, 3, 7):
+        m = g == gid
+        x = r[m]
+        torch.testing.assert_close(a[m], (x - x.mean()) / (x.std(unbiased=False) + 1e-6))
+    assert group_advantages(torch.ones(4), torch.tensor([0, 0, 1, 1])).abs().max() == 0
+
+
+def test_groups_never_mix_prompts():
+    rng = np.random.default_rng(1)
+    r = torch.from_numpy(rng.random(16))
+    g = torch.arange(16) % 4
+    a = group_advantages(r, g)
+    # changing one prompt's rewards leaves every other prompt's advantages unchanged
+    r2 = r.clone()
+    r2[g == 2] *= 10
+    a2 = group_advantages(r2, g)
+    torch.testing.assert_close(a[g != 2], a2[g != 2])
+    # the order of the batch does not matter: advantages follow their samples
+    perm = torch.from_numpy(rng.permutation(16))
+    torch.testing.assert_close(group_advantages(r[perm], g[perm]), a[perm])
+
+
+def test_grouped_rewards_are_per_prompt_region_rewards():
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(0, 300, (24, 2))
+    groups = np.repeat([5, 9, 5], 8)             # prompt 5 appears twice in the batch: one group of 16
+    sizes = {5: (300, 300), 9: (200, 120)}
+    r = grouped_region_rewards(pts, groups, sizes, alpha=50)
+    m = groups == 5
+    np.testing.assert_allclose(r[m], region_rewards(point_boxes(pts[m], 50), 300, 300))
+    np.testing.assert_allclose(r[~m], region_rewards(point_boxes(pts[~m], 50), 200, 120))
+    # prompt 9's rewards ignore prompt 5's clicks even where they overlap on screen
+    pts2 = pts.copy()
+    pts2[m] = pts[~m][0]
+    np.testing.assert_allclose(grouped_region_rewards(pts2, groups, sizes, 50)[~m], r[~m])
+
+
+def _batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    texts = ["click the red star icon", "close the window", "click 'Save' in the side menu", "click the last file"]
+    return {"images": torch.rand(n, 3, 112, 192, generator=g), "tokens": tokenize(texts[:n]),
+            "sizes": torch.tensor([[1920, 1080], [1280, 720], [2560, 1440], [1440, 900]][:n]),
+            "ids": torch.arange(n)}
+
+
+def _entropy(net, batch):
+    with torch.no_grad():
+        logp = torch.log_softmax(net(batch["images"], batch["tokens"]).flatten(1), 1)
+    return float(-(logp.exp() * logp).sum(1).mean())
+
+
+def test_rcpo_adapts_resets_exactly_and_concentrates_the_policy():
+    torch.manual_seed(0)
+    net = GroundingNet(width=8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ad = ADAPTERS.create("gui-rcpo", net, samples=16, lr=3e-3, beta=0.0, seed=3)
+    assert isinstance(ad, GUIRCPO)
+    batch = _batch()
+    h0 = _entropy(net, batch)
+    first = ad(batch)
+    assert first.shape == (4, 2) and (first >= 0).all() and (first <= batch["sizes"]).all()
+    for _ in range(10):
+        ad(batch)
+    assert _entropy(net, batch) < h0 - 0.5       # consistent clicks were reinforced
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+    ad.reset()
+    for k, v in net.state_dict().items():
+        assert torch.equal(before[k], v), k
+    assert ad.updates == 0
+
+
+def test_rcpo_is_deterministic_and_kl_holds_the_policy_back():
+    def run(beta):
+        torch.manual_seed(0)
+        net = GroundingNet(width=8)
+        ad = GUIRCPO(net, samples=8, lr=1e-2, beta=beta, seed=1)
+        for _ in range(5):
+            ad(_batch())
+        return net, ad
+
+    a, _ = run(0.0)
+    b, _ = run(0.0)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    torch.manual_seed(0)
+    start = GroundingNet(width=8).state_dict()
+    strong, _ = run(50.0)
+    drift = lambda m: sum(float((m.state_dict()[k] - start[k]).abs().sum()) for k in start)  # noqa: E731
+    assert drift(strong) < drift(a)
+
+
+def test_rcpo_bad_input():
+    net = GroundingNet(width=8)
+    with pytest.raises(MmttsError, match="samples >= 2"):
+        GUIRCPO(net, samples=1)
+    with pytest.raises(MmttsError, match="matches no parameter"):
+        GUIRCPO(net, include=["nothing.*"])
+    ad = GUIRCPO(net, include=["head.*"])
+    assert ad.adapted_names() == ["head.weight", "head.bias"]
+    b = _batch()
+    del b["ids"]
+    with pytest.raises(MmttsError, match="ids"):
+        ad(b)
+    with pytest.raises(MmttsError, match="empty batch"):
+        ad({k: v[:0] for k, v in _batch().items()})
