@@ -1,0 +1,147 @@
+"""Click samplers (the project's model, a tiny random transformers VLM) and region voting as a strategy."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmtts.core.errors import BudgetError, MmttsError
+from mmtts.core.registry import STRATEGIES
+from mmtts.core.strategy import run_strategy
+from mmtts.modalities.gui import ClickProcess, ClickSampler, GroundingNet, HeatmapSampler, TransformersSampler
+from mmtts.modalities.gui.parse import parse_answers
+from mmtts.search.region_vote import RegionConsistency, consensus, vote_boxes
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def heatmap():
+    torch.manual_seed(0)
+    return HeatmapSampler(GroundingNet(width=8))
+
+
+IMAGE = Image.new("RGB", (640, 360), (120, 130, 140))
+
+
+def test_heatmap_sampler_is_seeded_and_greedy_at_zero(heatmap):
+    assert isinstance(heatmap, ClickSampler)
+    a = heatmap.sample(IMAGE, "close the window", 16, 1.0, seed=5)
+    assert a == heatmap.sample(IMAGE, "close the window", 16, 1.0, seed=5)
+    assert a != heatmap.sample(IMAGE, "close the window", 16, 1.0, seed=6)
+    g = heatmap.sample(IMAGE, "close the window", 3, 0.0, seed=1)
+    assert len(set(g)) == 1 and g == heatmap.sample(IMAGE, "close the window", 3, 0.0, seed=2)
+    p = parse_answers(a, heatmap.space, (1920, 1080))
+    assert p.ok.all() and (p.points >= 0).all() and (p.points <= [1920, 1080]).all()
+    with pytest.raises(MmttsError, match="k=0"):
+        heatmap.sample(IMAGE, "x", 0, 1.0, seed=0)
+    with pytest.raises(MmttsError, match="temperature"):
+        heatmap.sample(IMAGE, "x", 2, -1.0, seed=0)
+
+
+def test_region_vote_strategy_answers_the_consensus(heatmap):
+    proc = ClickProcess(heatmap, IMAGE, "click the red star icon", (1920, 1080), temperature=1.0)
+    res = run_strategy(STRATEGIES.create("region-vote", samples=32, alpha=50), proc,
+                       RegionConsistency(1920, 1080), budget=32, seed=7)
+    pop = res.population
+    c = consensus(vote_boxes(pop["points"].numpy(), pop["boxes"].numpy(), 50), 1920, 1080)
+    assert tuple(res.outputs[0].tolist()) == c.point
+    assert res.budget["nfe"] == 32 and res.extra["missing"] == 0 and len(proc.texts) == 32
+    again = run_strategy(STRATEGIES.create("region-vote", samples=32), proc, RegionConsistency(1920, 1080),
+                         budget=32, seed=7)
+    assert torch.equal(again.outputs, res.outputs)
+    # K from the budget when samples is not given
+    res = run_strategy(STRATEGIES.create("region-vote"), proc, RegionConsistency(1920, 1080), budget=8, seed=0)
+    assert res.extra["samples"] == 8
+
+
+def test_region_vote_bad_input(heatmap):
+    proc = ClickProcess(heatmap, IMAGE, "x", (100, 100))
+    with pytest.raises(MmttsError, match="K = 0"):
+        STRATEGIES.create("region-vote", samples=0)
+    with pytest.raises(MmttsError, match="alpha"):
+        STRATEGIES.create("region-vote", alpha=-1)
+    with pytest.raises(BudgetError):
+        run_strategy(STRATEGIES.create("region-vote", samples=16), proc, RegionConsistency(100, 100), budget=8)
+
+
+class GarbageSampler:
+    """A model that never answers with coordinates: every vote is missing."""
+
+    space = "pixel"
+
+    def sample(self, image, instruction, k, temperature, seed):
+        return ["I think it is the blue one"] * k
+
+
+def test_all_missing_votes_give_no_answer_not_a_crash():
+    proc = ClickProcess(GarbageSampler(), IMAGE, "x", (640, 360))
+    res = run_strategy(STRATEGIES.create("region-vote", samples=8), proc, RegionConsistency(640, 360),
+                       budget=8, seed=0)
+    assert torch.isnan(res.outputs).all() and res.extra["missing"] == 8
+    assert res.population["parsed"].sum() == 0 and (res.population_scores == 0).all()
+
+
+def tiny_llava():
+    """A random-weight LLaVA built from configs, with a character-level tokenizer made in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 4}
+    for ch in "0123456789(), .xyclikthebuonw'":
+        vocab.setdefault(ch, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", additional_special_tokens=["<image>"])
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                             crop_size={"height": 32, "width": 32}),
+                          tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=16),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+def test_transformers_sampler_on_a_tiny_random_vlm():
+    model, proc = tiny_llava()
+    s = TransformersSampler(model, proc, space="permille", prompt="<image>{instruction}", max_new_tokens=10)
+    assert isinstance(s, ClickSampler) and str(s.space) == "permille"
+    a = s.sample(IMAGE, "click the button", 6, 1.0, seed=3)
+    assert len(a) == 6 and all(isinstance(t, str) for t in a)
+    assert a == s.sample(IMAGE, "click the button", 6, 1.0, seed=3)
+    g = s.sample(IMAGE, "click the button", 4, 0.0, seed=0)
+    assert len(g) == 4 and len(set(g)) == 1
+    # whatever random weights write goes through parsing and voting without raising
+    proc_ = ClickProcess(s, IMAGE, "click the button", IMAGE.size)
+    res = run_strategy(STRATEGIES.create("region-vote", samples=6), proc_, RegionConsistency(*IMAGE.size),
+                       budget=6, seed=0)
+    assert res.extra["votes"] + res.extra["missing"] == 6
+    assert res.extra["votes"] <= int(res.population["parsed"].sum())  # parsed clicks may land off-screen
+    with pytest.raises(MmttsError, match="generate"):
+        TransformersSampler(torch.nn.Linear(2, 2), proc)
+
+
+def test_click_process_checks_the_sampler_count():
+    class Short:
+        space = "pixel"
+
+        def sample(self, image, instruction, k, temperature, seed):
+            return ["(1, 2)"]
+
+    with pytest.raises(RuntimeError, match="returned 1 answers for 4"):
+        run_strategy(STRATEGIES.create("region-vote", samples=4), ClickProcess(Short(), IMAGE, "x", (10, 10)),
+                     RegionConsistency(10, 10), budget=4)
