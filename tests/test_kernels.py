@@ -380,6 +380,8 @@ def test_normalize_affine_and_errors():
         K.batch_norm(torch.randn(1, 3))
     with pytest.raises(ValueError, match="pass running_mean"):
         K.batch_norm(x, training=False)
+    with pytest.raises(ValueError, match="cumulative average"):
+        K.batch_norm(x, torch.zeros(3), torch.ones(3), momentum=None)
     with pytest.raises(ValueError, match="weight of the source"):
         K.alpha_mix(mean, var, mean, var, alpha=1.5)
     with pytest.raises(ValueError, match="forget"):

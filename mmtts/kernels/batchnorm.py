@@ -156,6 +156,9 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None = None, runnin
     c = x.shape[1]
     if not 0.0 <= source_weight <= 1.0:
         raise ValueError(f"source_weight={source_weight} must lie in [0, 1]")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum={momentum!r} must be a number in [0, 1]; for BatchNorm's cumulative average "
+                         "(momentum=None) pass 1 / number of batches seen")
     needs_source = not training or source_weight > 0
     if needs_source and (running_mean is None or running_var is None):
         raise ValueError("eval mode and source_weight > 0 normalize with the running statistics; "
