@@ -34,6 +34,7 @@ e = a * k^b of ``robomonkey``'s action error in each setting.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -63,6 +64,17 @@ def require_gymnasium():
         raise MmttsError(f"vla-mujoco needs gymnasium and mujoco ({e.name} is missing): "
                          "pip install 'mmtts[robotics]'") from None
     return gymnasium
+
+
+@contextmanager
+def one_thread():
+    """Tiny MLPs run fastest on one thread, and the benchmark shares its machine; restores the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def expert_action(obs: np.ndarray, kp: float = 2.0, kd: float = 0.1) -> np.ndarray:
@@ -151,7 +163,11 @@ class GaussianMLP(nn.Module):
 
 def train_policy(config: dict) -> dict[str, torch.Tensor]:
     """Behaviour cloning by Gaussian negative log-likelihood on the demonstrations."""
-    torch.set_num_threads(1)
+    with one_thread():
+        return _train_policy(config)
+
+
+def _train_policy(config: dict) -> dict[str, torch.Tensor]:
     states, actions = collect_demonstrations(config["demos"])
     torch.manual_seed(config["seed"])
     g = torch.Generator().manual_seed(config["seed"])
@@ -175,7 +191,12 @@ def train_policy(config: dict) -> dict[str, torch.Tensor]:
 
 
 def train_verifier(config: dict) -> dict[str, torch.Tensor]:
-    torch.set_num_threads(1)
+    """The synthetic-pair Bradley-Terry recipe on the demonstrations the policy saw."""
+    with one_thread():
+        return _train_verifier(config)
+
+
+def _train_verifier(config: dict) -> dict[str, torch.Tensor]:
     states, actions = collect_demonstrations(config["demos"])
     torch.manual_seed(config["seed"])
     scorer = MLPActionScorer(STATE_DIM, ACTION_DIM, hidden=config["hidden"])
@@ -271,7 +292,14 @@ class VLAMujoco(Task):
         self.check_setting(setting)
         if method == "policy" and (setting, seed) in self._baseline:
             return dict(self._baseline[(setting, seed)])
-        torch.set_num_threads(1)
+        with one_thread():
+            metrics = self._episodes(method, setting, budget, seed)
+        if method == "policy":
+            self._baseline[(setting, seed)] = dict(metrics)
+        self._errors.setdefault((setting, method, budget), []).append(metrics["action_error"])
+        return metrics
+
+    def _episodes(self, method: str, setting: str, budget: int, seed: int) -> dict[str, float]:
         wrapper = self.agent(method, budget, seed)
         agent = GymPolicy(wrapper)
         env = make_env(gear=self.options["ood_gear"] if setting == "ood-dynamics" else 1.0,
@@ -289,13 +317,9 @@ class VLAMujoco(Task):
             finals.append(fingertip_distance(out["final_obs"]))
         env.close()
         finals = np.asarray(finals)
-        metrics = {"success": float((finals < self.options["success_radius"]).mean()),
-                   "final_distance": float(finals.mean()), "action_error": float(np.mean(errors)),
-                   "ms_per_step": 1e3 * float(np.mean(seconds)), "candidates": float(np.mean(candidates))}
-        if method == "policy":
-            self._baseline[(setting, seed)] = dict(metrics)
-        self._errors.setdefault((setting, method, budget), []).append(metrics["action_error"])
-        return metrics
+        return {"success": float((finals < self.options["success_radius"]).mean()),
+                "final_distance": float(finals.mean()), "action_error": float(np.mean(errors)),
+                "ms_per_step": 1e3 * float(np.mean(seconds)), "candidates": float(np.mean(candidates))}
 
     def power_laws(self) -> dict[str, tuple[float, float]]:
         """(a, b) of e = a * k^b for robomonkey's mean action error over the budgets run, per setting."""

@@ -40,6 +40,8 @@ class Proposals:
 
 
 class Proposer:
+    """Draw ``num_samples`` actions per observation from ``policy`` and check them against ``space``."""
+
     def __init__(self, policy: SamplingPolicy, num_samples: int, space: ActionSpace):
         if not hasattr(policy, "sample_actions"):
             raise MmttsError(f"{type(policy).__name__} cannot sample: wrap it in GaussianPolicy, NoisePolicy or "
