@@ -90,6 +90,8 @@ class RoboMonkeyPolicy:
             raise MmttsError(f"on_deadline={on_deadline!r}; choose one of {DEADLINE_POLICIES}")
         if verifier_chunk is not None and verifier_chunk < 1:
             raise MmttsError(f"verifier_chunk={verifier_chunk} must be >= 1, or None to score all candidates at once")
+        if n_action_steps is not None and n_action_steps < 1:
+            raise MmttsError(f"n_action_steps={n_action_steps} must be >= 1, or None to use whole chunks")
         self.space = space
         self.proposer = Proposer(policy, num_samples, space)
         self.augmenter = augmenter or GaussianAugmenter(num_candidates, space, dedupe_decimals)
