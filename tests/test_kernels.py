@@ -156,6 +156,10 @@ def test_scheduler_checks():
         K.coefficients_from_scheduler(object(), [1])
     with pytest.raises(ValueError, match="prediction_type"):
         K.ddim_coefficients(torch.tensor([0.5]), torch.tensor([0.6]), prediction_type="noise")
+    with pytest.raises(ValueError, match="variance-preserving"):
+        K.alpha_sigma_coefficients([0.5], [0.5], [0.7], [0.3], "flow", update="ddpm")
+    with pytest.raises(ValueError, match="update"):
+        K.alpha_sigma_coefficients([0.5], [0.8], [0.7], [0.6], update="euler")
 
 
 def test_denoise_step_input_errors():
@@ -475,3 +479,27 @@ def test_benchmark_goal_check_and_table():
     table = bench.markdown({"task": "kernels", "command": "c", "created": "t", "machine": {"cuda": "GPU"},
                             "versions": {}, "peak_gbps": 4000.0, "peak_source": "test", "rows": rows, "goals": goals})
     assert "| 85% | 2.50x | yes |" in table and "| NO |" in table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind,update,eta,prediction", [
+    ("ddim", "ddim", 0.0, "epsilon"), ("ddim", "ddim", 0.8, "v_prediction"), ("ddpm", "ddpm", 0.0, "epsilon"),
+    ("ddim", "ddpm", 0.0, "sample"), ("flow", "ddim", 0.0, None), ("flow", "ddim", 0.6, None)])
+def test_step_reproduces_the_image_process_schedule(kind, update, eta, prediction, dtype):
+    """``coefficients_from_schedule`` + ``denoise_step`` equal the image Process's ``Schedule.step``."""
+    image = pytest.importorskip("mmtts.modalities.image.schedulers")
+    if kind == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+        scheduler = cls(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction)
+    schedule = image.schedule_from_scheduler(scheduler, 10, update=update, eta=eta)
+    stage = torch.tensor([0, 9, 4])
+    x, out, z = _data((3, 4, 11, 31), dtype)
+    want_next, want_x0, want_c = schedule.step(out, x, stage, z)
+    coefs = K.coefficients_from_schedule(schedule, stage)
+    got_next, got_x0 = K.denoise_step(x, out, coefs, z=z)
+    torch.testing.assert_close(coefs.c.double(), want_c, rtol=1e-5, atol=1e-9)
+    scale = float(coefs.x0_a.abs().max() + coefs.x0_b.abs().max())
+    _close(got_next, want_next, dtype, scale)
+    _close(got_x0, want_x0, dtype, scale)

@@ -4,9 +4,10 @@ Each helper turns per-candidate scheduler quantities (tensors of shape (B,),
 so candidates may sit at different timesteps) into the
 :class:`~mmtts.kernels.denoise.StepCoefficients` of ``x_next = a*x + b*out +
 c*z`` and ``x0 = x0_a*x + x0_b*out``. They follow the update rules of
-diffusers' DDIMScheduler, DDPMScheduler and FlowMatchEulerDiscreteScheduler,
-and :func:`coefficients_from_scheduler` reads the quantities from such a
-scheduler. Sample clipping and dynamic thresholding are not affine, so they
+diffusers' DDIMScheduler, DDPMScheduler and FlowMatchEulerDiscreteScheduler;
+:func:`coefficients_from_scheduler` reads the quantities from such a
+scheduler and :func:`coefficients_from_schedule` from the image Process's
+(alpha, sigma) ``Schedule``. Sample clipping and dynamic thresholding are not affine, so they
 are refused rather than silently skipped.
 """
 
@@ -16,22 +17,27 @@ import torch
 
 from .denoise import StepCoefficients
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def _f64(t) -> torch.Tensor:
     return torch.as_tensor(t, dtype=torch.float64).reshape(-1)
 
 
-def _to_x0_eps(alpha_prod: torch.Tensor, prediction_type: str):
-    """(p, q, r, s) with x0 = p*x + q*out and eps = r*x + s*out for the model's prediction type."""
-    sa, sb = alpha_prod.sqrt(), (1 - alpha_prod).sqrt()
+def _to_x0_eps(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+    """(p, q, r, s) with x0 = p*x + q*out and eps = r*x + s*out, for x = alpha*x0 + sigma*eps.
+
+    ``flow`` is a velocity model, out = eps - x0 (with alpha = 1 - sigma).
+    """
+    one, zero = torch.ones_like(alpha), torch.zeros_like(alpha)
     if prediction_type == "epsilon":
-        return 1 / sa, -sb / sa, torch.zeros_like(sa), torch.ones_like(sa)
+        return 1 / alpha, -sigma / alpha, zero, one
     if prediction_type == "v_prediction":
-        return sa, -sb, sb, sa
+        return alpha, -sigma, sigma, alpha
     if prediction_type == "sample":
-        return torch.zeros_like(sa), torch.ones_like(sa), 1 / sb, -sa / sb
+        return zero, one, 1 / sigma, -alpha / sigma
+    if prediction_type == "flow":
+        return one, -sigma, one, alpha
     raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
@@ -40,14 +46,43 @@ def _pack(a, b, c, x0_a, x0_b) -> StepCoefficients:
     return StepCoefficients(*(t.expand(n).to(torch.float32).contiguous() for t in (a, b, c, x0_a, x0_b)))
 
 
+UPDATES = ("ddim", "ddpm")
+
+
+def alpha_sigma_coefficients(alpha_t, sigma_t, alpha_next, sigma_next, prediction_type: str = "epsilon",
+                             update: str = "ddim", eta=0.0, final=None) -> StepCoefficients:
+    """A step between marginals ``x = alpha*x0 + sigma*eps`` (VP: alpha = sqrt(abar); flow: alpha = 1 - sigma).
+
+    ``ddim``: ``x_next = alpha_next*x0 + sqrt(sigma_next**2 - c**2)*eps + c*z``
+    with ``c = eta * posterior_std``, the std of q(x_next | x, x0); for flow
+    matching eta = 0 is the Euler step. ``ddpm``: the ancestral posterior mean
+    plus its std (floored at 1e-10), with no noise where ``final`` is True
+    (default: where ``sigma_next`` is 0).
+    """
+    at, st, an, sn, eta = _f64(alpha_t), _f64(sigma_t), _f64(alpha_next), _f64(sigma_next), _f64(eta)
+    p, q, r, s = _to_x0_eps(at, st, prediction_type)
+    posterior = sn * (1 - (at * sn / (an * st)) ** 2).clamp_min(0).sqrt()
+    if update == "ddim":
+        c = eta * posterior
+        direction = (sn**2 - c**2).clamp_min(0).sqrt()
+        return _pack(an * p + direction * r, an * q + direction * s, c, p, q)
+    if update != "ddpm":
+        raise ValueError(f"update {update!r} is not one of {UPDATES}")
+    if prediction_type == "flow":
+        raise ValueError("the ddpm update needs a variance-preserving schedule; use update='ddim' for flow matching")
+    alpha_step = (at / an) ** 2
+    coef_x0 = an * (1 - alpha_step) / st**2
+    coef_x = alpha_step.sqrt() * sn**2 / st**2
+    final = sn == 0 if final is None else torch.as_tensor(final, dtype=torch.bool).reshape(-1)
+    c = torch.where(final, torch.zeros_like(posterior), posterior.clamp_min(1e-10))
+    return _pack(coef_x0 * p + coef_x, coef_x0 * q, c, p, q)
+
+
 def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta=0.0, prediction_type: str = "epsilon") -> StepCoefficients:
     """DDIM (Song et al.) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like variance)."""
-    at, ap, eta = _f64(alpha_prod_t), _f64(alpha_prod_prev), _f64(eta)
-    p, q, r, s = _to_x0_eps(at, prediction_type)
-    variance = (1 - ap) / (1 - at) * (1 - at / ap)
-    std = eta * variance.sqrt()
-    direction = (1 - ap - std**2).clamp_min(0).sqrt()
-    return _pack(ap.sqrt() * p + direction * r, ap.sqrt() * q + direction * s, std, p, q)
+    at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
+    return alpha_sigma_coefficients(at.sqrt(), (1 - at).sqrt(), ap.sqrt(), (1 - ap).sqrt(), prediction_type,
+                                    "ddim", eta)
 
 
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -59,7 +94,7 @@ def ddpm_coefficients(alpha_prod_t, alpha_prod_prev, prediction_type: str = "eps
     if variance_type not in DDPM_VARIANCE_TYPES:
         raise ValueError(f"variance_type {variance_type!r} is not affine-supported; use one of {DDPM_VARIANCE_TYPES}")
     at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
-    p, q, _, _ = _to_x0_eps(at, prediction_type)
+    p, q, _, _ = _to_x0_eps(at.sqrt(), (1 - at).sqrt(), prediction_type)
     alpha_t = at / ap
     beta_t = 1 - alpha_t
     coef_x0 = ap.sqrt() * beta_t / (1 - at)
@@ -130,3 +165,21 @@ def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) 
     if eta is None:
         eta = 1.0 if config.stochastic_sampling else 0.0
     return flow_match_coefficients(sigmas[index], sigmas[index + 1], eta)
+
+
+def coefficients_from_schedule(schedule, stage) -> StepCoefficients:
+    """Coefficients of ``Schedule.step`` (:mod:`mmtts.modalities.image.schedulers`) at per-candidate ``stage``.
+
+    Reads the schedule's ``alpha``/``sigma`` at the stage boundaries, its
+    ``prediction``, ``update`` and ``eta``; the last stage adds no noise.
+    """
+    if getattr(schedule, "clip_sample", None) is not None:
+        raise ValueError("the schedule clips x0, which the fused affine step cannot express; build it with "
+                         "clip_sample=False")
+    stage = torch.as_tensor(stage).reshape(-1).long().cpu()
+    if bool(((stage < 0) | (stage >= schedule.num_stages)).any()):
+        raise ValueError(f"stages {stage.tolist()} outside [0, {schedule.num_stages}); finished candidates take no step")
+    alpha, sigma = schedule.alpha.to(torch.float64).cpu(), schedule.sigma.to(torch.float64).cpu()
+    return alpha_sigma_coefficients(alpha[stage], sigma[stage], alpha[stage + 1], sigma[stage + 1],
+                                    schedule.prediction, schedule.update, schedule.eta,
+                                    final=stage + 1 >= schedule.num_stages)
