@@ -122,3 +122,31 @@ class StreamLog:
             "forward_per_sample": cost.per_sample("forward_samples") if cost else 1.0,
             "peak_mb": self.peak_mb,
         }
+
+
+def paired_summary(results: dict, pairs: list[tuple[str, str]], metric: str) -> dict[str, str]:
+    """Paired differences ``a - b`` in ``metric`` over seeds for each setting, with the 95% interval and a verdict.
+
+    The benchmark table compares every method with the baseline only; the
+    claims about adaptation are about neighbours (TENT against BN, EATA
+    against TENT), so those differences are spelled out here. Also the time of
+    each method per batch as a multiple of the plain forward (the baseline).
+    """
+    from ..bench import paired_comparison  # the runner imports the tasks; import it when used
+
+    seeds = {(r["setting"], r["method"]): r["per_seed"] for r in results["rows"]}
+    out = {}
+    for setting in results["settings"]:
+        for a, b in pairs:
+            if (setting, a) not in seeds or (setting, b) not in seeds:
+                continue
+            c = paired_comparison(seeds[(setting, a)][metric], seeds[(setting, b)][metric])
+            verdict = (("lower" if c["diff"] < 0 else "higher") if c["significant"] else "not significant")
+            out[f"{setting}: {a} - {b} ({metric})"] = (f"{c['diff']:+.4f} ± {c['diff_ci95']:.4f}, "
+                                                        f"p = {c['p_value']:.3g}, {verdict}")
+        base = seeds.get((setting, results["rows"][0]["method"]))
+        for (st, method), vals in seeds.items():
+            if st == setting and base is not None and method != results["rows"][0]["method"]:
+                ratio = np.mean(vals["ms_per_batch"]) / np.mean(base["ms_per_batch"])
+                out[f"{setting}: {method} time per batch / plain forward"] = f"{ratio:.2f}x"
+    return out

