@@ -28,7 +28,9 @@ class SAR(EntropyAdapter):
     0.2 nats for C = 1000; here it is the same fraction of ln C for any C.
     Defaults are the reference's (SGD, lr 2.5e-4, momentum 0.9, rho 0.05). The
     reference adapts all but the last block's norm layers; pass ``exclude``
-    globs to do the same on a given architecture.
+    globs to do the same on a given architecture. When no sample stays below
+    the margin after the sharpness step, the reference back-propagates the
+    mean of an empty tensor (NaN) into the weights; here the update is skipped.
     """
 
     def __init__(self, model, *, entropy_margin: float = 0.4, rho: float = 0.05,
