@@ -8,7 +8,7 @@ boxes, times both constructions (median over repeats) and checks that the
 answers are identical. Writes vote_speed.json and vote_speed.md beside this
 script (or under --out).
 
-    python benchmarks/gui/vote_speed.py [--k 64] [--trials 20] [--repeats 5]
+    python benchmarks/gui/vote_speed.py [--k 64] [--trials 10] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=50.0)
-    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).parent))
     args = ap.parse_args(argv)
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
                      "ratio": ref / fast, "reference_grid_ms": 1e3 * float(np.median(add_t)),
                      "reference_consensus_ms": 1e3 * float(np.median(label_t)),
                      "identical_answers": f"{same}/{args.trials}"})
-    result = {"command": "python benchmarks/gui/vote_speed.py " + " ".join(argv or []),
+    result = {"command": " ".join(["python benchmarks/gui/vote_speed.py", *(argv or [])]),
               "machine": {"platform": platform.platform(), "processor": platform.processor()},
               "alpha": args.alpha, "trials": args.trials, "repeats": args.repeats, "rows": rows}
     out = Path(args.out)
