@@ -165,6 +165,7 @@ def run_benchmark(task: Task, seeds: list[int], budgets: list[int] | None, metho
         "references": task.references(budgets) if task.budget_unit is not None else {},
         "timings": timings,
     }
+    results["summary"] = task.summarize(results)
     if out is not None:
         write_results(results, Path(out))
         task.extra_plots(results, Path(out))
@@ -200,6 +201,10 @@ def markdown(results: dict) -> str:
         lines += ["", "Reference values of " + key + ":", ""]
         for name, vals in results["references"].items():
             lines.append(f"- {name}: " + ", ".join(f"{b}: {v:.4g}" for b, v in zip(results["budgets"], vals)))
+    if results.get("summary"):
+        lines += ["", "Summary:", ""]
+        for name, val in results["summary"].items():
+            lines.append(f"- {name}: {val:.4g}" if isinstance(val, float) else f"- {name}: {val}")
     lines += ["", "Time per run (s): " + ", ".join(
         f"{t['setting']}/{t['method']}@{t['budget']}: {t['seconds_per_run']:.3g}" for t in results["timings"])]
     return "\n".join(lines) + "\n"

@@ -22,11 +22,12 @@ class Beam(Strategy):
     ``beams * width`` candidates' worth of NFE; ``width=None`` spends the budget.
     """
 
-    def __init__(self, beams: int = 4, width: int | None = None, interval: int = 1):
-        if beams < 1 or interval < 1 or (width is not None and width < 1):
-            raise ValueError(f"beam needs beams >= 1, width >= 1 and interval >= 1; got {beams}, {width}, {interval}")
-        super().__init__(beams=beams, width=width, interval=interval)
-        self.beams, self.width, self.interval = beams, width, interval
+    def __init__(self, beams: int = 4, width: int | None = None, interval: int = 1, keep: int = 1):
+        if beams < 1 or interval < 1 or keep < 1 or (width is not None and width < 1):
+            raise ValueError(f"beam needs beams, width, interval and keep >= 1; got {beams}, {width}, {interval}, "
+                             f"{keep}")
+        super().__init__(beams=beams, width=width, interval=interval, keep=keep)
+        self.beams, self.width, self.interval, self.keep = beams, width, interval, keep
 
     def plan(self, ctx: SearchContext) -> tuple[int, list[int]]:
         T = ctx.process.num_stages
@@ -62,6 +63,6 @@ class Beam(Strategy):
             ctx.checkpoint({"state": state, "width": width, "points": points})
         out = ctx.finish(state)
         s = ctx.score(out, state)
-        order = top_k(s, pop)
-        return Selection(outputs=take(out, order[:1]), scores=s[order[:1]], state=state.select(order[:1]),
+        order = top_k(s, self.keep)
+        return Selection(outputs=take(out, order), scores=s[order], state=state.select(order),
                          population=out, population_scores=s, extra={"width": width})

