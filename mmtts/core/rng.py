@@ -39,6 +39,21 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+def fork_keys(index: list[int], fork_all: bool) -> list[int | None]:
+    """For each position of a gather, the key that derives a forked child, or None to keep the stream.
+
+    The k-th copy of a candidate (k >= 1) is forked with key k; with
+    ``fork_all`` the first copy is forked too, with keys distinct from those.
+    """
+    seen: dict[int, int] = {}
+    out: list[int | None] = []
+    for src in index:
+        k = seen.get(src, 0)
+        seen[src] = k + 1
+        out.append(k + (1 << 32) * fork_all if (k > 0 or fork_all) else None)
+    return out
+
+
 class Streams:
     """A batch of independent random streams, one per candidate.
 
@@ -100,12 +115,9 @@ class Streams:
         seeds = self.seeds[index].clone()
         counters = self.counters[index].clone()
         if fork_duplicates:
-            seen: dict[int, int] = {}
-            for j, src in enumerate(index.tolist()):
-                k = seen.get(src, 0)
-                seen[src] = k + 1
-                if k > 0 or fork_all:
-                    seeds[j] = derive_seed(int(seeds[j]), int(counters[j]), k + (1 << 32) * fork_all)
+            for j, key in enumerate(fork_keys(index.tolist(), fork_all)):
+                if key is not None:
+                    seeds[j] = derive_seed(int(seeds[j]), int(counters[j]), key)
                     counters[j] = 0
         return Streams(seeds, counters)
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .rng import Streams, derive_seed
+from .rng import Streams, derive_seed, fork_keys
 
 
 @dataclass
@@ -74,13 +74,10 @@ class State:
         ids = self.ids[index].clone()
         parents = self.parents[index].clone()
         if fork:
-            seen: dict[int, int] = {}
-            for j, src in enumerate(index.tolist()):
-                k = seen.get(src, 0)
-                seen[src] = k + 1
-                if k > 0 or fork_all:
+            for j, (src, key) in enumerate(zip(index.tolist(), fork_keys(index.tolist(), fork_all))):
+                if key is not None:
                     parents[j] = self.ids[src]
-                    ids[j] = derive_seed(int(self.ids[src]), int(self.streams.counters[src]), k + (1 << 32) * fork_all)
+                    ids[j] = derive_seed(int(self.ids[src]), int(self.streams.counters[src]), key)
         data = {k: v[index.to(v.device)] for k, v in self.data.items()}
         return State(data, self.stage[index].clone(), streams, ids, parents, self.origin[index].clone(), dict(self.meta))
 
