@@ -110,5 +110,5 @@ def denoise_step(x: torch.Tensor, model_output: torch.Tensor, coefs: StepCoeffic
     if use_triton(x, model_output):
         from .denoise_triton import denoise_step_triton
 
-        return denoise_step_triton(x, model_output, coefs.to(x.device), z, seed, offset, return_x0)
+        return denoise_step_triton(x, model_output, coefs, z, seed, offset, return_x0)
     return denoise_step_reference(x, model_output, coefs, z, seed, offset, return_x0)

@@ -51,7 +51,7 @@ def _denoise_kernel(x_ptr, out_ptr, z_ptr, seed_ptr, offset_ptr, coef_ptr, next_
 
 
 def denoise_step_triton(x, out, coefs, z, seed, offset, return_x0):
-    """Launch the fused step; inputs are already validated and the coefficients are float32 on x's device."""
+    """Launch the fused step on inputs already validated by :func:`mmtts.kernels.denoise.denoise_step`."""
     batch = x.shape[0]
     numel = x[0].numel()
     if numel >= 4 * 2**32:
@@ -61,7 +61,7 @@ def denoise_step_triton(x, out, coefs, z, seed, offset, return_x0):
     x, out = x.contiguous(), out.contiguous()
     z = None if z is None else z.contiguous()
     draw = z is None and seed is not None
-    coef = torch.stack(list(coefs)).contiguous()
+    coef = torch.stack([t.to(torch.float32) for t in coefs]).to(x.device).contiguous()  # one copy to the device
     x_next = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x_next
     dummy = coef
