@@ -52,12 +52,16 @@ def kernel_eligible(*tensors: torch.Tensor) -> bool:
 
 def batch_norm_stats_reference(x: torch.Tensor) -> BatchStats:
     dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=dims, unbiased=False)
+    var, mean = torch.var_mean(x.detach().to(acc_dtype(x.dtype)), dim=dims, unbiased=False)
     return BatchStats(mean, var, x.numel() // x.shape[1])
 
 
 def batch_norm_stats(x: torch.Tensor) -> BatchStats:
-    """Mean and biased variance per channel of ``x`` (N, C, *spatial), in one pass over ``x`` on the kernel path."""
+    """Mean and biased variance per channel of ``x`` (N, C, *spatial), in one pass over ``x`` on the kernel path.
+
+    Not differentiable on either path (gradients through the statistics go
+    through :func:`mmtts.kernels.batch_norm`), so CPU and GPU behave alike.
+    """
     check_channels_input(x)
     if kernel_eligible(x):
         from .norm_triton import channel_stats
