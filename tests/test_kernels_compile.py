@@ -60,6 +60,13 @@ def _variants(full: bool):
                 {"HAS_V": has_v, "BLOCK_R": 2 * tile["BLOCK_R"], "BLOCK_L": tile["BLOCK_L"]}
     finalize_ptrs = ("pmean_ptr", "pm2_ptr", "smean_ptr", "svar_ptr", "w_ptr", "b_ptr", "bmean_ptr", "bvar_ptr",
                      "mean_ptr", "rstd_ptr", "scale_ptr", "shift_ptr")
+    backward_ptrs = ("sdy_ptr", "sdyx_ptr", "w_ptr", "rstd_ptr", "bmean_ptr", "smean_ptr", "db_ptr", "dw_ptr", "p_ptr",
+                     "q_ptr", "r_ptr")
+    for use_batch, exact_mix in ((True, True), (False, False)) + (((True, False),) if full else ()):
+        yield (norm_triton._backward_coefficients_kernel,
+               {**{p: "*fp32" for p in backward_ptrs}, "C": "i32", "nchunks": "i32", "count": "fp32",
+                "alpha": "fp32"},
+               {"USE_BATCH": use_batch, "EXACT_MIX": exact_mix, "BLOCK_C": 32, "CHUNKS": 128})
     finalize = [(False, True, False), (True, True, True)]
     if full:
         finalize += [(False, True, True), (True, False, True)]

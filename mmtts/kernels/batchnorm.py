@@ -44,10 +44,6 @@ def _channel_affine(u, p, r, v=None, q=None):
 
 
 def _grad_sums(dy, x, mean, rstd):
-    if kernel_eligible(dy, x):
-        from .norm_triton import grad_sums
-
-        return grad_sums(dy, x, mean, rstd)
     dims = [0, *range(2, x.dim())]
     shape = _channel_shape(x)
     dyf = dy.to(mean.dtype)
@@ -114,6 +110,15 @@ class _BatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w, mean, rstd, *rest = ctx.saved_tensors
+        if kernel_eligible(dy, x):
+            from .norm_triton import batch_norm_backward
+
+            exact_mix = ctx.use_batch and ctx.exact and ctx.alpha > 0
+            dx, dw, db = batch_norm_backward(dy, x, w, mean, rstd, rest[0] if ctx.use_batch else None,
+                                             rest[1] if exact_mix else None, ctx.alpha, ctx.use_batch)
+            needs = ctx.needs_input_grad
+            return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+                    None, None, None, None, None, None, None)
         sum_dy, sum_dy_xhat = _grad_sums(dy, x, mean, rstd)
         dw = sum_dy_xhat if ctx.needs_input_grad[1] else None
         db = sum_dy if ctx.needs_input_grad[2] else None

@@ -9,6 +9,8 @@ Four kernels cover the forward and backward of batch normalization:
   a training-mode forward is three launches whatever the mixing.
 - ``_grad_sums_kernel``: the two per-channel sums the backward needs,
   ``sum(dy)`` and ``sum(dy * xhat)``. One read of ``dy`` and ``x``.
+  ``_backward_coefficients_kernel`` merges the chunks and emits dw, db and
+  the per-channel factors of dx, so the backward is three launches too.
 - ``_channel_affine_kernel``: ``out = u*p[c] + v*q[c] + r[c]`` elementwise, which
   is normalize + affine (``v`` absent) and the input gradient.
 
@@ -177,16 +179,58 @@ def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, N, C
     tl.store(sdyx_ptr + c * nchunks + s, tl.sum(tl.sum(acc_dyx, axis=1), axis=0))
 
 
-def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean) * rstd)`` in float32."""
+@triton.jit
+def _backward_coefficients_kernel(sdy_ptr, sdyx_ptr, w_ptr, rstd_ptr, bmean_ptr, smean_ptr, db_ptr, dw_ptr, p_ptr,
+                                  q_ptr, r_ptr, C, nchunks, count, alpha, USE_BATCH: tl.constexpr,
+                                  EXACT_MIX: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
+    """Sum the chunk partials and turn them into dw, db and dx = dy*p[c] + x*q[c] + r[c] (see _BatchNorm)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.arange(0, CHUNKS)
+    cmask = c < C
+    both = cmask[:, None] & (s < nchunks)[None, :]
+    at = c[:, None] * nchunks + s[None, :]
+    sum_dy = tl.sum(tl.load(sdy_ptr + at, mask=both, other=0.0), axis=1)
+    sum_dyx = tl.sum(tl.load(sdyx_ptr + at, mask=both, other=0.0), axis=1)
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0)
+    tl.store(db_ptr + c, sum_dy, mask=cmask)
+    tl.store(dw_ptr + c, sum_dyx, mask=cmask)
+    tl.store(p_ptr + c, w * rstd, mask=cmask)
+    k = tl.zeros_like(w)
+    r = tl.zeros_like(w)
+    if USE_BATCH:
+        d_mean = -rstd * w * sum_dy
+        d_var = -0.5 * rstd * rstd * w * sum_dyx
+        bmean = tl.load(bmean_ptr + c, mask=cmask, other=0.0)
+        d_bmean = (1 - alpha) * d_mean
+        if EXACT_MIX:
+            d_bmean -= 2 * alpha * (1 - alpha) * (tl.load(smean_ptr + c, mask=cmask, other=0.0) - bmean) * d_var
+        k = 2 * (1 - alpha) * d_var / count
+        r = d_bmean / count - k * bmean
+    tl.store(q_ptr + c, k, mask=cmask)
+    tl.store(r_ptr + c, r, mask=cmask)
+
+
+def batch_norm_backward(dy, x, weight, mean, rstd, batch_mean, src_mean, alpha: float, use_batch: bool):
+    """(dx, dw, db) of the batch-norm forward in three launches: partial sums, coefficients, elementwise dx."""
     x3, n, c, length, chunks, rows_per_chunk = _split(x)
     dy3 = dy.contiguous().reshape(x3.shape)
-    sdy = torch.empty((c, chunks), device=x.device, dtype=torch.float32)
-    sdyx = torch.empty_like(sdy)
+    partials = torch.empty((2, c, chunks), device=x.device, dtype=torch.float32)
     block_r, block_l = _tile(length, _BLOCK)
-    _grad_sums_kernel[(c, chunks)](dy3, x3, mean.float().contiguous(), rstd.float().contiguous(), sdy, sdyx,
-                                   n, c, length, rows_per_chunk, BLOCK_R=block_r, BLOCK_L=block_l)
-    return sdy.sum(dim=1), sdyx.sum(dim=1)
+    _grad_sums_kernel[(c, chunks)](dy3, x3, mean.float().contiguous(), rstd.float().contiguous(), partials[0],
+                                   partials[1], n, c, length, rows_per_chunk, BLOCK_R=block_r, BLOCK_L=block_l)
+    out = torch.empty((5, c), device=x.device, dtype=torch.float32)
+    exact_mix = use_batch and src_mean is not None
+    chunks_p2 = triton.next_power_of_2(chunks)
+    block_c = max(1, min(triton.next_power_of_2(c), _FINALIZE_TILE // chunks_p2))
+    _backward_coefficients_kernel[(triton.cdiv(c, block_c),)](
+        partials[0], partials[1], weight.float().contiguous(), rstd.float().contiguous(),
+        batch_mean.float().contiguous() if use_batch else rstd, src_mean.float().contiguous() if exact_mix else rstd,
+        *out, c, chunks, float(n * length), float(alpha), USE_BATCH=use_batch, EXACT_MIX=exact_mix,
+        BLOCK_C=block_c, CHUNKS=chunks_p2)
+    db, dw, p, q, r = out
+    dx = channel_affine(dy3, p, r, x3 if use_batch else None, q if use_batch else None).reshape(x.shape)
+    return dx, dw, db
 
 
 @triton.jit
