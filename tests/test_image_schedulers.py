@@ -123,3 +123,18 @@ def test_bad_scheduler_settings():
     from diffusers import EulerDiscreteScheduler
     with pytest.raises(MmttsError, match="not supported"):
         schedule_from_scheduler(EulerDiscreteScheduler(), 5)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "flow"])
+def test_fused_kernel_step_matches_the_schedule(kind):
+    """The kernels' step (used for CUDA latents) computes the same update as Schedule.step."""
+    from mmtts import kernels
+    sch = {"ddim": DDIMScheduler(num_train_timesteps=1000), "ddpm": DDPMScheduler(num_train_timesteps=1000,
+                                                                                   clip_sample=False),
+           "flow": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)}[kind]
+    s = schedule_from_scheduler(sch, 10, eta=0.8 if kind != "ddpm" else 0.0, clip_sample=False)
+    x, out, z = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    st = torch.tensor([0, 4, 9])  # candidates at different stages
+    ref, ref_x0, _ = s.step(out, x, st, z)
+    got, got_x0 = kernels.denoise_step(x, out, kernels.coefficients_from_schedule(s, st), z=z)
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(got_x0, ref_x0, atol=1e-4)

@@ -191,7 +191,13 @@ class ImageProcess(Process):
         out = self.predict(x, stage)
         noise = state.streams.randn(self.sample_shape, device=self.device, dtype=self.dtype) \
             if self.schedule.stochastic else None
-        nxt, x0, _ = self.schedule.step(out, x, stage, noise)
+        if x.is_cuda and self.schedule.clip_sample is None:
+            # the fused Triton step (x_next and x0 in one pass); noise stays the streams' own, so
+            # results do not depend on the device
+            from ... import kernels
+            nxt, x0 = kernels.denoise_step(x, out, kernels.coefficients_from_schedule(self.schedule, stage), z=noise)
+        else:
+            nxt, x0, _ = self.schedule.step(out, x, stage, noise)
         new = state.replace(x=nxt, x0=x0)
         new.stage = stage + 1
         return new
