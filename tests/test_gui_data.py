@@ -125,7 +125,8 @@ def test_loader_errors_name_the_problem(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"image": "z.png", "instruction": "i", "bbox": [10, 10, 50, 50]}))
     with pytest.raises(MmttsError, match="fractions"):
         load_rcpo_jsonl(tmp_path / "p.jsonl")
-    (tmp_path / "q.json").write_text(json.dumps([{"img_filename": "nope.png", "instruction": "i", "bbox": [0, 0, 1, 1]}]))
+    (tmp_path / "q.json").write_text(json.dumps([{"img_filename": "nope.png", "instruction": "i",
+                                                  "bbox": [0, 0, 1, 1]}]))
     with pytest.raises(MmttsError, match="image_dir"):
         load_screenspot(tmp_path / "q.json", tmp_path)
 

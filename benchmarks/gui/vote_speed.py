@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).parent))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     rows = []
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
                      "ratio": ref / fast, "reference_grid_ms": 1e3 * float(np.median(add_t)),
                      "reference_consensus_ms": 1e3 * float(np.median(label_t)),
                      "identical_answers": f"{same}/{args.trials}"})
-    result = {"command": " ".join(["python benchmarks/gui/vote_speed.py", *(argv or [])]),
+    result = {"command": " ".join(["python benchmarks/gui/vote_speed.py", *argv]),
               "machine": {"platform": platform.platform(), "processor": platform.processor()},
               "alpha": args.alpha, "trials": args.trials, "repeats": args.repeats, "rows": rows}
     out = Path(args.out)

@@ -36,6 +36,7 @@ from scipy import ndimage
 from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
 from ..core.strategy import SearchContext, Selection, Strategy
+from ..core.verifier import Verifier
 
 #: 4-connectivity: cells touching by an edge, not by a corner
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -64,7 +65,8 @@ class Consensus:
 def check_extent(width: int, height: int) -> tuple[int, int]:
     w, h = int(width), int(height)
     if w != width or h != height or w < 1 or h < 1:
-        raise MmttsError(f"grid size {width}x{height} must be positive whole numbers of cells (the image size in pixels)")
+        raise MmttsError(f"grid size {width}x{height} must be positive whole numbers of cells "
+                         "(the image size in pixels)")
     return w, h
 
 
@@ -293,3 +295,26 @@ def _np(x):
     if x is None:
         return None
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class RegionConsistency(Verifier):
+    """GUI-RCPO's region-consistency reward as a verifier: each sample scored against the batch it came in.
+
+    The score of a sample depends on the other samples of its batch (as a
+    rank does), so score the K samples of one prompt together.
+    """
+
+    name = "region-consistency"
+
+    def __init__(self, width: int, height: int, alpha: float = 50.0):
+        super().__init__("error")
+        self.extent = check_extent(width, height)
+        if not alpha > 0:
+            raise MmttsError(f"alpha={alpha} must be a positive box side in grid cells (GUI-RC uses 50)")
+        self.alpha = float(alpha)
+
+    def score(self, outputs, context=None) -> torch.Tensor:
+        if not isinstance(outputs, dict):
+            raise MmttsError("region-consistency scores a dict of 'points' (K, 2) and/or 'boxes' (K, 4)")
+        boxes = vote_boxes(_np(outputs.get("points")), _np(outputs.get("boxes")), self.alpha)
+        return torch.from_numpy(region_rewards(boxes, *self.extent))

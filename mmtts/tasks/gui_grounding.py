@@ -48,7 +48,7 @@ from ..modalities.gui.parse import parse_answers
 from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler
-from ..modalities.gui.train import train_grounding
+from ..modalities.gui.train import one_thread, train_grounding
 from ..search.region_vote import RegionConsistency, RegionVote
 from .base import Task
 from .cache import config_hash
@@ -143,7 +143,6 @@ class GUIGrounding(Task):
             examples, thumbs = self.data(seed)
             o = self.options
             t0 = time.perf_counter()
-            torch.set_num_threads(1)
             adapter = GUIRCPO(copy.deepcopy(self.model()), samples=o["rcpo_samples"], temperature=o["temperature"],
                               alpha=o["alpha"], beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed)
             images = image_tensor(thumbs)
@@ -151,11 +150,12 @@ class GUIGrounding(Task):
             sizes = torch.tensor([ex.image_size for ex in examples], dtype=torch.float64)
             g = torch.Generator().manual_seed(derive_seed(seed, 0x12C0))
             n, p = len(examples), o["rcpo_prompts"]
-            for _ in range(o["rcpo_epochs"]):
-                order = torch.randperm(n, generator=g)
-                for start in range(0, n, p):
-                    idx = order[start:start + p]
-                    adapter({"images": images[idx], "tokens": tokens[idx], "sizes": sizes[idx], "ids": idx})
+            with one_thread():
+                for _ in range(o["rcpo_epochs"]):
+                    order = torch.randperm(n, generator=g)
+                    for start in range(0, n, p):
+                        idx = order[start:start + p]
+                        adapter({"images": images[idx], "tokens": tokens[idx], "sizes": sizes[idx], "ids": idx})
             self._adapted[seed] = (adapter.release().eval(), time.perf_counter() - t0)
         return self._adapted[seed]
 
@@ -173,20 +173,22 @@ class GUIGrounding(Task):
         k, alpha, temp = int(budget), self.options["alpha"], self.options["temperature"]
         points, parsed, answers = [], 0, 0
         t0 = time.perf_counter()
-        for i, (ex, thumb) in enumerate(zip(examples, thumbs)):
-            rseed = derive_seed(seed, i)
-            if voting:
-                process = ClickProcess(sampler, thumb, ex.instruction, ex.image_size, temp)
-                res = run_strategy(RegionVote(samples=k, alpha=alpha), process,
-                                   RegionConsistency(*ex.image_size, alpha), budget=k, seed=rseed)
-                points.append(res.outputs[0].numpy())
-                parsed += int(res.population["parsed"].sum())
-                answers += k
-            else:
-                p = parse_answers(sampler.sample(thumb, ex.instruction, 1, 0.0, rseed), sampler.space, ex.image_size)
-                points.append(p.points[0])
-                parsed += int(p.ok.sum())
-                answers += 1
+        with one_thread():
+            for i, (ex, thumb) in enumerate(zip(examples, thumbs)):
+                rseed = derive_seed(seed, i)
+                if voting:
+                    process = ClickProcess(sampler, thumb, ex.instruction, ex.image_size, temp)
+                    res = run_strategy(RegionVote(samples=k, alpha=alpha), process,
+                                       RegionConsistency(*ex.image_size, alpha), budget=k, seed=rseed)
+                    points.append(res.outputs[0].numpy())
+                    parsed += int(res.population["parsed"].sum())
+                    answers += k
+                else:
+                    answer = sampler.sample(thumb, ex.instruction, 1, 0.0, rseed)
+                    p = parse_answers(answer, sampler.space, ex.image_size)
+                    points.append(p.points[0])
+                    parsed += int(p.ok.sum())
+                    answers += 1
         seconds = time.perf_counter() - t0 + extra
         acc = grounding_accuracy(examples, np.stack(points))
         out = {"accuracy": acc["accuracy"]}

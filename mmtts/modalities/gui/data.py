@@ -116,7 +116,8 @@ def load_screenspot_pro(annotations: str | os.PathLike, image_dir: str | os.Path
         where = f"{annotations} item {i}"
         size = tuple(int(v) for v in _need(rec, ("img_size",), where))
         out.append(GroundingExample(
-            image=image_dir / _need(rec, ("img_filename",), where), instruction=str(_need(rec, ("instruction",), where)),
+            image=image_dir / _need(rec, ("img_filename",), where),
+            instruction=str(_need(rec, ("instruction",), where)),
             image_size=size, box=_check_box(_need(rec, ("bbox",), where), size, where),
             element_type=str(rec.get("ui_type", "unknown")), platform=str(rec.get("platform", "unknown")),
             id=str(rec.get("id", f"{i}")), meta={"application": rec.get("application")}))

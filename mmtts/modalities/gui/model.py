@@ -23,7 +23,9 @@ from PIL import Image
 from torch import nn
 
 INPUT_SIZE = (192, 112)      # (width, height) of the image the network sees
-CELLS = (48, 28)             # (columns, rows) of the output distribution
+CELLS = (192, 112)           # (columns, rows) of the output distribution: one cell per input pixel
+#: the feature map is INPUT_SIZE / STRIDE; the head unfolds each of its positions into STRIDE^2 cells
+STRIDE = 4
 VOCAB = 2048
 MAX_TOKENS = 16
 
@@ -62,7 +64,7 @@ class GroundingNet(nn.Module):
         self.up2 = nn.Conv2d(c3, c2, 1)
         self.up1 = nn.Conv2d(c2, c1, 1)
         self.mix = _block(c1 + 2, c1, 1)
-        self.head = nn.Conv2d(c1, 1, 1)
+        self.head = nn.Sequential(nn.Conv2d(c1, STRIDE * STRIDE, 1), nn.PixelShuffle(STRIDE))
 
     @staticmethod
     def _coords(x: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def describe(el: Element, kind: str) -> str:
         where = {"menu": "in the side menu", "row": "in the file list", "button": "button"}[el.role]
         return f"click '{el.label}' {where}" if el.role != "button" else f"click the '{el.label}' button"
     if el.role == "control":
-        return {"close": "close the window", "minimize": "minimize the window", "maximize": "maximize the window"}[el.label]
+        return f"{el.label} the window"
     group = {"menu": "item of the side menu", "row": "file in the list", "button": "button at the bottom",
              "icon": "icon in the toolbar"}[el.role]
     return f"click the {_ordinal(el.index, el.count)} {group}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -31,13 +33,27 @@ def synthetic_batch(screen_seeds, per_screen: int, seed: int) -> dict:
             "boxes": np.asarray(boxes, dtype=np.float64), "sizes": np.asarray(sizes, dtype=np.float64), "kinds": kinds}
 
 
-def train_grounding(config: dict) -> dict[str, torch.Tensor]:
-    """Cross-entropy to a uniform target over the target element's cells; AdamW with a cosine schedule."""
-    torch.manual_seed(config["seed"])
+@contextmanager
+def one_thread():
+    """Small models train faster on one thread than on shared, oversubscribed cores."""
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def train_grounding(config: dict) -> dict[str, torch.Tensor]:
+    """Cross-entropy to a uniform target over the target element's cells; AdamW, one-cycle schedule."""
+    with one_thread():
+        return _train(config)
+
+
+def _train(config: dict) -> dict[str, torch.Tensor]:
+    torch.manual_seed(config["seed"])
     seeds = np.arange(config["screens"]) + config["seed"] * 1_000_003
     data = synthetic_batch(seeds, config["per_screen"], config["seed"])
-    targets = cell_targets(data["boxes"], data["sizes"])
     model = GroundingNet(config["width"])
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"], pct_start=0.1)
@@ -48,7 +64,8 @@ def train_grounding(config: dict) -> dict[str, torch.Tensor]:
             idx = torch.randint(n, (config["batch"],), generator=g)
             img = data["images"][data["screen"][idx]].float() / 255.0
             logits = model(img, data["tokens"][idx]).flatten(1)
-            loss = -(targets[idx].flatten(1) * torch.log_softmax(logits, 1)).sum(1).mean()
+            target = cell_targets(data["boxes"][idx.numpy()], data["sizes"][idx.numpy()]).flatten(1)
+            loss = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
