@@ -37,6 +37,9 @@ def test_quick_pretrained_benchmark_through_the_cli(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "tta-pretrained.json").read_text())
     assert res["primary_metric"] == "agreement" and res["higher_is_better"]
+    assert res["settings"] == ["reset/bs32", "clean/bs32"]
     for r in res["rows"]:
         assert 0 <= r["metrics"]["agreement"] <= 1 and "agreement_ci95" in r["metrics"]
+    clean_source = [r for r in res["rows"] if r["setting"] == "clean/bs32" and r["method"] == "source"][0]
+    assert clean_source["metrics"]["agreement"] == 1.0  # the source agrees with itself on clean crops
     assert (tmp_path / "tta-pretrained.md").exists()

@@ -9,6 +9,11 @@ corrupted crops on which the (adapted) model predicts the class the source
 model predicts on the clean crop. ``ece`` is measured against the same
 pseudo-labels. Corruptions use the ImageNet-C severity constants of those
 types whose constants do not depend on the image size.
+
+Settings: ``reset/bs32`` runs each corruption from the source model;
+``clean/bs32`` runs the methods on fresh clean crops, a control that shows how
+much a method changes predictions when nothing is corrupted (test-batch
+statistics of crops from a few photographs differ from ImageNet's).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ class TTAPretrained(Task):
     primary_metric = "agreement"
     higher_is_better = True
     budget_unit = None
-    settings = ("reset/bs32",)
+    settings = ("reset/bs32", "clean/bs32")
     option_defaults = {"image_size": 128, "per_corruption": 64, "severity": 3, "fisher_samples": 64}
 
     def __init__(self, cache=None, quick: bool = False, **options):
@@ -121,18 +126,19 @@ class TTAPretrained(Task):
         return load_efficientnet_lite0()
 
     def stream(self, seed: int):
-        """(corruption, corrupted crops, clean-crop prediction of the source model) per corruption."""
+        """Segments (name, crops, clean-crop prediction of the source model): one per corruption, then a
+        clean one; and clean crops for EATA's Fisher."""
         if seed not in self._data:
             rng = np.random.default_rng([seed, 7])
             pool = photos()
             model = self._source()
             segs = []
-            for name in self.corruptions:
+            for name in (*self.corruptions, "clean"):
                 clean = random_crops(pool, self.options["per_corruption"], self.options["image_size"], rng)
                 with torch.no_grad():
                     target = torch.cat([model(b).argmax(1) for b in to_tensor(clean).split(self.batch)])
-                bad = corrupt(clean, name, self.options["severity"], rng, table="imagenet")
-                segs.append((name, to_tensor(bad), target))
+                shown = clean if name == "clean" else corrupt(clean, name, self.options["severity"], rng, "imagenet")
+                segs.append((name, to_tensor(shown), target))
             fisher = to_tensor(random_crops(pool, self.options["fisher_samples"], self.options["image_size"], rng))
             self._data[seed] = (segs, fisher)
         return self._data[seed]
@@ -145,6 +151,7 @@ class TTAPretrained(Task):
         self.check_setting(setting)
         torch.manual_seed(seed)
         segs, fisher = self.stream(seed)
+        segs = segs[-1:] if setting.startswith("clean") else segs[:-1]
         kw = dict(METHOD_SETTINGS[method])
         if method == "eata":
             kw["fisher_data"], kw["fisher_batch_size"] = fisher, self.batch
