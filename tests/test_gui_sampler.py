@@ -9,7 +9,7 @@ from mmtts.core.errors import BudgetError, MmttsError
 from mmtts.core.registry import STRATEGIES
 from mmtts.core.strategy import run_strategy
 from mmtts.modalities.gui import ClickProcess, ClickSampler, GroundingNet, HeatmapSampler, TransformersSampler
-from mmtts.modalities.gui.parse import parse_answers
+from mmtts.modalities.gui.parse import parse_answer, parse_answers
 from mmtts.search.region_vote import RegionConsistency, consensus, vote_boxes
 
 
@@ -38,7 +38,13 @@ def test_heatmap_sampler_is_seeded_and_greedy_at_zero(heatmap):
     g = heatmap.sample(IMAGE, "close the window", 3, 0.0, seed=1)
     assert len(set(g)) == 1 and g == heatmap.sample(IMAGE, "close the window", 3, 0.0, seed=2)
     p = parse_answers(a, heatmap.space, (1920, 1080))
+    assert str(heatmap.space) == "permille"
     assert p.ok.all() and (p.points >= 0).all() and (p.points <= [1920, 1080]).all()
+    # greedy decoding is digit by digit; "argmax" is the most likely cell, and both are deterministic
+    top = HeatmapSampler(heatmap.model, greedy="argmax").sample(IMAGE, "close the window", 2, 0.0, seed=0)
+    assert len(set(top)) == 1 and parse_answer(top[0])[0] == "point"
+    with pytest.raises(MmttsError, match="greedy="):
+        HeatmapSampler(heatmap.model, greedy="beam")
     with pytest.raises(MmttsError, match="k=0"):
         heatmap.sample(IMAGE, "x", 0, 1.0, seed=0)
     with pytest.raises(MmttsError, match="temperature"):
@@ -78,6 +84,18 @@ class GarbageSampler:
 
     def sample(self, image, instruction, k, temperature, seed):
         return ["I think it is the blue one"] * k
+
+
+def test_digit_greedy_is_not_the_argmax():
+    from mmtts.modalities.gui.model import CELLS, argmax_point, greedy_digits
+
+    logits = torch.full((1, CELLS[1], CELLS[0]), -30.0)
+    logits[0, 10, 50] = 0.0                   # the single most likely cell
+    logits[0, ::10, 120] = -0.5               # a column holding more mass in total
+    x, y = greedy_digits(logits)[0].tolist()
+    assert x * CELLS[0] // 1000 == 120 and y == 0          # greedy commits to the column's first digit
+    ax, ay = (argmax_point(logits)[0] * 1000).tolist()
+    assert int(ax) * CELLS[0] // 1000 == 50 and int(ay) * CELLS[1] // 1000 == 10
 
 
 def test_all_missing_votes_give_no_answer_not_a_crash():

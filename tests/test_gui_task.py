@@ -30,7 +30,7 @@ def single_thread():
 def test_quick_benchmark_runs_every_method(cache, tmp_path):
     task = GUIGrounding(cache=cache, quick=True)
     res = run_benchmark(task, [0, 1, 2], list(task.quick_budgets), out=tmp_path)
-    assert {r["method"] for r in res["rows"]} == {"greedy", "gui-rc", "gui-rcpo", "gui-rcpo+rc"}
+    assert {r["method"] for r in res["rows"]} == {"greedy", "argmax", "gui-rc", "gui-rcpo", "gui-rcpo+rc"}
     for r in res["rows"]:
         m = r["metrics"]
         assert 0 <= m["accuracy"] <= 1 and m["parse_rate"] == 1.0 and m["ms_per_example"] > 0

@@ -11,7 +11,10 @@ elements by text, by icon and by position.
 The grounding model is the project's small :class:`GroundingNet`, trained
 on other procedural screens and cached. Methods, at a budget of K samples:
 
-- ``greedy``: the model's most likely click (K is not used);
+- ``greedy``: greedy decoding of the answer, digit by digit as a
+  vision-language model writes it (K is not used);
+- ``argmax``: the model's single most likely click, which a VLM cannot
+  compute; shown so that what voting recovers can be read against it;
 - ``gui-rc``: K clicks at ``temperature``, region voting with boxes of
   side ``alpha`` pixels (the ``region-vote`` strategy through
   ``run_strategy``), the baseline;
@@ -53,7 +56,7 @@ from ..search.region_vote import RegionConsistency, RegionVote
 from .base import Task
 from .cache import config_hash
 
-MODEL_CONFIG = {"arch": "grounding-net", "width": 24, "screens": 1500, "per_screen": 8, "steps": 1500,
+MODEL_CONFIG = {"arch": "grounding-net", "width": 24, "screens": 1200, "per_screen": 8, "steps": 1500,
                 "batch": 32, "lr": 3e-3, "seed": 0}
 QUICK_MODEL_CONFIG = {**MODEL_CONFIG, "screens": 40, "steps": 40}
 #: test screens come from seeds far from the training screens'
@@ -64,14 +67,14 @@ KINDS = ("text", "icon", "position")
 @TASKS.register("gui-grounding")
 class GUIGrounding(Task):
     description = "GUI grounding on procedural screenshots: greedy vs GUI-RC region voting vs GUI-RCPO test-time RL"
-    methods = ("greedy", "gui-rc", "gui-rcpo", "gui-rcpo+rc")
+    methods = ("greedy", "argmax", "gui-rc", "gui-rcpo", "gui-rcpo+rc")
     baseline = "gui-rc"
     primary_metric = "accuracy"
     budget_unit = "samples"
     default_budgets = (8, 16, 32, 64)
     quick_budgets = (8,)
-    option_defaults = {"screens": 100, "per_screen": 3, "temperature": 1.0, "alpha": 50.0, "rcpo_samples": 16,
-                       "rcpo_epochs": 3, "rcpo_prompts": 16, "rcpo_lr": 3e-4, "rcpo_beta": 0.04}
+    option_defaults = {"screens": 100, "per_screen": 3, "temperature": 0.5, "alpha": 50.0, "rcpo_samples": 16,
+                       "rcpo_epochs": 3, "rcpo_prompts": 16, "rcpo_lr": 3e-5, "rcpo_beta": 0.1}
 
     def __init__(self, cache=None, quick: bool = False, **options):
         super().__init__(cache, quick, **options)
@@ -168,7 +171,7 @@ class GUIGrounding(Task):
             net, extra = self.adapted(seed)
         else:
             net = self.model()
-        sampler = HeatmapSampler(net)
+        sampler = HeatmapSampler(net, greedy="argmax" if method == "argmax" else "digits")
         voting = method.endswith("rc")
         k, alpha, temp = int(budget), self.options["alpha"], self.options["temperature"]
         points, parsed, answers = [], 0, 0
@@ -206,7 +209,7 @@ class GUIGrounding(Task):
         if method.startswith("gui-rcpo"):
             parts.append(f"RCPO {o['rcpo_epochs']} epochs x {o['rcpo_samples']} samples, lr={o['rcpo_lr']:g}, "
                          f"beta={o['rcpo_beta']:g}")
-        return "; ".join(parts) or "argmax click"
+        return "; ".join(parts) or ("most likely cell" if method == "argmax" else "digit-by-digit greedy")
 
     def describe(self) -> dict:
         return {**super().describe(), "model": self.model_config, "test_offset": TEST_OFFSET}

@@ -6,9 +6,15 @@ convolutional network with coordinate channels; the instruction is a bag of
 hashed word embeddings that modulates the image features (FiLM) at three
 scales; a 1x1 head gives one logit per cell of a ``CELLS`` grid over the
 screen. Sampling a click is sampling a cell from softmax(logits / T) and a
-uniform position inside it; greedy decoding is the centre of the most
-likely cell. Having the whole distribution in closed form lets GUI-RCPO use
-the exact KL to the starting policy.
+uniform position inside it. Having the whole distribution in closed form
+lets GUI-RCPO use the exact KL to the starting policy.
+
+Greedy decoding can be done two ways. A vision-language model writes its
+click as text, digit by digit, x before y, and greedy decoding takes the
+most likely next digit each time (:func:`greedy_digits`): the hundreds digit
+of x that holds the most probability mass, then the tens digit within it,
+and so on. That is not the most likely point (:func:`argmax_point`), and the
+gap between the two is part of what sampling and voting recover.
 """
 
 from __future__ import annotations
@@ -104,6 +110,39 @@ def cell_targets(boxes: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
         m = torch.from_numpy(np.outer(my, mx).astype(np.float32))
         out[i] = m / m.sum()
     return out
+
+
+def _permille_mass(cell_probs: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) probabilities of n equal cells along an axis -> (B, 1000) of each thousandth."""
+    v = torch.arange(1000)
+    cell = v * n // 1000
+    count = torch.bincount(cell, minlength=n)
+    return cell_probs[:, cell] / count[cell]
+
+
+def _greedy_number(p: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding of a three-digit number 0..999 from its distribution (B, 1000), one digit at a time."""
+    rows = torch.arange(len(p))
+    hundreds = p.reshape(-1, 10, 100).sum(2).argmax(1)
+    within = p.reshape(-1, 10, 100)[rows, hundreds]
+    tens = within.reshape(-1, 10, 10).sum(2).argmax(1)
+    ones = within.reshape(-1, 10, 10)[rows, tens].argmax(1)
+    return hundreds * 100 + tens * 10 + ones
+
+
+def greedy_digits(logits: torch.Tensor) -> torch.Tensor:
+    """Digit-by-digit greedy decoding of "(x, y)" in thousandths, x first: (B, rows, cols) logits -> (B, 2) ints."""
+    b, rows, cols = logits.shape
+    p = torch.softmax(logits.reshape(b, -1).double(), 1).reshape(b, rows, cols)
+    x = _greedy_number(_permille_mass(p.sum(1), cols))
+    column = p[torch.arange(b), :, x * cols // 1000]
+    y = _greedy_number(_permille_mass(column / column.sum(1, keepdim=True), rows))
+    return torch.stack([x, y], 1)
+
+
+def argmax_point(logits: torch.Tensor) -> torch.Tensor:
+    """The centre of the most likely cell, as fractions of the image: (B, rows, cols) -> (B, 2)."""
+    return cells_to_unit(logits.flatten(1).argmax(1))
 
 
 def sample_cells(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator) -> torch.Tensor:

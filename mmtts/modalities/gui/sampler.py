@@ -16,7 +16,8 @@ from PIL import Image
 
 from ...core.errors import MmttsError
 from .coords import CoordSpace
-from .model import INPUT_SIZE, GroundingNet, cells_to_unit, image_tensor, sample_cells, tokenize
+from .model import (INPUT_SIZE, GroundingNet, argmax_point, cells_to_unit, greedy_digits, image_tensor, sample_cells,
+                    tokenize)
 
 
 @runtime_checkable
@@ -36,25 +37,42 @@ def check_sampling(k: int, temperature: float) -> None:
 
 
 class HeatmapSampler:
-    """The project's grounding model as a sampler; answers "(x, y)" as fractions of the image."""
+    """The project's grounding model as a sampler, answering "(x, y)" in thousandths like Qwen-VL.
 
-    space = CoordSpace("unit")
+    Samples are exact draws from softmax(logits / T). ``greedy`` says what
+    temperature 0 returns: "digits" decodes the answer text digit by digit as
+    a language model does (the default, what greedy means for a VLM);
+    "argmax" returns the most likely point, which a VLM cannot compute.
+    """
+
+    space = CoordSpace("permille")
     #: the size the model sees; callers may pass images already resized to it
     input_size = INPUT_SIZE
 
-    def __init__(self, model: GroundingNet):
+    def __init__(self, model: GroundingNet, greedy: str = "digits"):
+        if greedy not in ("digits", "argmax"):
+            raise MmttsError(f"greedy={greedy!r}; choose 'digits' (as a VLM decodes) or 'argmax'")
         self.model = model.eval()
+        self.greedy = greedy
 
     @torch.no_grad()
     def logits(self, image: Image.Image, instruction: str) -> torch.Tensor:
-        return self.model(image_tensor([image]), tokenize([instruction]))[0]
+        return self.model(image_tensor([image]), tokenize([instruction]))
 
     def sample(self, image: Image.Image, instruction: str, k: int, temperature: float, seed: int) -> list[str]:
         check_sampling(k, temperature)
+        logits = self.logits(image, instruction)
+        if temperature == 0:
+            if self.greedy == "digits":
+                x, y = greedy_digits(logits)[0].tolist()
+            else:
+                x, y = (argmax_point(logits)[0] * 1000).floor().long().tolist()
+            return [f"({x}, {y})"] * int(k)
         g = torch.Generator().manual_seed(int(seed))
-        cells = sample_cells(self.logits(image, instruction)[None], int(k), float(temperature), g)[0]
-        jitter = None if temperature == 0 else torch.rand(int(k), 2, generator=g, dtype=torch.float64)
-        return [f"({x:.5f}, {y:.5f})" for x, y in cells_to_unit(cells, jitter).tolist()]
+        cells = sample_cells(logits.flatten(1), int(k), float(temperature), g)[0]
+        jitter = torch.rand(int(k), 2, generator=g, dtype=torch.float64)
+        thousandths = (cells_to_unit(cells, jitter) * 1000).floor().long().clamp(0, 999)
+        return [f"({x}, {y})" for x, y in thousandths.tolist()]
 
 
 class TransformersSampler:
