@@ -148,5 +148,6 @@ def paired_summary(results: dict, pairs: list[tuple[str, str]], metric: str) -> 
         for (st, method), vals in seeds.items():
             if st == setting and base is not None and method != results["rows"][0]["method"]:
                 ratio = np.mean(vals["ms_per_batch"]) / np.mean(base["ms_per_batch"])
-                out[f"{setting}: {method} time per batch / plain forward"] = f"{ratio:.2f}x"
+                if np.isfinite(ratio):  # too few batches to time leaves NaN
+                    out[f"{setting}: {method} time per batch / plain forward"] = f"{ratio:.2f}x"
     return out
