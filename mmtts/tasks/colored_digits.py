@@ -14,15 +14,16 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from ..core.errors import MmttsError
 
 SIZE = 32
 NUM_CLASSES = 10
 TEST_DIGITS = 1000
-_COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                   "colorwheel", "stereo_motorcycle", "retina")
-_GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "coins", "moon", "clock", "text")
+GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "coins", "moon", "clock", "text")
 
 
 def _need(module: str, extra: str = "data"):
@@ -55,7 +56,7 @@ def backgrounds(part: str) -> tuple[np.ndarray, ...]:
     transform = _need("skimage.transform")
     from sklearn.datasets import load_sample_images
 
-    photos = [getattr(sk_data, n)() for n in _COLOUR_PHOTOS + _GREY_PHOTOS] + list(load_sample_images().images)
+    photos = [getattr(sk_data, n)() for n in COLOUR_PHOTOS + GREY_PHOTOS] + list(load_sample_images().images)
     out = []
     for img in photos:
         img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left view
@@ -91,8 +92,6 @@ def compose(digits: np.ndarray, rng: np.random.Generator, part: str) -> np.ndarr
     return np.clip(out, 0, 1)
 
 
-def to_tensor(images: np.ndarray):
+def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) in [0, 1] -> a torch batch (N, 3, H, W) normalized to zero mean, unit spread."""
-    import torch
-
     return (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))) - 0.5) / 0.25

@@ -173,7 +173,8 @@ class TTACorruptions(Task):
             for name in self.corruptions:
                 idx = rng.choice(len(x_test), size=self.options["per_corruption"], replace=False)
                 clean = digits.compose(x_test[idx], rng, "test")
-                segs.append((name, digits.to_tensor(corrupt(clean, name, severity, rng)), torch.from_numpy(y_test[idx])))
+                shown = digits.to_tensor(corrupt(clean, name, severity, rng))
+                segs.append((name, shown, torch.from_numpy(y_test[idx])))
             self._data[key] = segs
         segs = self._data[key]
         if setting.endswith("bs1"):
@@ -217,7 +218,7 @@ class TTACorruptions(Task):
         norm, kw = self.method_settings(method, setting)
         if method == "eata":
             kw["fisher_data"] = self.fisher_data(seed)
-        if method in ("deyo",):
+        if method == "deyo":
             kw["seed"] = seed
         adapter = mmtts.adapt(self.model(norm), method, **kw)
         batch = 1 if setting.endswith("bs1") else 64

@@ -30,7 +30,7 @@ import mmtts
 from ..core.errors import MissingWeightsError, MmttsError
 from ..core.registry import TASKS
 from .base import Task
-from .colored_digits import _COLOUR_PHOTOS, _GREY_PHOTOS
+from .colored_digits import COLOUR_PHOTOS, GREY_PHOTOS
 from .corruptions import IMAGENET, corrupt
 from .tta_metrics import StreamLog, paired_summary
 
@@ -59,7 +59,7 @@ def photos() -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     out = []
-    for img in [getattr(sk_data, n)() for n in _COLOUR_PHOTOS + _GREY_PHOTOS] + list(load_sample_images().images):
+    for img in [getattr(sk_data, n)() for n in COLOUR_PHOTOS + GREY_PHOTOS] + list(load_sample_images().images):
         img = np.asarray(img[0] if isinstance(img, tuple) else img, dtype=np.float32) / 255.0
         out.append(np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3])
     return out
