@@ -64,6 +64,26 @@ def test_online_batch_norm_equals_pytorch_batchnorm_in_training_mode(shape):
                           bn(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_kernels_route_computes_what_the_reference_computes(alpha, exact):
+    from mmtts.adapters.online_norm import kernel_batch_norm
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    buffers = (bn.running_mean.clone(), bn.running_var.clone())
+    x = torch.randn(3, 5, 7, 6) * 2 + 1
+    ref = online_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, alpha, exact)
+    with torch.no_grad():
+        assert torch.allclose(kernel_batch_norm(x, bn, alpha, exact), ref, atol=1e-5)
+    assert torch.equal(bn.running_mean, buffers[0]) and torch.equal(bn.running_var, buffers[1])
+
+
 def test_exact_mixture_variance_is_the_variance_of_pooled_samples():
     torch.manual_seed(0)
     a = torch.randn(300, 4) * 2 + 3  # "source" population

@@ -2,7 +2,8 @@
 
 The selected BatchNorm layers get a forward that calls
 :func:`mmtts.adapters.norm_math.online_batch_norm` (the one place where that
-math lives). Running buffers are read, never written, so ``reset`` is exact and
+math lives), or on CUDA tensors the fused kernels of :mod:`mmtts.kernels`,
+which compute the same thing. Running buffers are read, never written, so ``reset`` is exact and
 ``release`` hands back the original layers. A ``window`` of past inputs lets
 these methods run at batch size 1: each call normalizes with the statistics of
 the current sample(s) and the most recent ones, up to ``window`` samples.
@@ -20,7 +21,19 @@ from .common import CostCounter, check_batch, expected_ndim
 from .norm_math import online_batch_norm
 
 
+def kernel_batch_norm(x: torch.Tensor, module, alpha: float, exact_variance: bool) -> torch.Tensor:
+    """:func:`online_batch_norm` through :func:`mmtts.kernels.batch_norm` (fused Triton kernels on CUDA)."""
+    from .. import kernels
+
+    return kernels.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
+                              training=alpha < 1.0, eps=module.eps, source_weight=alpha if alpha < 1.0 else 0.0,
+                              exact_mixture=exact_variance, update_running=False)
+
+
 def _online_forward(module, alpha: float, exact_variance: bool, x: torch.Tensor) -> torch.Tensor:
+    """CUDA tensors take the kernels package; every other device the pure-torch reference (decided per call)."""
+    if x.is_cuda:
+        return kernel_batch_norm(x, module, alpha, exact_variance)
     return online_batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
                              alpha, exact_variance)
 
