@@ -56,7 +56,7 @@ from ..search.region_vote import RegionConsistency, RegionVote
 from .base import Task
 from .cache import config_hash
 
-MODEL_CONFIG = {"arch": "grounding-net", "width": 24, "screens": 1200, "per_screen": 8, "steps": 1500,
+MODEL_CONFIG = {"arch": "grounding-net", "width": 24, "screens": 2000, "per_screen": 8, "steps": 4000,
                 "batch": 32, "lr": 3e-3, "seed": 0}
 QUICK_MODEL_CONFIG = {**MODEL_CONFIG, "screens": 40, "steps": 40}
 #: test screens come from seeds far from the training screens'
