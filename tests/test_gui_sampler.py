@@ -1,6 +1,5 @@
 """Click samplers (the project's model, a tiny random transformers VLM) and region voting as a strategy."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

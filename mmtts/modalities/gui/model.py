@@ -4,10 +4,11 @@ It stands in for a vision-language model in the offline benchmark. The
 screenshot is resized to ``INPUT_SIZE`` and encoded by a small
 convolutional network with coordinate channels; the instruction is a bag of
 hashed word embeddings that modulates the image features (FiLM) at three
-scales; a 1x1 head gives one logit per cell of a ``CELLS`` grid over the
-screen. Sampling a click is sampling a cell from softmax(logits / T) and a
-uniform position inside it. Having the whole distribution in closed form
-lets GUI-RCPO use the exact KL to the starting policy.
+scales; a 1x1 head, unfolded by a pixel shuffle, gives one logit per cell
+of a ``CELLS`` grid over the screen (one cell per input pixel). Sampling a
+click is sampling a cell from softmax(logits / T) and a uniform position
+inside it. Having the whole distribution in closed form lets GUI-RCPO use
+the exact KL to the starting policy.
 
 Greedy decoding can be done two ways. A vision-language model writes its
 click as text, digit by digit, x before y, and greedy decoding takes the

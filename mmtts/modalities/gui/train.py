@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ...core.progress import progress_bar
-from .model import INPUT_SIZE, GroundingNet, cell_targets, image_tensor, tokenize
+from .model import GroundingNet, cell_targets, image_tensor, tokenize
 from .render import instructions, render_screen
 
 
