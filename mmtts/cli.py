@@ -97,7 +97,7 @@ def cmd_tasks(args) -> int:
         for name in mmtts.list_tasks():
             print(f"{name}: {TASKS.get(name).description}")
         return 0
-    task = _make_task(args.task, options=args.option)
+    task = _make_task(args.task, quick=args.quick, options=args.option)
     ready = task.prepare()
     print(f"{args.task}: ready ({', '.join(ready) if ready else 'nothing to train'}); cache at {task.cache.root}")
     return 0
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("prepare", help="train and cache a task's reference models ahead of time")
     t.add_argument("task")
     t.add_argument("--option", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    t.add_argument("--quick", action="store_true", help="the small models of the quick version (as in the tests)")
     t.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("demo", help="run the embedded default: toy-gmm, best-of-N vs particle filter vs beam")

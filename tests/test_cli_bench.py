@@ -118,11 +118,11 @@ def test_model_cache_trains_once_per_config(cache_dir):
 
 
 def test_prepare_learned_toy_model_and_bench_with_it(cache_dir, tmp_path, capsys):
-    assert main(["tasks", "prepare", "toy-gmm", "--option", "model=learned"]) == 0
+    assert main(["tasks", "prepare", "toy-gmm", "--quick", "--option", "model=learned"]) == 0
     assert "ready (toy-gmm-denoiser)" in capsys.readouterr().out
     entries = list(cache_dir.iterdir())
     assert len(entries) == 1 and (entries[0] / "model.safetensors").exists()
-    task = mmtts.create_task("toy-gmm", model="learned")
+    task = mmtts.create_task("toy-gmm", quick=True, model="learned")
     res = run_benchmark(task, [0, 1], [20, 160], methods=["best-of-n", "particle-filter"])
     by = {(r["method"], r["budget"]): r["metrics"]["reward"] for r in res["rows"]}
     # a learned denoiser still gives search something to find

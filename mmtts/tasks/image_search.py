@@ -35,7 +35,7 @@ from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..core.verifier import Verifier
 from ..verifiers.classifier import ClassifierLogProb
-from .base import Task
+from .base import Task, single_threaded
 
 SIZE = 16
 NULL_CLASS = 10
@@ -96,18 +96,6 @@ class SmallMLP(nn.Module):
 def to_unit(x01: torch.Tensor) -> torch.Tensor:
     """Classifiers take images in [-1, 1], as the diffusion model's data."""
     return x01 * 2 - 1
-
-
-def single_threaded(fn):
-    """Small models train faster on one thread than on oversubscribed ones; restore the setting after."""
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-    return wrapper
 
 
 @single_threaded

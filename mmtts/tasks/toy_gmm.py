@@ -23,7 +23,7 @@ from ..core.progress import progress_bar
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, MixtureLogDensity, QuadraticReward
-from .base import Task
+from .base import Task, single_threaded
 
 
 class MLPDenoiser(nn.Module):
@@ -45,6 +45,10 @@ DENOISER_CONFIG = {"arch": "mlp-x0", "hidden": 128, "steps": 3000, "batch": 512,
                    "mixture": [DEFAULT_MIXTURE.weights, DEFAULT_MIXTURE.means, DEFAULT_MIXTURE.stds]}
 
 
+DENOISER_QUICK = {**DENOISER_CONFIG, "steps": 400}
+
+
+@single_threaded
 def train_denoiser(config: dict) -> dict[str, torch.Tensor]:
     """Denoising regression on fresh mixture samples at random noise levels (minimiser: E[x0 | x_t])."""
     g = torch.Generator().manual_seed(config["seed"])
@@ -93,8 +97,9 @@ class ToyGMM(Task):
         return []
 
     def _load_denoiser(self) -> MLPDenoiser:
-        state = self.cache.load_or_train("toy-gmm-denoiser", DENOISER_CONFIG, lambda: train_denoiser(DENOISER_CONFIG))
-        model = MLPDenoiser(self.mixture.dim, DENOISER_CONFIG["hidden"])
+        cfg = DENOISER_QUICK if self.quick else DENOISER_CONFIG
+        state = self.cache.load_or_train("toy-gmm-denoiser", cfg, lambda: train_denoiser(cfg))
+        model = MLPDenoiser(self.mixture.dim, cfg["hidden"])
         model.load_state_dict(state)
         return model.eval()
 
