@@ -12,3 +12,13 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("MMTTS_CACHE", str(d))
     return d
+
+
+@pytest.fixture
+def single_thread():
+    """Small models train faster on one thread than on oversubscribed cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,13 +11,7 @@ from mmtts.modalities.gui.model import GroundingNet, tokenize
 from mmtts.search.region_vote import point_boxes, region_rewards
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small models train faster on one thread than on oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_group_advantages_match_per_group_normalisation():

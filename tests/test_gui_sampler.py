@@ -12,12 +12,7 @@ from mmtts.modalities.gui.parse import parse_answer, parse_answers
 from mmtts.search.region_vote import RegionConsistency, consensus, vote_boxes
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

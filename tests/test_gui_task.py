@@ -19,12 +19,7 @@ def cache(tmp_path_factory):
     return ModelCache(tmp_path_factory.mktemp("gui-cache"))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_quick_benchmark_runs_every_method(cache, tmp_path):
