@@ -328,16 +328,7 @@ def test_synthetic_pairs_rank_by_error_to_the_demonstration():
     assert (pairs.win.abs() <= 1).all() and (pairs.lose.abs() <= 1).all()
 
 
-@pytest.fixture
-def one_thread():
-    """Small-MLP training stalls when threads contend on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_toy_trained_verifier_ranks_the_better_action_first(one_thread):
+def test_toy_trained_verifier_ranks_the_better_action_first(single_thread):
     torch.manual_seed(0)
     g = gen(7)
     w_true = torch.tensor([[0.8, -0.5], [0.3, 0.9]])

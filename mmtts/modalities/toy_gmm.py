@@ -157,12 +157,16 @@ class GMMDiffusion(Process):
         cond = self.mu[None] + gain[:, :, None] * (x[:, None, :] - a[:, :, None] * self.mu[None])
         return (self.responsibilities(x, abar)[:, :, None] * cond).sum(1)
 
-    def step_sigma(self, stage: torch.Tensor) -> torch.Tensor:
-        """Std of the fresh noise the sampler adds at ``stage`` (the DDPM posterior std for eta = 1)."""
+    def ancestral_sigma(self, stage: torch.Tensor) -> torch.Tensor:
+        """Std of the DDPM posterior q(x_s | x_t, x0) at ``stage`` (the eta = 1 step's noise)."""
         at, as_ = self.abar[stage], self.abar[(stage + 1).clamp(max=self.num_stages)]
         ratio = torch.where(as_ > 0, at / as_.clamp(min=1e-300), torch.zeros_like(at))
         var = (1 - as_) / (1 - at).clamp(min=1e-300) * (1 - ratio)
-        return self.eta * var.clamp(min=0).sqrt()
+        return var.clamp(min=0).sqrt()
+
+    def step_sigma(self, stage: torch.Tensor) -> torch.Tensor:
+        """Std of the fresh noise the sampler adds at ``stage``."""
+        return self.eta * self.ancestral_sigma(stage)
 
     # -- Process -----------------------------------------------------------------------
     def init(self, streams: Streams, first_index: int = 0) -> State:
@@ -217,10 +221,7 @@ class GMMDiffusion(Process):
         x = state.data["x"]
         z = state.streams.randn((self.mixture.dim,), dtype=torch.float64)
         b = torch.as_tensor(scale, dtype=torch.float64)
-        stage = state.stage.clamp(max=self.num_stages - 1)
-        at, as_ = self.abar[stage], self.abar[stage + 1]
-        ratio = torch.where(as_ > 0, at / as_.clamp(min=1e-300), torch.zeros_like(at))
-        sigma = ((1 - as_) / (1 - at).clamp(min=1e-300) * (1 - ratio)).clamp(min=0).sqrt()[:, None]
+        sigma = self.ancestral_sigma(state.stage.clamp(max=self.num_stages - 1))[:, None]
         start = (state.stage == 0)[:, None]
         return state.replace(x=torch.where(start, (1 - b ** 2).clamp(min=0).sqrt() * x + b * z, x + b * sigma * z))
 

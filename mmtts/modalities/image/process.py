@@ -248,10 +248,7 @@ class ImageProcess(Process):
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
         s = self.schedule
-        if s.stochastic:
-            return s.noise_std(stage)
-        at, st, as_, ss = s.alpha[stage], s.sigma[stage], s.alpha[stage + 1], s.sigma[stage + 1]
-        return ss * (1 - (at * ss / (as_ * st)) ** 2).clamp(min=0).sqrt()
+        return s.noise_std(stage) if s.stochastic else s.posterior_std(stage)
 
     def renoise(self, state: State, stages: int) -> State:
         to = (state.stage - stages).clamp(min=0)

@@ -88,11 +88,15 @@ class Schedule:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         return x0, eps
 
-    def noise_std(self, stage: torch.Tensor) -> torch.Tensor:
-        """Std of the fresh noise the update adds at ``stage`` (per candidate, float64)."""
+    def posterior_std(self, stage: torch.Tensor) -> torch.Tensor:
+        """Std of the true posterior q(x_s | x_t, x0) from ``stage`` to the next (float64)."""
         at, st = self.alpha[stage], self.sigma[stage]
         as_, ss = self.alpha[stage + 1], self.sigma[stage + 1]
-        posterior = ss * (1 - (at * ss / (as_ * st)) ** 2).clamp(min=0).sqrt()
+        return ss * (1 - (at * ss / (as_ * st)) ** 2).clamp(min=0).sqrt()
+
+    def noise_std(self, stage: torch.Tensor) -> torch.Tensor:
+        """Std of the fresh noise the update adds at ``stage`` (per candidate, float64)."""
+        posterior = self.posterior_std(stage)
         if self.update == "ddpm":
             return posterior.clamp(min=1e-10)
         return self.eta * posterior
