@@ -6,6 +6,10 @@ actions (5 to 9), fits a diagonal Gaussian to them, draws K candidates
 (16 to 32) from it, sets discrete dimensions by majority vote, clips to the
 action bounds and removes duplicates. When one distinct action is left there
 is nothing to choose, and the verifier is skipped.
+
+Everything is batched over the B observations of a control step: the
+candidates stay in one padded (B, K, H, D) tensor with a (B, K) mask of the
+distinct ones, so no step loops over observations in Python.
 """
 
 from __future__ import annotations
@@ -17,41 +21,105 @@ import torch
 from ...core.errors import MmttsError
 from .space import ActionSpace
 
+PAIRWISE_LIMIT = 1 << 20  # compare all pairs below this many element comparisons, sort above
+
 
 @dataclass
 class Candidates:
-    """The distinct candidates of each observation, in draw order."""
+    """The candidates of each observation: ``draws`` (B, K, H, D) padded, ``keep`` (B, K) marks the distinct ones.
 
-    actions: list[torch.Tensor]  # per observation: (M_b, H, D)
+    A kept row is the first valid occurrence of its value, so the distinct
+    candidates of an observation are ``draws[b][keep[b]]``, in draw order
+    (slot 0 is always kept, unless it is an invalid sample of ``SampleSet``).
+    ``keep`` is ``None`` when every row is distinct and valid, the usual case.
+    """
+
+    draws: torch.Tensor  # (B, K, H, D)
+    keep: torch.Tensor | None  # (B, K) bool, None: all kept
     mean: torch.Tensor  # (B, H, D) fitted mean
-    var: torch.Tensor  # (B, H, D) fitted variance
+    std: torch.Tensor  # (B, H, D) fitted standard deviation
+
+    @property
+    def var(self) -> torch.Tensor:
+        """(B, H, D) fitted (unbiased) variance."""
+        return self.std ** 2
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, K) bool: the distinct candidates, also when every one is."""
+        if self.keep is None:
+            return torch.ones(self.draws.shape[:2], dtype=torch.bool, device=self.draws.device)
+        return self.keep
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Distinct candidates per observation, (B,) int64."""
+        return self.mask.sum(1)
+
+    @property
+    def actions(self) -> list[torch.Tensor]:
+        """The distinct candidates per observation: a list of (M_b, H, D)."""
+        if self.keep is None:
+            return list(self.draws)
+        return [d[k] for d, k in zip(self.draws, self.keep)]
 
     @property
     def counts(self) -> list[int]:
-        return [int(a.shape[0]) for a in self.actions]
+        return self.count.tolist()
 
     @property
     def early_exit(self) -> list[bool]:
         """Observations left with one distinct action: no verifier call needed."""
-        return [c == 1 for c in self.counts]
+        return (self.count == 1).tolist()
+
+
+def distinct_rows(rows: torch.Tensor, decimals: int | None = None,
+                  valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`first_unique_mask`, or ``None`` when every row is distinct and valid (checked in four operations
+    for small sets, the usual case)."""
+    g, m, f = rows.shape
+    if valid is None and g * m * m * f <= PAIRWISE_LIMIT:
+        key = rows if decimals is None else torch.round(rows, decimals=decimals)
+        earlier_equal = (key[:, :, None] == key[:, None]).all(3).tril_(-1)  # [g, i, j]: row i repeats row j < i
+        if not bool(earlier_equal.any()):
+            return None
+        return ~earlier_equal.any(2)
+    keep = first_unique_mask(rows, decimals, valid)
+    return None if bool(keep.all()) else keep
+
+
+def first_unique_mask(rows: torch.Tensor, decimals: int | None = None,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mark the first occurrence of each distinct row within each group: (G, M, F) -> (G, M) bool.
+
+    Rows are compared only with the rows of their own group (observation).
+    ``valid`` (G, M) excludes rows: they are never kept and hide nothing.
+    ``decimals`` rounds before comparing. Small sets (the usual K <= 64)
+    compare all pairs of every group at once; large ones sort all groups in
+    one ``torch.unique`` over the rows tagged with their group.
+    """
+    key = rows if decimals is None else torch.round(rows, decimals=decimals)
+    g, m, f = key.shape
+    if g * m * m * f <= PAIRWISE_LIMIT:
+        same = (key[:, :, None] == key[:, None]).all(3)  # (G, M, M): row i equals row j
+        if valid is not None:
+            same &= valid[:, None]
+        keep = ~same.tril_(-1).any(2)  # no equal row before it
+        return keep if valid is None else keep & valid
+    group = torch.arange(g, device=key.device, dtype=key.dtype)[:, None, None].expand(g, m, 1)
+    _, inverse = torch.unique(torch.cat([group, key], 2).reshape(g * m, f + 1), dim=0, return_inverse=True)
+    position = torch.arange(g * m, device=key.device)
+    if valid is not None:  # an excluded row can never be the first of its value
+        position = torch.where(valid.reshape(-1), position, g * m)
+    first = torch.full((int(inverse.max()) + 1,), g * m, dtype=torch.int64, device=key.device)
+    first.scatter_reduce_(0, inverse, position, reduce="amin")
+    keep = (first[inverse] == torch.arange(g * m, device=key.device)).reshape(g, m)
+    return keep if valid is None else keep & valid
 
 
 def first_unique(rows: torch.Tensor, decimals: int | None = None) -> torch.Tensor:
-    """Indices of the first occurrence of each distinct row of ``rows`` (M, F), in their original order.
-
-    Small sets (the usual K <= 64) compare all pairs, which is several times
-    faster than sorting with ``torch.unique``; large ones sort.
-    """
-    key = rows if decimals is None else torch.round(rows, decimals=decimals)
-    m = key.shape[0]
-    if m * m * key.shape[1] <= 1 << 20:
-        same = (key[:, None] == key[None]).all(2)
-        earlier = torch.ones(m, m, dtype=torch.bool, device=key.device).tril(-1)
-        return (~(same & earlier).any(1)).nonzero().flatten()
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), m, dtype=torch.int64, device=key.device)
-    first.scatter_reduce_(0, inverse, torch.arange(m, device=key.device), reduce="amin")
-    return torch.sort(first).values
+    """Indices of the first occurrence of each distinct row of ``rows`` (M, F), in their original order."""
+    return first_unique_mask(rows[None], decimals)[0].nonzero().flatten()
 
 
 class GaussianAugmenter:
@@ -73,25 +141,34 @@ class GaussianAugmenter:
     def fit(samples: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and unbiased variance over the valid samples of (B, N, H, D).
 
-        ``valid`` (B, N) marks the samples to use (default: all); an
+        ``valid`` (B, N) marks the samples to use (``None``: all); an
         observation with one valid sample gets zero variance.
         """
-        if valid is None or bool(valid.all()):
+        mean, std = GaussianAugmenter.fit_std(samples, valid)
+        return mean, std ** 2
+
+    @staticmethod
+    def fit_std(samples: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and standard deviation (square root of the unbiased variance), as :meth:`fit`."""
+        if valid is None:
             if samples.shape[1] == 1:
                 return samples[:, 0], torch.zeros_like(samples[:, 0])
-            return samples.mean(1), samples.var(1)
+            std, mean = torch.std_mean(samples, 1)
+            return mean, std
         w = valid.to(samples.dtype)[:, :, None, None]
         x = torch.where(w > 0, samples, torch.zeros_like(samples))
         n = w.sum(1)
         mean = (w * x).sum(1) / n
         var = (w * (x - mean[:, None]) ** 2).sum(1) / (n - 1).clamp(min=1)
-        return mean, var
+        return mean, var.sqrt()
 
-    def draw(self, mean: torch.Tensor, var: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """K raw Gaussian draws per observation: (B, K, H, D), before voting and clipping."""
+    def draw(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """K raw Gaussian draws per observation, N(mean, std^2): (B, K, H, D), before voting and clipping."""
         b, h, d = mean.shape
         eps = torch.randn((b, self.num_candidates, h, d), generator=generator, dtype=mean.dtype)
-        return mean[:, None] + var[:, None].sqrt() * eps.to(mean.device)
+        if eps.device != mean.device:
+            eps = eps.to(mean.device)
+        return torch.addcmul(mean.unsqueeze(1), std.unsqueeze(1), eps)
 
     def __call__(self, samples: torch.Tensor, generator: torch.Generator,
                  valid: torch.Tensor | None = None) -> Candidates:
@@ -100,17 +177,13 @@ class GaussianAugmenter:
         if samples.shape[-1] != self.space.dim:
             raise MmttsError(f"samples have {samples.shape[-1]} action dimensions; the action space has "
                              f"{self.space.dim}")
-        mean, var = self.fit(samples, valid)
-        draws = self.draw(mean, var, generator)
+        mean, std = self.fit_std(samples, valid)
+        draws = self.draw(mean, std, generator)
         if self.space.discrete:
             idx = list(self.space.discrete)
             draws[..., idx] = self.space.vote(samples, valid)[:, None].expand(-1, draws.shape[1], -1, -1)
         draws = self.space.clip(draws)
-        actions = []
-        for row in draws:
-            keep = first_unique(row.reshape(row.shape[0], -1), self.decimals)
-            actions.append(row[keep])
-        return Candidates(actions, mean, var)
+        return Candidates(draws, distinct_rows(draws.flatten(2), self.decimals), mean, std)
 
 
 class SampleSet:
@@ -126,12 +199,6 @@ class SampleSet:
 
     def __call__(self, samples: torch.Tensor, generator: torch.Generator,
                  valid: torch.Tensor | None = None) -> Candidates:
-        if valid is None:
-            valid = torch.ones(samples.shape[:2], dtype=torch.bool, device=samples.device)
-        mean, var = GaussianAugmenter.fit(samples, valid)
+        mean, std = GaussianAugmenter.fit_std(samples, valid)
         clipped = self.space.clip(samples)
-        actions = []
-        for row, ok in zip(clipped, valid):
-            row = row[ok]
-            actions.append(row[first_unique(row.reshape(row.shape[0], -1), self.decimals)])
-        return Candidates(actions, mean, var)
+        return Candidates(clipped, distinct_rows(clipped.flatten(2), self.decimals, valid), mean, std)

@@ -16,6 +16,7 @@ images under ``"observation.images.*"``, and the instruction under ``"task"``
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -30,6 +31,25 @@ STATE_KEY = "observation.state"
 class SamplingPolicy(Protocol):
     def sample_actions(self, batch: Mapping[str, Any], num_samples: int, generator: torch.Generator) -> torch.Tensor:
         """``num_samples`` actions per observation: (B, N, D) or (B, N, H, D)."""
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of a floating tensor is finite, in one reduction: a NaN or inf makes the sum
+    non-finite; only when the sum is not finite (or overflows) are the elements checked one by one."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def expand_rows(batch: Mapping[str, Any], n: int) -> dict:
+    """:func:`repeat_rows` for reading only: a single observation becomes ``n`` views of itself, no copy."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat_interleave(n, 0)
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x for x in v for _ in range(n)]
+        else:
+            out[k] = v
+    return out
 
 
 def batch_rows(batch: Mapping[str, Any]) -> int:
@@ -66,7 +86,7 @@ def check_shapes(batch: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) 
                 if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape) else ""
             raise MmttsError(f"observation {key!r} has shape {got}; this policy expects "
                              f"(B, {', '.join(map(str, shape))}){hint}")
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if v.is_floating_point() and not all_finite(v):
             raise MmttsError(f"observation {key!r} contains NaN or inf; check the sensor or the environment")
     return b
 
@@ -95,6 +115,11 @@ def take_rows(batch: Mapping[str, Any], index: torch.Tensor) -> dict:
         else:
             out[k] = v
     return out
+
+
+def slice_rows(batch: Mapping[str, Any], start: int, stop: int) -> dict:
+    """The observations ``start`` to ``stop`` (views where possible)."""
+    return {k: v[start:stop] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in batch.items()}
 
 
 class GaussianPolicy(nn.Module):

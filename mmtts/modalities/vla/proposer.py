@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ...core.errors import MmttsError
-from .policy import SamplingPolicy
+from .policy import SamplingPolicy, all_finite
 from .space import ActionSpace
 
 
@@ -24,18 +24,27 @@ class NoValidActionError(MmttsError):
 @dataclass
 class Proposals:
     samples: torch.Tensor  # (B, N, H, D), invalid samples zeroed
-    valid: torch.Tensor  # (B, N) bool
+    mask: torch.Tensor | None = None  # (B, N) bool, None when every sample is valid (the common case)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, N) bool: which samples are finite."""
+        if self.mask is None:
+            return torch.ones(self.samples.shape[:2], dtype=torch.bool, device=self.samples.device)
+        return self.mask
 
     @property
     def dropped(self) -> list[int]:
         """Invalid samples per observation."""
-        return (~self.valid).sum(1).tolist()
+        if self.mask is None:
+            return [0] * self.samples.shape[0]
+        return (~self.mask).sum(1).tolist()
 
     def first(self) -> torch.Tensor:
         """The first valid sample of each observation, untouched: the anytime fallback (B, H, D)."""
-        if bool(self.valid[:, 0].all()):
+        if self.mask is None:
             return self.samples[:, 0]
-        idx = self.valid.to(torch.int64).argmax(1)
+        idx = self.mask.to(torch.int64).argmax(1)
         return self.samples[torch.arange(self.samples.shape[0]), idx]
 
 
@@ -61,6 +70,8 @@ class Proposer:
                              f"{self.space.dim}) or ({rows}, {self.num_samples}, horizon, {self.space.dim}) for "
                              f"{rows} observations, {self.num_samples} samples and {self.space.dim} action dimensions")
         out = out.detach()
+        if not out.is_floating_point() or all_finite(out):  # one reduction in the common case
+            return Proposals(out)
         valid = torch.isfinite(out).flatten(2).all(2)
         empty = (~valid.any(1)).nonzero().flatten().tolist()
         if empty:

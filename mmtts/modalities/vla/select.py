@@ -11,9 +11,16 @@ import torch
 
 from ...core.errors import MmttsError
 
+NOTHING_TO_SELECT = "every candidate scored -inf or NaN; nothing to select"
+
 
 class Selector:
-    """``Selector("argmax")`` or ``Selector("softmax", temperature=t)``; call with scores (M,) and a generator."""
+    """``Selector("argmax")`` or ``Selector("softmax", temperature=t)``.
+
+    Call it with the scores of one observation's candidates (M,) and a
+    generator for an index; :meth:`select` chooses for B observations at once
+    from a padded (B, K) score matrix.
+    """
 
     MODES = ("argmax", "softmax")
 
@@ -28,13 +35,24 @@ class Selector:
         scores = scores.detach().to(torch.float64).cpu()
         if scores.ndim != 1 or scores.numel() == 0:
             raise MmttsError(f"selector needs a non-empty vector of scores, got shape {tuple(scores.shape)}")
-        if not torch.isfinite(scores).any():
-            raise MmttsError("every candidate scored -inf or NaN; nothing to select")
+        return int(self.select(torch.nan_to_num(scores, nan=float("-inf"))[None], generator)[0])
+
+    def select(self, scores: torch.Tensor, generator: torch.Generator, checked: bool = False) -> torch.Tensor:
+        """One index per row of ``scores`` (B, K), where -inf marks a slot that is not a candidate.
+
+        Every row needs a finite score (``checked=True`` says the caller has
+        made sure of it); NaN must already be -inf. Returns (B,) int64.
+        """
         if self.mode == "argmax":
-            return int(torch.argmax(torch.nan_to_num(scores, nan=float("-inf"))))
-        logits = torch.nan_to_num(scores, nan=float("-inf")) / self.temperature
-        probs = torch.softmax(logits - logits.max(), 0)
-        return int(torch.multinomial(probs, 1, generator=generator))
+            best, index = scores.max(1)
+            if not checked and float(best.min() if best.shape[0] > 1 else best) == float("-inf"):
+                raise MmttsError(NOTHING_TO_SELECT)
+            return index
+        if not checked and not bool(torch.isfinite(scores).any(1).all()):
+            raise MmttsError(NOTHING_TO_SELECT)
+        logits = scores / self.temperature
+        probs = torch.softmax(logits - logits.max(1, keepdim=True).values, 1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def __repr__(self) -> str:
         return f"Selector({self.mode!r}, temperature={self.temperature})" if self.mode == "softmax" else "Selector('argmax')"

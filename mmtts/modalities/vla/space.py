@@ -74,7 +74,7 @@ class ActionSpace:
     def clip(self, actions: torch.Tensor) -> torch.Tensor:
         """Clip (..., D) actions to the bounds."""
         lo, hi = self.bounds(actions)
-        return torch.minimum(torch.maximum(actions, lo), hi)
+        return torch.clamp(actions, lo, hi)
 
     def vote(self, samples: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Majority value of each discrete dimension over the sample axis: (B, N, H, D) -> (B, H, len(discrete)).

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,7 +29,7 @@ from ...core.errors import MmttsError
 from ...core.rng import derive_seed
 from ...core.verifier import FunctionVerifier, Verifier
 from .augment import GaussianAugmenter, SampleSet
-from .policy import SamplingPolicy, check_shapes, take_rows
+from .policy import SamplingPolicy, check_shapes, expand_rows, slice_rows, take_rows
 from .proposer import Proposer
 from .select import Selector
 from .space import ActionSpace
@@ -42,20 +41,83 @@ class DeadlineMissed(MmttsError):
     """A control step ran past its deadline and the wrapper was told to raise rather than fall back."""
 
 
-@dataclass
 class StepDiagnostics:
-    """What one control step did, per observation, and how long each part took (seconds)."""
+    """What one control step did, per observation, and how long each part took (seconds).
 
-    step: int
-    samples: int
-    dropped: list[int]
-    candidates: list[int]
-    scores: list[torch.Tensor | None]
-    chosen: list[int]
-    early_exit: list[bool]
-    fallback: list[bool]
-    seconds: dict = field(default_factory=dict)
-    deadline_missed: bool = False
+    The step keeps its tensors and builds the per-observation lists when they
+    are read, so recording costs the control loop nothing.
+
+    - ``dropped``: invalid (NaN/inf) policy samples per observation;
+    - ``candidates``: distinct candidates per observation;
+    - ``scores``: the verifier's scores of each observation's candidates, in
+      candidate order (``None`` where nothing was scored);
+    - ``chosen``: the index of the chosen candidate among them;
+    - ``early_exit``: one distinct candidate, so the verifier was skipped;
+    - ``fallback``: the deadline left nothing scored, so the first sample was used.
+    """
+
+    def __init__(self, step: int, samples: int, rows: int, proposals, seconds: dict):
+        self.step, self.samples, self.rows, self.seconds = step, samples, rows, seconds
+        self.deadline_missed = False
+        self._proposals = proposals
+        self._cands = None  # Candidates, once drawn
+        self._scored = None  # (B, K) bool: the scored candidates (None: every distinct one, when scores exist)
+        self._scores = None  # (B, K) float64, -inf where not scored
+        self._index = None  # (B,) chosen slot
+        self._fallback = None  # (B,) bool, or None for no fallback
+        self._all_fallback = False
+
+    @property
+    def _keep(self) -> torch.Tensor | None:
+        return None if self._cands is None else self._cands.mask
+
+    @property
+    def dropped(self) -> list[int]:
+        return self._proposals.dropped
+
+    @property
+    def candidates(self) -> list[int]:
+        return [1] * self.rows if self._cands is None else self._cands.counts
+
+    @property
+    def early_exit(self) -> list[bool]:
+        if self._cands is None:
+            return [not self._all_fallback] * self.rows
+        return self._cands.early_exit
+
+    @property
+    def fallback(self) -> list[bool]:
+        if self._fallback is None:
+            return [self._all_fallback] * self.rows
+        return self._fallback.tolist()
+
+    def _scored_mask(self) -> torch.Tensor | None:
+        if self._scores is None:
+            return None
+        return self._keep if self._scored is None else self._scored
+
+    def _has_scores(self) -> list[bool]:
+        scored = self._scored_mask()
+        if scored is None:
+            return [False] * self.rows
+        has = scored.any(1)
+        if self._fallback is not None:
+            has &= ~self._fallback
+        return has.tolist()
+
+    @property
+    def scores(self) -> list[torch.Tensor | None]:
+        scored = self._scored_mask()
+        return [self._scores[b][scored[b]] if has else None for b, has in enumerate(self._has_scores())]
+
+    @property
+    def chosen(self) -> list[int]:
+        if self._index is None:
+            return [0] * self.rows
+        rank = (self._keep.cumsum(1) - 1).gather(1, self._index[:, None])[:, 0]
+        if self._fallback is not None:
+            rank = rank.masked_fill(self._fallback, 0)
+        return rank.tolist()
 
 
 class RoboMonkeyPolicy:
@@ -137,61 +199,91 @@ class RoboMonkeyPolicy:
     def choose(self, batch) -> torch.Tensor:
         """The chosen action chunk per observation, (B, H, D), recording a :class:`StepDiagnostics`."""
         t0 = time.perf_counter()
-        shapes = getattr(self.policy, "input_shapes", None)
-        rows = check_shapes(batch, shapes or {})
+        rows = check_shapes(batch, getattr(self.policy, "input_shapes", None) or {})
         g = self._generator()
         props = self.proposer(batch, rows, g)
-        fallback = props.first()
         seconds = {"propose": time.perf_counter() - t0}
         n = self.proposer.num_samples
-        diag = StepDiagnostics(self.step, n, props.dropped, [1] * rows, [None] * rows, [0] * rows, [True] * rows,
-                               [False] * rows, seconds)
+        diag = StepDiagnostics(self.step, n, rows, props, seconds)
         if n == 1 or self._late(t0):
             if n > 1:
-                diag.deadline_missed, diag.fallback, diag.early_exit = True, [True] * rows, [False] * rows
+                diag.deadline_missed, diag._all_fallback = True, True
                 self._miss(t0, "while sampling from the policy")
-            return self._finish(diag, fallback, t0)
+            return self._finish(diag, props.first(), t0)
         t1 = time.perf_counter()
-        cands = self.augmenter(props.samples, g, props.valid)
+        cands = self.augmenter(props.samples, g, props.mask)
         seconds["augment"] = time.perf_counter() - t1
-        diag.candidates = cands.counts
-        diag.early_exit = cands.early_exit
-        chosen = torch.stack([a[0] for a in cands.actions])
-        pending = [b for b in range(rows) if not diag.early_exit[b]]
-        if pending:
-            chosen = self._verify(batch, cands.actions, pending, chosen, fallback, diag, g, t0)
-        return self._finish(diag, chosen, t0)
+        k = cands.draws.shape[1]
+        diag._cands = cands
+        if cands.keep is None and k > 1:  # the usual case: K distinct candidates everywhere, scored as they lie
+            todo, where = None, None
+        else:
+            keep = cands.mask
+            todo = keep & (keep.sum(1) > 1)[:, None]  # the candidates of observations with a choice to make
+            where = todo.nonzero()  # (M, 2): observation, slot; row-major, so each observation's in draw order
+            if where.shape[0] == 0:  # every observation exits early: its one candidate is the first it kept
+                return self._finish(diag, self._take(cands.draws, keep.to(torch.int8).argmax(1)), t0)
+        return self._finish(diag, self._verify(batch, cands, todo, where, props, diag, g, t0), t0)
 
-    def _verify(self, batch, actions, pending, chosen, fallback, diag, g, t0):
+    def _verify(self, batch, cands, todo, where, props, diag, g, t0):
+        """Score the candidates marked ``todo`` (B, K) in one batch (or in chunks under a deadline) and choose."""
         t1 = time.perf_counter()
-        counts = [actions[b].shape[0] for b in pending]
-        flat = torch.cat([actions[b] for b in pending])
-        owner = torch.repeat_interleave(torch.tensor(pending), torch.tensor(counts))
-        chunk = self.verifier_chunk or flat.shape[0]
+        if where is None:  # all of them: (B*K) rows in place, each observation repeated K times
+            flat, context = cands.draws.flatten(0, 1), expand_rows(batch, cands.draws.shape[1])
+        else:
+            flat, context = cands.draws[where[:, 0], where[:, 1]], take_rows(batch, where[:, 0])
+        total = flat.shape[0]
+        chunk = self.verifier_chunk or total
         parts = []
-        for start in range(0, flat.shape[0], chunk):
+        for start in range(0, total, chunk):
             if self._late(t0):
                 diag.deadline_missed = True
-                self._miss(t0, f"with {start} of {flat.shape[0]} candidates scored")
+                self._miss(t0, f"with {start} of {total} candidates scored")
                 break
-            stop = min(start + chunk, flat.shape[0])
-            parts.append(self.verifier(flat[start:stop], take_rows(batch, owner[start:stop])))
+            if chunk == total:
+                parts.append(self.verifier(flat, context))
+            else:
+                stop = min(start + chunk, total)
+                parts.append(self.verifier(flat[start:stop], slice_rows(context, start, stop)))
         if not diag.deadline_missed and self._late(t0):
             diag.deadline_missed = True
             self._miss(t0, "while verifying candidates")
         diag.seconds["verify"] = time.perf_counter() - t1
-        scored = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
-        chosen = chosen.clone()
-        offset = 0
-        for b, count in zip(pending, counts):
-            s, offset = scored[offset:offset + count], offset + count
-            if s.numel() == 0:  # the deadline came before any of its candidates was scored
-                chosen[b], diag.fallback[b] = fallback[b], True
-                continue
-            k = self.selector(s, g)  # a partly scored observation chooses among its scored candidates
-            diag.scores[b], diag.chosen[b] = s, k
-            chosen[b] = actions[b][k]
+        scored = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.empty(0, dtype=torch.float64)
+        m, fallback = scored.shape[0], None
+        if where is None and m == total:
+            full = scored.view(cands.draws.shape[:2])
+        else:
+            if todo is None:
+                todo = cands.mask
+            # one (B, K) score matrix: -inf marks what is not a scored candidate; an observation that
+            # exits early scores its single candidate 0, so the same argmax finds it
+            if where is None:
+                where = todo.nonzero()
+            full = torch.zeros(todo.shape, dtype=torch.float64).masked_fill_(todo | ~cands.mask, float("-inf"))
+            full[where[:m, 0], where[:m, 1]] = scored
+            if m < total:  # the deadline came first: only a prefix of the candidates was scored
+                done = torch.zeros_like(todo)
+                done[where[:m, 0], where[:m, 1]] = True
+                fallback = todo.any(1) & ~done.any(1)
+                full[fallback, 0] = 0.0  # placeholder, replaced by the fallback action below
+                todo = done
+            diag._scored = todo
+        diag._scores = full
+        diag._index = index = self.selector.select(full, g)
+        chosen = self._take(cands.draws, index)
+        if fallback is not None:
+            diag._fallback = fallback
+            chosen = torch.where(fallback[:, None, None], props.first(), chosen)
         return chosen
+
+    @staticmethod
+    def _take(draws: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``draws[b, index[b]]`` for every observation: (B, K, H, D) -> (B, H, D)."""
+        b, k = draws.shape[:2]
+        if b > 1:
+            index = index + torch.arange(0, b * k, k, device=index.device)
+        return draws.flatten(0, 1).index_select(0, index)
 
     def _finish(self, diag: StepDiagnostics, chosen: torch.Tensor, t0: float) -> torch.Tensor:
         diag.seconds["total"] = time.perf_counter() - t0
