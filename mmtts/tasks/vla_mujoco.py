@@ -46,8 +46,8 @@ from ..core.errors import MmttsError
 from ..core.progress import progress_bar
 from ..core.registry import TASKS
 from ..core.rng import derive_seed
-from ..modalities.vla import (ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, RoboMonkeyPolicy,
-                              SampleSet, train_action_verifier)
+from ..modalities.vla import (ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, QuadraticFeatures,
+                              RoboMonkeyPolicy, SampleSet, train_action_verifier)
 from ..modalities.vla.gym_env import GymPolicy, run_episode
 from .base import Task
 
@@ -192,6 +192,34 @@ def _train_policy(config: dict) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def arm_frame_features() -> QuadraticFeatures:
+    """Reacher observations seen from the first link: invariant to turning the whole scene about the base.
+
+    Features: cos and sin of the elbow angle, the two joint velocities, and
+    the target position and the fingertip-minus-target vector rotated by minus
+    the shoulder angle (``cos q1 * x + sin q1 * y``, ``-sin q1 * x + cos q1 * y``).
+    The shoulder angle itself is left out: the correct torque does not depend
+    on where the arm points, only on where the target is relative to it.
+    """
+    cos1, cos2, sin1, sin2, tx, ty, qd1, qd2, dx, dy = range(STATE_DIM)
+    linear, quadratic = torch.zeros(8, STATE_DIM), torch.zeros(8, STATE_DIM, STATE_DIM)
+    for f, i in enumerate((cos2, sin2, qd1, qd2)):
+        linear[f, i] = 1.0
+    for f, (x, y) in zip((4, 6), ((tx, ty), (dx, dy))):
+        quadratic[f, cos1, x], quadratic[f, sin1, y] = 1.0, 1.0  # along the first link
+        quadratic[f + 1, sin1, x], quadratic[f + 1, cos1, y] = -1.0, 1.0  # across it
+    return QuadraticFeatures(linear, quadratic)
+
+
+FEATURES = {"raw": lambda: None, "arm-frame": arm_frame_features}
+
+
+def make_scorer(config: dict) -> MLPActionScorer:
+    """The verifier's scorer for a config (its state features and width)."""
+    return MLPActionScorer(STATE_DIM, ACTION_DIM, hidden=config["hidden"],
+                           features=FEATURES[config.get("features", "raw")]())
+
+
 def train_verifier(config: dict) -> dict[str, torch.Tensor]:
     """The synthetic-pair Bradley-Terry recipe on the demonstrations the policy saw."""
     with one_thread():
@@ -201,7 +229,7 @@ def train_verifier(config: dict) -> dict[str, torch.Tensor]:
 def _train_verifier(config: dict) -> dict[str, torch.Tensor]:
     states, actions = collect_demonstrations(config["demos"])
     torch.manual_seed(config["seed"])
-    scorer = MLPActionScorer(STATE_DIM, ACTION_DIM, hidden=config["hidden"])
+    scorer = make_scorer(config)
     scorer.set_normalisation(states)
     train_action_verifier(scorer, {"observation.state": states}, actions[:, None], steps=config["steps"],
                           batch_size=config["batch"], lr=config["lr"], alpha=config["alpha"], seed=config["seed"],
@@ -213,11 +241,11 @@ def _train_verifier(config: dict) -> dict[str, torch.Tensor]:
 DEMOS = {"env": ENV_ID, "expert": "ik-pd kp=2 kd=0.1", "episodes": 100, "noise": 0.3, "seed": 0}
 POLICY_CONFIG = {"demos": DEMOS, "arch": "gaussian-mlp", "hidden": 128, "steps": 3000, "batch": 256, "lr": 1e-3,
                  "seed": 0}
-VERIFIER_CONFIG = {"demos": DEMOS, "arch": "mlp-scorer", "hidden": 128, "steps": 3000, "batch": 256, "lr": 3e-3,
-                   "alpha": 1.0, "min_scale": 0.02, "max_scale": 1.0, "seed": 0}
+VERIFIER_CONFIG = {"demos": DEMOS, "arch": "mlp-scorer", "features": "arm-frame", "hidden": 128, "steps": 3000,
+                   "batch": 1024, "lr": 3e-3, "alpha": 1.0, "min_scale": 0.02, "max_scale": 1.0, "seed": 0}
 QUICK_DEMOS = {**DEMOS, "episodes": 20}
 QUICK_POLICY_CONFIG = {**POLICY_CONFIG, "demos": QUICK_DEMOS, "hidden": 64, "steps": 300}
-QUICK_VERIFIER_CONFIG = {**VERIFIER_CONFIG, "demos": QUICK_DEMOS, "hidden": 64, "steps": 300}
+QUICK_VERIFIER_CONFIG = {**VERIFIER_CONFIG, "demos": QUICK_DEMOS, "hidden": 64, "steps": 300, "batch": 256}
 
 
 def power_law_fit(budgets, errors) -> tuple[float, float]:
@@ -264,7 +292,7 @@ class VLAMujoco(Task):
             pc, vc = self.policy_config, self.verifier_config
             net = GaussianMLP(hidden=pc["hidden"])
             net.load_state_dict(self.cache.load_or_train("vla-mujoco-policy", pc, lambda: train_policy(pc)))
-            scorer = MLPActionScorer(STATE_DIM, ACTION_DIM, hidden=vc["hidden"])
+            scorer = make_scorer(vc)
             scorer.load_state_dict(self.cache.load_or_train("vla-mujoco-verifier", vc, lambda: train_verifier(vc)))
             self._models = (GaussianPolicy(net.eval(), STATE_DIM), ActionVerifier(scorer.eval()))
         return self._models

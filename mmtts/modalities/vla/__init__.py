@@ -13,9 +13,9 @@ from .proposer import NoValidActionError, Proposer
 from .select import Selector
 from .space import ActionSpace
 from .train import bradley_terry_margin_loss, synthetic_pairs, train_action_verifier
-from .verifier import ActionVerifier, MLPActionScorer
+from .verifier import ActionVerifier, MLPActionScorer, QuadraticFeatures
 from .wrapper import DeadlineMissed, RoboMonkeyPolicy, StepDiagnostics
 
 __all__ = ["ActionSpace", "ActionVerifier", "Candidates", "DeadlineMissed", "GaussianAugmenter", "GaussianPolicy",
-           "MLPActionScorer", "NoValidActionError", "NoisePolicy", "Proposer", "RoboMonkeyPolicy", "SampleSet", "SamplingPolicy",
-           "Selector", "StepDiagnostics", "bradley_terry_margin_loss", "synthetic_pairs", "train_action_verifier"]
+           "MLPActionScorer", "NoValidActionError", "NoisePolicy", "Proposer", "QuadraticFeatures", "RoboMonkeyPolicy",
+           "SampleSet", "SamplingPolicy", "Selector", "StepDiagnostics", "bradley_terry_margin_loss", "synthetic_pairs", "train_action_verifier"]

@@ -57,40 +57,93 @@ class ActionVerifier(Verifier):
         return self.scorer(context, acts).reshape(-1)
 
 
-class MLPActionScorer(nn.Module):
-    """A small state-action scorer: an MLP on the standardised state and the flattened action (chunk).
+class QuadraticFeatures(nn.Module):
+    """A fixed quadratic map of the state, ``f(x) = L x + Q (x outer x)``: (M, S) -> (M, F).
 
+    Selections, sums and differences are its linear part; products, such as a
+    vector turned into the frame of an observed angle (``cos a * x + sin a * y``),
+    its quadratic part. Because the map is fixed, a scorer folds it into its
+    first layer when scoring. ``linear`` is (F, S), ``quadratic`` (F, S, S).
+    """
+
+    def __init__(self, linear: torch.Tensor, quadratic: torch.Tensor | None = None):
+        super().__init__()
+        linear = torch.as_tensor(linear, dtype=torch.float32)
+        f, s = linear.shape
+        quadratic = torch.zeros(f, s, s) if quadratic is None else torch.as_tensor(quadratic, dtype=torch.float32)
+        if quadratic.shape != (f, s, s):
+            raise MmttsError(f"a quadratic feature map with linear part {(f, s)} needs a quadratic part of shape "
+                             f"{(f, s, s)}, got {tuple(quadratic.shape)}")
+        self.register_buffer("linear", linear)
+        self.register_buffer("quadratic", quadratic)
+
+    @property
+    def in_dim(self) -> int:
+        return self.linear.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        return self.linear.shape[0]
+
+    @staticmethod
+    def outer(x: torch.Tensor) -> torch.Tensor:
+        """All pairwise products of the state's entries, (M, S * S)."""
+        return (x.unsqueeze(2) * x.unsqueeze(1)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.linear.T + self.outer(x) @ self.quadratic.flatten(1).T
+
+
+class MLPActionScorer(nn.Module):
+    """A small state-action scorer: an MLP on the standardised state (features) and the flattened action (chunk).
+
+    ``features`` (a :class:`QuadraticFeatures`) replaces the raw state by a
+    fixed map of it, for instance one invariant to a symmetry of the task.
     The standardisation statistics are buffers, so they travel with the
     weights in a safetensors state dict. When scoring without gradients the
-    standardisation is folded into the first layer (recomputed whenever the
-    weights or the statistics change), which saves two operations per call.
+    feature map and the standardisation are folded into the first layer
+    (recomputed whenever the weights or the statistics change), which saves
+    their operations on every call.
     """
 
     def __init__(self, state_dim: int, action_dim: int, horizon: int = 1, hidden: int = 128,
-                 state_key: str = STATE_KEY):
+                 state_key: str = STATE_KEY, features: QuadraticFeatures | None = None):
         super().__init__()
+        if features is not None and features.in_dim != state_dim:
+            raise MmttsError(f"the feature map reads states of {features.in_dim} entries; the scorer's are {state_dim}")
         self.state_key, self.horizon, self.action_dim = state_key, horizon, action_dim
-        self.net = nn.Sequential(nn.Linear(state_dim + horizon * action_dim, hidden), nn.SiLU(),
+        self.features = features
+        width = state_dim if features is None else features.out_dim
+        self.net = nn.Sequential(nn.Linear(width + horizon * action_dim, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        self.register_buffer("state_mean", torch.zeros(state_dim))
-        self.register_buffer("state_std", torch.ones(state_dim))
+        self.register_buffer("state_mean", torch.zeros(width))
+        self.register_buffer("state_std", torch.ones(width))
         self._folded: tuple | None = None
 
     def set_normalisation(self, states: torch.Tensor) -> None:
+        """Standardise by the mean and standard deviation of (the features of) ``states`` (M, S)."""
+        if self.features is not None:
+            states = self.features(states.to(self.state_mean.dtype))
         self.state_mean.copy_(states.mean(0))
         self.state_std.copy_(states.std(0).clamp(min=1e-6))
 
     def _first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's weight and bias with the state standardisation folded in."""
+        """The first layer's weight and bias with the standardisation (and the feature map) folded in.
+
+        Its input is then the raw state (and, with features, the state's
+        pairwise products) followed by the action.
+        """
         lin, mean, std = self.net[0], self.state_mean, self.state_std
         key = (lin.weight._version, lin.bias._version, mean._version, std._version, lin.weight.data_ptr(),
                mean.data_ptr(), std.data_ptr())
         if self._folded is None or self._folded[0] != key:
             n = mean.shape[0]
-            w = lin.weight.detach().clone()
-            w[:, :n] = w[:, :n] / std
-            b = lin.bias.detach() - w[:, :n] @ mean
-            self._folded = (key, w, b)
+            w_state = lin.weight.detach()[:, :n] / std
+            b = lin.bias.detach() - w_state @ mean
+            if self.features is not None:
+                f = self.features
+                w_state = torch.cat([w_state @ f.linear, w_state @ f.quadratic.flatten(1)], 1)
+            self._folded = (key, torch.cat([w_state, lin.weight.detach()[:, n:]], 1), b)
         return self._folded[1], self._folded[2]
 
     def forward(self, observations: Mapping[str, Any], actions: torch.Tensor) -> torch.Tensor:
@@ -105,8 +158,10 @@ class MLPActionScorer(nn.Module):
             a = a.to(s.dtype)
         hidden, out = self.net[2], self.net[4]
         if torch.is_grad_enabled():
-            first = self.net[0](torch.cat([(s - self.state_mean) / self.state_std, a], 1))
+            x = s if self.features is None else self.features(s)
+            first = self.net[0](torch.cat([(x - self.state_mean) / self.state_std, a], 1))
         else:
-            first = F.linear(torch.cat([s, a], 1), *self._first_layer())
+            inputs = [s, a] if self.features is None else [s, QuadraticFeatures.outer(s), a]
+            first = F.linear(torch.cat(inputs, 1), *self._first_layer())
         h = F.linear(F.silu(first), hidden.weight, hidden.bias)
         return F.linear(F.silu(h), out.weight, out.bias).view(-1)
