@@ -80,7 +80,7 @@ def distinct_rows(rows: torch.Tensor, decimals: int | None = None,
     g, m, f = rows.shape
     if valid is None and g * m * m * f <= PAIRWISE_LIMIT:
         key = rows if decimals is None else torch.round(rows, decimals=decimals)
-        earlier_equal = (key[:, :, None] == key[:, None]).all(3).tril_(-1)  # [g, i, j]: row i repeats row j < i
+        earlier_equal = (key.unsqueeze(2) == key.unsqueeze(1)).all(3).tril_(-1)  # [g, i, j]: row i repeats row j < i
         if not bool(earlier_equal.any()):
             return None
         return ~earlier_equal.any(2)
@@ -101,7 +101,7 @@ def first_unique_mask(rows: torch.Tensor, decimals: int | None = None,
     key = rows if decimals is None else torch.round(rows, decimals=decimals)
     g, m, f = key.shape
     if g * m * m * f <= PAIRWISE_LIMIT:
-        same = (key[:, :, None] == key[:, None]).all(3)  # (G, M, M): row i equals row j
+        same = (key.unsqueeze(2) == key.unsqueeze(1)).all(3)  # (G, M, M): row i equals row j
         if valid is not None:
             same &= valid[:, None]
         keep = ~same.tril_(-1).any(2)  # no equal row before it

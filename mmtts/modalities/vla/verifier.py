@@ -42,7 +42,7 @@ class ActionVerifier(Verifier):
         raw = self.score(outputs, context)
         self._evaluations += n
         if isinstance(raw, torch.Tensor) and raw.shape == (n,) and raw.is_floating_point() and all_finite(raw):
-            return raw.detach().to(device="cpu", dtype=torch.float64)
+            return raw.detach().double() if raw.is_cpu else raw.detach().to("cpu", torch.float64)
         return check_scores(raw, n, self.name, self.nonfinite)
 
     @torch.no_grad()
@@ -127,24 +127,35 @@ class MLPActionScorer(nn.Module):
         self.state_mean.copy_(states.mean(0))
         self.state_std.copy_(states.std(0).clamp(min=1e-6))
 
-    def _first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's weight and bias with the standardisation (and the feature map) folded in.
+    def _sources(self) -> list[torch.Tensor]:
+        """The tensors the scoring parameters are computed from (looked up in the modules' own dicts: cheap)."""
+        m, buffers = self.net._modules, self._buffers
+        p1, p2, p3 = m["0"]._parameters, m["2"]._parameters, m["4"]._parameters
+        return [p1["weight"], p1["bias"], p2["weight"], p2["bias"], p3["weight"], p3["bias"], buffers["state_mean"],
+                buffers["state_std"]]
 
-        Its input is then the raw state (and, with features, the state's
-        pairwise products) followed by the action.
+    def _eval_params(self) -> tuple[torch.Tensor, ...]:
+        """(w1, b1, w2, b2, w3, b3) for scoring, the standardisation (and the feature map) folded into w1, b1.
+
+        The first layer's input is then the raw state (and, with features, the
+        state's pairwise products) followed by the action. The folded copy is
+        kept while every source tensor is the same object at the same version
+        (so an optimiser step, ``load_state_dict`` or ``.to()`` refreshes it).
         """
-        lin, mean, std = self.net[0], self.state_mean, self.state_std
-        key = (lin.weight._version, lin.bias._version, mean._version, std._version, lin.weight.data_ptr(),
-               mean.data_ptr(), std.data_ptr())
-        if self._folded is None or self._folded[0] != key:
-            n = mean.shape[0]
-            w_state = lin.weight.detach()[:, :n] / std
-            b = lin.bias.detach() - w_state @ mean
-            if self.features is not None:
-                f = self.features
-                w_state = torch.cat([w_state @ f.linear, w_state @ f.quadratic.flatten(1)], 1)
-            self._folded = (key, torch.cat([w_state, lin.weight.detach()[:, n:]], 1), b)
-        return self._folded[1], self._folded[2]
+        srcs = self._sources()
+        key = [id(t) for t in srcs] + [t._version for t in srcs]  # the cache holds the sources: ids stay unique
+        cache = self._folded
+        if cache is not None and cache[0] == key:
+            return cache[2]
+        w1, b1, w2, b2, w3, b3, mean, std = (t.detach() for t in srcs)
+        n = mean.shape[0]
+        w_state = w1[:, :n] / std
+        if self.features is not None:
+            f = self.features
+            w_state = torch.cat([w_state @ f.linear, w_state @ f.quadratic.flatten(1)], 1)
+        params = (torch.cat([w_state, w1[:, n:]], 1), b1 - (w1[:, :n] / std) @ mean, w2, b2, w3, b3)
+        self._folded = (key, srcs, params)
+        return params
 
     def forward(self, observations: Mapping[str, Any], actions: torch.Tensor) -> torch.Tensor:
         s = observations[self.state_key]
@@ -156,12 +167,9 @@ class MLPActionScorer(nn.Module):
                              f"{tuple(actions.shape[1:])}")
         if a.dtype != s.dtype:
             a = a.to(s.dtype)
-        hidden, out = self.net[2], self.net[4]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # training: the explicit standardisation, so gradients reach every layer
             x = s if self.features is None else self.features(s)
-            first = self.net[0](torch.cat([(x - self.state_mean) / self.state_std, a], 1))
-        else:
-            inputs = [s, a] if self.features is None else [s, QuadraticFeatures.outer(s), a]
-            first = F.linear(torch.cat(inputs, 1), *self._first_layer())
-        h = F.linear(F.silu(first), hidden.weight, hidden.bias)
-        return F.linear(F.silu(h), out.weight, out.bias).view(-1)
+            return self.net(torch.cat([(x - self.state_mean) / self.state_std, a], 1)).view(-1)
+        w1, b1, w2, b2, w3, b3 = self._eval_params()
+        x = torch.cat([s, a] if self.features is None else [s, QuadraticFeatures.outer(s), a], 1)
+        return F.linear(F.silu(F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)), w3, b3).view(-1)
