@@ -111,6 +111,9 @@ def test_zero_order_neighbours_lie_on_the_sphere():
     nb = sphere_neighbours(pivot, torch.randn(64, 4, 6, 5), radius=0.3)
     dist = (nb - pivot).reshape(64, -1).norm(dim=1)
     assert torch.allclose(dist, torch.full((64,), 0.3 * math.sqrt(d)), rtol=1e-5)
+    # and they keep the pivot's norm, so repeated moves do not walk the noise off its shell
+    norms = nb.reshape(64, -1).norm(dim=1)
+    assert torch.allclose(norms, pivot.norm().expand(64), rtol=1e-5)
     # directions are spread out: the mean offset is much shorter than the radius
     assert float((nb - pivot).mean(0).norm()) < 0.3 * 0.3 * math.sqrt(d)
 
