@@ -158,8 +158,57 @@ def test_evosearch_schedule_grows_with_budget_and_mutates():
     p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
     small = mmtts.search(p, REWARD, "evosearch", population=4, budget=40, seed=0)
     big = mmtts.search(p, REWARD, "evosearch", population=4, budget=400, seed=0)
-    assert small.extra["generations"] == 1 and big.extra["generations"] > 5
-    assert big.extra["stages"] == sorted(big.extra["stages"]) and big.extra["stages"][0] == 0
+    assert small.extra["generations"] == 1 and small.extra["stages"] == []
+    # 4 initial (40 NFE), the trajectory phase from stage 1 (4 x 9 NFE), noise generations of 3 children in the rest
+    assert big.extra["stages"] == list(range(1, 10)) and big.extra["noise_generations"] == 1 + (400 - 40 - 36) // 30
     assert big.best_score >= small.best_score  # the archive only grows
-    with pytest.raises(mmtts.BudgetError, match="generation"):
-        mmtts.search(p, REWARD, "evosearch", population=4, generations=30, budget=100, seed=0)
+    with pytest.raises(mmtts.BudgetError, match="noise generation"):
+        mmtts.search(p, REWARD, "evosearch", population=4, noise_generations=30, budget=100, seed=0)
+    with pytest.raises(ValueError, match="increasing"):
+        mmtts.create_strategy("evosearch", stages=[0, 3])
+
+
+@pytest.mark.parametrize("kw", [{"noise_generations": 0}, {"noise_generations": 0, "initial": 12, "stages": [2, 5]},
+                                {}, {"noise_generations": 2, "stages": [4, 8]}])
+def test_evosearch_costs_what_its_plan_says_and_answers_the_best_ever_seen(kw):
+    p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
+    r = mmtts.search(p, REWARD, "evosearch", population=6, budget=300, seed=1, **kw)
+    x = r.extra
+    first = x["stages"][0]
+    P, kids = 6, 6 - 6 // 4
+    if x["noise_generations"] == 0:
+        nfe, calls = x["initial"] * first + P * (10 - first), x["initial"] + P * len(x["stages"])
+    else:
+        nfe = x["initial"] * 10 + (x["noise_generations"] - 1) * kids * 10 + P * (10 - first)
+        calls = x["initial"] + (x["noise_generations"] - 1) * kids + P * len(x["stages"])
+    assert r.budget["nfe"] == nfe <= 300 and r.budget["verifier_calls"] == calls
+    finished = [s for e in r.trace for s in e["scores"]]
+    assert r.best_score == pytest.approx(max(finished))  # every finished candidate is in the archive
+
+
+def test_evosearch_trajectory_mutation_is_applied_before_the_step():
+    """A child's latent at its evolution stage is the parent's plus latent_scale * sigma_t * eps."""
+    from mmtts.search.evosearch import EvoSearch
+    p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
+    st = p.step(p.step(p.init(Streams.spawn(0, 4000))))
+    kid = p.perturb(st, 0.5)
+    d = kid.data["x"] - st.data["x"]
+    assert float(d.std()) == pytest.approx(0.5 * float(p.ancestral_sigma(st.stage[:1])), rel=0.03)
+    # scale 0: the trajectory phase only selects, so with a deterministic sampler every final output is one
+    # of the candidates that reached the first evolution stage, carried on unchanged
+    r = mmtts.search(p, REWARD, EvoSearch(population=5, noise_generations=0, latent_scale=0.0, stages=[3, 6]),
+                     budget=60, seed=2)
+    plain = run_to_end(p, 5, seed=2)
+    assert any(torch.allclose(r.outputs[0], y) for y in plain)
+
+
+def test_zero_order_resamples_the_pivot_when_no_neighbour_improves():
+    from mmtts.core import FunctionVerifier
+    p = GMMDiffusion(MIX, 5, sampler="ddim", eta=0.0)
+    flat = FunctionVerifier(lambda x: torch.zeros(len(x), dtype=torch.float64), name="flat")  # nothing improves
+    budget = 5 * (1 + 3 * 4)
+    r = mmtts.search(p, flat, "zero-order", neighbours=3, budget=budget, seed=0)
+    # four iterations: neighbours (none better), fresh noises (the best is the new pivot), neighbours, fresh
+    assert r.extra == {"moves": 0, "restarts": 2} and r.budget["nfe"] == budget
+    stay = mmtts.search(p, flat, "zero-order", neighbours=3, restart=False, budget=budget, seed=0)
+    assert stay.extra == {"moves": 0, "restarts": 0}

@@ -111,7 +111,7 @@ def test_a_nan_model_names_the_step():
 
 def test_evosearch_with_one_generation_is_best_of_n():
     proc = ImageProcess(tiny_unet(), schedule_from_scheduler(DDIMScheduler(num_train_timesteps=100), 4), (1, 8, 8))
-    evo = mmtts.search(proc, MEAN, "evosearch", population=5, generations=1, budget=20, seed=3)
+    evo = mmtts.search(proc, MEAN, "evosearch", population=5, noise_generations=1, stages=[], budget=20, seed=3)
     bon = mmtts.search(proc, MEAN, "best-of-n", n=5, budget=20, seed=3)
     assert torch.equal(evo.outputs, bon.outputs) and evo.best_score == bon.best_score
 

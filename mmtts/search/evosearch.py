@@ -13,43 +13,55 @@ from ..core.strategy import SearchContext, Selection, Strategy
 from .best_of_n import top_k
 
 
-def default_evolution_stages(T: int, generations: int) -> list[int]:
-    """Stage at which each generation after the first evolves: from the initial noise to halfway.
-
-    Early generations explore the noise; later ones refine a trajectory from a
-    partly denoised latent, which is also cheaper (fewer stages left to run).
-    """
-    later = generations - 1
-    if later <= 1:
-        return [0] * later
-    return [int(round((T // 2) * g / (later - 1))) for g in range(later)]
+def default_evolution_stages(T: int) -> list[int]:
+    """Every stage after the first: the trajectory is refined wherever an x0-hat can be scored."""
+    return list(range(1, T))
 
 
 @STRATEGIES.register("evosearch")
 class EvoSearch(Strategy):
-    """Evolutionary search over denoising trajectories.
+    """Evolutionary search over the initial noise, then along the denoising trajectory.
 
-    Generation 0 runs ``population`` fresh candidates to the end. Each later
-    generation g evolves at stage e_g: the ``elites`` best of the archive (every
-    candidate evaluated so far) survive unchanged and unpaid-for, and the rest of
-    the population are children: a parent is the best of ``tournament``
-    members drawn from the top ``archive_fraction`` of the archive, its latent
-    at stage e_g is mutated *before* step e_g is taken (at e_g = 0:
-    sqrt(1 - b^2) x + b eps with b = ``noise_beta``, which keeps the noise
-    standard normal; later: x + ``latent_scale`` * sigma_t * eps with sigma_t the
-    sampler's stochastic std at that step), and the child runs to the end and is
-    scored. Children get fresh forked streams. The number of generations is as
-    many as the budget pays for, unless ``generations`` is given.
+    **Noise generations.** Generation 0 runs ``initial`` fresh noises to the end
+    and scores them (best-of-``initial``). Each further noise generation breeds
+    ``population - elites`` children: a parent is the best of ``tournament``
+    members drawn from the top ``archive_fraction`` of the archive (every
+    candidate finished so far; the archive's best, the elites, survive in it
+    unchanged and are not paid for again), its noise is mutated as
+    sqrt(1 - b^2) x + b eps with b = ``noise_beta`` (still standard normal), and
+    the child runs to the end and is scored.
 
-    One generation with no mutation is best-of-N over ``population`` candidates.
+    **Trajectory generations** at the evolution ``stages`` e_1 < e_2 < ...:
+    the population at e_1 is ``population`` children of tournament parents from
+    the archive, taken from the parents' latents saved at e_1 (no forwards
+    repeated); at each later e_k it is the generation that reached e_k, scored by
+    the verifier on its x0-hat preview, whose ``elites`` best go on unchanged
+    and whose other places are children of tournament parents over the top
+    ``archive_fraction`` of it. A child's latent is mutated *before* step e_k is
+    taken, x + ``latent_scale`` * sigma_t * eps, with sigma_t the sampler's
+    stochastic std at that step (the posterior std for a deterministic sampler).
+    The last generation is run to the end and scored on its final outputs. A
+    preview costs no forward, so the trajectory phase costs ``population``
+    candidates from e_1 on; the noise generations are as many as the rest of the
+    budget pays for, unless ``noise_generations`` is given. With
+    ``noise_generations=0`` nothing is fully denoised before the trajectory
+    phase: the ``initial`` fresh noises run to e_1 and are scored on their x0-hat
+    there, and the first trajectory generation comes from them (elites included),
+    so the whole budget goes to the trajectory. Scores at different stages are
+    not comparable, so the trajectory phase's archive is the generation at hand;
+    its elites carry the best forward.
+
+    The answer is the best finished candidate ever seen. With no evolution stage
+    and one noise generation (no mutation) this is best-of-``initial``.
     """
 
-    def __init__(self, population: int = 8, elites: int | None = None, tournament: int = 2,
-                 archive_fraction: float = 0.9, noise_beta: float = 0.2, latent_scale: float = 1.0,
-                 generations: int | None = None, stages: list[int] | None = None, keep: int = 1):
-        if population < 1 or tournament < 1 or keep < 1:
-            raise ValueError(f"evosearch needs population, tournament and keep >= 1; got "
-                             f"{population}, {tournament}, {keep}")
+    def __init__(self, population: int = 8, initial: int | None = None, elites: int | None = None,
+                 tournament: int = 2, archive_fraction: float = 0.9, noise_beta: float = 0.2,
+                 latent_scale: float = 1.0, noise_generations: int | None = None, stages: list[int] | None = None,
+                 keep: int = 1):
+        if population < 1 or tournament < 1 or keep < 1 or (initial is not None and initial < 1):
+            raise ValueError(f"evosearch needs population, initial, tournament and keep >= 1; got "
+                             f"{population}, {initial}, {tournament}, {keep}")
         elites = max(1, population // 4) if elites is None else elites
         if not 0 <= elites < population and population > 1:
             raise ValueError(f"elites={elites} must be in [0, population={population})")
@@ -57,102 +69,135 @@ class EvoSearch(Strategy):
             raise ValueError(f"archive_fraction={archive_fraction} must be in (0, 1]")
         if not 0 <= noise_beta <= 1:
             raise ValueError(f"noise_beta={noise_beta} must be in [0, 1]")
-        if generations is not None and generations < 1:
-            raise ValueError(f"generations={generations} must be at least 1")
-        super().__init__(population=population, elites=elites, tournament=tournament,
+        if noise_generations is not None and noise_generations < 0:
+            raise ValueError(f"noise_generations={noise_generations} must be >= 0")
+        if stages is not None and (list(stages) != sorted(set(stages)) or any(e < 1 for e in stages)):
+            raise ValueError(f"evolution stages {stages} must be strictly increasing and >= 1 (the initial noise "
+                             "evolves in the noise generations)")
+        super().__init__(population=population, initial=initial, elites=elites, tournament=tournament,
                          archive_fraction=archive_fraction, noise_beta=noise_beta, latent_scale=latent_scale,
-                         generations=generations, stages=stages, keep=keep)
-        self.P, self.elites, self.tournament, self.frac = population, elites, tournament, archive_fraction
-        self.beta, self.latent_scale, self.generations, self.stages, self.keep = (
-            noise_beta, latent_scale, generations, stages, keep)
+                         noise_generations=noise_generations, stages=stages, keep=keep)
+        self.P, self.initial, self.elites, self.tournament, self.frac = (
+            population, population if initial is None else initial, elites, tournament, archive_fraction)
+        self.beta, self.latent_scale, self.noise_generations, self.stages, self.keep = (
+            noise_beta, latent_scale, noise_generations, stages, keep)
+
+    @property
+    def kids(self) -> int:
+        """Children per noise generation and per later trajectory generation."""
+        return self.P - min(self.elites, self.P - 1) if self.P > 1 else 1
 
     # -- schedule --------------------------------------------------------------------
-    def plan(self, ctx: SearchContext) -> tuple[int, list[int]]:
-        p = ctx.process
+    def plan(self, ctx: SearchContext) -> dict:
+        """Size the run from the budget: initial candidates, noise generations, evolution stages."""
+        p, b = ctx.process, ctx.budget
         T = p.num_stages
-        b = ctx.budget
-        cost = lambda e, k: k * int(p.stage_nfe(torch.arange(e, T)).sum())  # noqa: E731
-        P = self.P
-        if b.remaining_nfe < cost(0, P) or b.remaining_verifier_calls < P:
-            cap = ctx.candidates_affordable()
-            if self.generations not in (None, 1) or cap < 1:
-                b.require_candidates(P, p.nfe_per_candidate())
-            P = cap  # the budget pays for less than one population: best-of-N over what it affords
-        kids = P - min(self.elites, P - 1) if P > 1 else 1
-
-        def total(stages):
-            return cost(0, P) + sum(cost(e, kids) for e in stages), P + kids * len(stages)
-
-        def fits(stages):
-            nfe, calls = total(stages)
-            return nfe <= b.remaining_nfe and calls <= b.remaining_verifier_calls
-
-        def schedule(g):
-            st = list(self.stages[: g - 1]) if self.stages is not None else default_evolution_stages(T, g)
-            if any(not 0 <= e < T for e in st) or st != sorted(st):
-                raise ValueError(f"evolution stages {st} must be non-decreasing and lie in [0, {T})")
-            return st
-
-        if self.generations is not None:
-            chosen = schedule(self.generations)
-            if len(chosen) < self.generations - 1 or not fits(chosen):
-                raise BudgetError(f"{self.generations} generation(s) of {P} cost {total(chosen)[0]} NFE and "
-                                  f"{total(chosen)[1]} verifier calls; the budget has {b.remaining_nfe} NFE and "
-                                  f"{b.remaining_verifier_calls} calls")
-        else:
-            limit = (len(self.stages) + 1) if self.stages is not None else 1000
-            g = 1
-            while g < limit and fits(schedule(g + 1)):
-                g += 1
-            chosen = schedule(g)
-        return P, chosen
+        nfe = lambda lo, hi=T: int(p.stage_nfe(torch.arange(lo, hi)).sum())  # noqa: E731
+        stages = list(self.stages) if self.stages is not None else default_evolution_stages(T)
+        if any(e >= T for e in stages):
+            raise ValueError(f"evolution stages {stages} must lie in [1, {T})")
+        n0, G = self.initial, self.noise_generations
+        if G == 0:  # the initial candidates are scored on their x0-hat at the first evolution stage
+            if not stages:
+                raise ValueError("noise_generations=0 needs at least one evolution stage")
+            need = (n0 * nfe(0, stages[0]) + self.P * nfe(stages[0]), n0 + self.P * len(stages))
+            if need[0] > b.remaining_nfe or need[1] > b.remaining_verifier_calls:
+                raise BudgetError(f"{n0} initial candidates to stage {stages[0]} and a population of {self.P} "
+                                  f"from there cost {need[0]} NFE and {need[1]} verifier calls; the budget has "
+                                  f"{b.remaining_nfe} NFE and {b.remaining_verifier_calls} calls")
+            return {"initial": n0, "noise_generations": 0, "stages": stages}
+        if b.remaining_nfe < n0 * nfe(0) or b.remaining_verifier_calls < n0:
+            if G not in (None, 1) or self.stages:
+                b.require_candidates(n0, p.nfe_per_candidate())
+            n0 = ctx.candidates_affordable()  # less than one initial generation: best-of-N over what it affords
+            if n0 < 1:
+                b.require_candidates(1, p.nfe_per_candidate())
+            return {"initial": n0, "noise_generations": 1, "stages": []}
+        nfe_left, calls_left = b.remaining_nfe - n0 * nfe(0), b.remaining_verifier_calls - n0
+        trajectory = (self.P * nfe(stages[0]), self.P * len(stages)) if stages else (0, 0)
+        if trajectory[0] > nfe_left or trajectory[1] > calls_left:
+            if self.stages is not None:
+                raise BudgetError(f"the trajectory generations at stages {stages} cost {trajectory[0]} NFE and "
+                                  f"{trajectory[1]} verifier calls after the initial {n0} candidates; the budget "
+                                  f"leaves {nfe_left} NFE and {calls_left} calls")
+            stages, trajectory = [], (0, 0)
+        nfe_left, calls_left = nfe_left - trajectory[0], calls_left - trajectory[1]
+        affordable = 1 + int(min(nfe_left / (self.kids * nfe(0)), calls_left / self.kids))
+        if G is None:
+            G = affordable
+        elif G > affordable:
+            raise BudgetError(f"{G} noise generation(s) ({n0} candidates, then {self.kids} children each) do not "
+                              f"fit the budget with the trajectory generations; at most {affordable} do")
+        return {"initial": n0, "noise_generations": G, "stages": stages}
 
     # -- running ------------------------------------------------------------------------
-    def _evaluate(self, ctx: SearchContext, state: State, snapshot_at: list[int]):
-        """Run candidates to the end, keeping copies of their states at the given stages."""
-        snaps = {}
-        for e in snapshot_at:
-            if int(state.stage[0]) == e:
-                snaps[e] = state
+    def _finish(self, ctx: SearchContext, state: State, snapshot_at: int | None):
+        """Run candidates to the end, keeping their states at ``snapshot_at``; score the outputs."""
+        snap = state if snapshot_at is not None and int(state.stage[0]) == snapshot_at else None
         while not bool(ctx.process.is_done(state).all()):
             state = ctx.step(state)
-            s = int(state.stage[0])
-            if s in snapshot_at:
-                snaps[s] = state
+            if int(state.stage[0]) == snapshot_at:
+                snap = state
         out = ctx.finish(state)
-        return out, ctx.score(out, state), state, snaps
+        return out, ctx.score(out, state), state, snap
 
     def run(self, ctx: SearchContext) -> Selection:
         loop = ctx.restored
         if loop is None:
-            P, stages = self.plan(ctx)
-            out, s, final, snaps = self._evaluate(ctx, ctx.fresh(P), stages)
-            loop = {"P": P, "stages": stages, "gen": 0,
-                    "archive": {"outputs": out, "scores": s, "final": final,
-                                "snaps": {str(e): snaps[e] for e in stages}}}
+            plan = self.plan(ctx)
+            first = plan["stages"][0] if plan["stages"] else None
+            noise = ctx.fresh(plan["initial"])
+            if plan["noise_generations"] == 0:
+                pop = ctx.advance(noise, first)
+                loop = {"plan": plan, "gen": 0, "k": 0, "population": pop, "archive": None,
+                        "pop_scores": ctx.score(ctx.preview(pop), pop, final=False)}
+            else:
+                out, s, final, snap = self._finish(ctx, noise, first)
+                loop = {"plan": plan, "gen": 1, "k": 0, "population": None, "pop_scores": None,
+                        "archive": {"outputs": out, "scores": s, "final": final, "noise": noise, "snap": snap}}
             ctx.checkpoint(loop)
-        P, stages, arch = loop["P"], loop["stages"], loop["archive"]
-        while loop["gen"] < len(stages):
-            e = stages[loop["gen"]]
-            scores = arch["scores"]
-            parents = self._tournament(ctx, scores, P - min(self.elites, P - 1) if P > 1 else 1)
-            snap = arch["snaps"][str(e)]
-            kids = snap.resample(parents, fork_all=True)
-            scale = self.beta if e == 0 else self.latent_scale
-            kids = ctx.process.perturb(kids, scale)
-            later = sorted(set(stages[loop["gen"] + 1:]))
-            out, s, final, snaps = self._evaluate(ctx, kids, later)
-            arch = self._grow(arch, out, s, final, snaps, later)
+        plan, arch = loop["plan"], loop["archive"]
+        stages = plan["stages"]
+        first = stages[0] if stages else None
+        while loop["gen"] < plan["noise_generations"]:
+            parents = self._tournament(ctx, arch["scores"], self.kids)
+            kids = ctx.process.perturb(arch["noise"].resample(parents, fork_all=True), self.beta)
+            out, s, final, snap = self._finish(ctx, kids, first)
+            arch = self._grow(arch, out, s, final, kids, snap)
             loop.update(gen=loop["gen"] + 1, archive=arch)
+            ctx.checkpoint(loop)
+        while loop["k"] < len(stages):
+            k = loop["k"]
+            if loop["population"] is None:  # the elites are in the archive, finished: every place is a child
+                pop = arch["snap"].resample(self._tournament(ctx, arch["scores"], self.P), fork_all=True)
+                pop = ctx.process.perturb(pop, self.latent_scale)
+            else:
+                pop, ps = loop["population"], loop["pop_scores"]
+                elite = top_k(ps, min(self.elites, self.P - 1) if self.P > 1 else 0)
+                kids = pop.resample(self._tournament(ctx, ps, self.P - len(elite)), fork_all=True)
+                kids = ctx.process.perturb(kids, self.latent_scale)
+                pop = State.cat([pop.select(elite), kids]) if len(elite) else kids
+            nxt = stages[k + 1] if k + 1 < len(stages) else ctx.process.num_stages
+            pop = ctx.advance(pop, nxt - stages[k])
+            if k + 1 < len(stages):
+                ps = ctx.score(ctx.preview(pop), pop, final=False)
+                loop.update(k=k + 1, population=pop, pop_scores=ps)
+            else:
+                out = ctx.finish(pop)
+                s = ctx.score(out, pop)
+                arch = {"outputs": out, "scores": s, "final": pop} if arch is None else self._grow(arch, out, s, pop)
+                loop.update(k=k + 1, population=None, pop_scores=None, archive=arch)
             ctx.checkpoint(loop)
         order = top_k(arch["scores"], self.keep)
         return Selection(outputs=take(arch["outputs"], order), scores=arch["scores"][order],
                          state=arch["final"].select(order),
-                         extra={"population": P, "generations": len(stages) + 1, "stages": stages,
+                         extra={"population": self.P, "initial": plan["initial"],
+                                "noise_generations": plan["noise_generations"], "stages": stages,
+                                "generations": plan["noise_generations"] + len(stages),
                                 "archive": len(arch["scores"])})
 
     def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Parents: each the best of ``tournament`` random members of the archive's top fraction."""
+        """Parents: each the best of ``tournament`` random members of the top fraction by score."""
         ranked = top_k(scores, len(scores))
         pool = ranked[: max(1, int(np.ceil(self.frac * len(scores))))]
         rng = ctx.rng.numpy()
@@ -161,8 +206,14 @@ class EvoSearch(Strategy):
         return pool[torch.as_tensor(best_pos)]
 
     @staticmethod
-    def _grow(arch: dict, out, s, final: State, snaps: dict, later: list[int]) -> dict:
-        """Append a generation to the archive, with snapshots at the stages later generations evolve at."""
-        merged = {str(e): State.cat([arch["snaps"][str(e)], snaps[e]]) for e in later}
+    def _grow(arch: dict, out, s, final: State, noise: State | None = None, snap: State | None = None) -> dict:
+        """Append finished candidates to the archive.
+
+        Noise-generation members also bring their initial noise and their latent
+        at the first evolution stage (``snap``), from which later generations breed;
+        the archive keeps those for its first members only, the noise generations.
+        """
+        both = lambda a, b: a if b is None else State.cat([a, b])  # noqa: E731
         return {"outputs": concat([arch["outputs"], out]), "scores": torch.cat([arch["scores"], s]),
-                "final": State.cat([arch["final"], final]), "snaps": merged}
+                "final": State.cat([arch["final"], final]), "noise": both(arch["noise"], noise),
+                "snap": arch["snap"] if snap is None else both(arch["snap"], snap)}
