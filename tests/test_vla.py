@@ -12,9 +12,11 @@ from torch import nn
 from mmtts.core.errors import MmttsError
 from mmtts.core.verifier import Cached, FunctionVerifier, MeanRank
 from mmtts.modalities.vla import (ActionSpace, ActionVerifier, DeadlineMissed, GaussianAugmenter, GaussianPolicy,
-                                  MLPActionScorer, NoisePolicy, NoValidActionError, RoboMonkeyPolicy, SampleSet,
-                                  Selector, bradley_terry_margin_loss, synthetic_pairs, train_action_verifier)
-from mmtts.modalities.vla.augment import first_unique
+                                  MLPActionScorer, NoisePolicy, NoValidActionError, QuadraticFeatures, RoboMonkeyPolicy,
+                                  SampleSet, Selector, bradley_terry_margin_loss, synthetic_pairs,
+                                  train_action_verifier)
+from mmtts.modalities.vla.augment import distinct_rows, first_unique, first_unique_mask
+from mmtts.modalities.vla.policy import all_finite
 
 STATE = "observation.state"
 
@@ -369,3 +371,133 @@ def test_action_verifier_is_a_core_verifier():
         v(acts)
     with pytest.raises(MmttsError, match="one observation row per candidate"):
         v(acts, obs(4))
+
+
+# -- batched bookkeeping ------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups, rows", [(5, 12), (80, 100)])  # pairwise, then the sorting path
+def test_batched_dedupe_matches_each_group_alone(groups, rows):
+    g = gen(8)
+    x = torch.randint(0, 3, (groups, rows, 2), generator=g).float()
+    valid = torch.rand(groups, rows, generator=g) > 0.2
+    assert (groups * rows * rows * 2 > (1 << 20)) == (groups == 80)
+    for mask in (None, valid):
+        keep = first_unique_mask(x, valid=mask)
+        for b in range(groups):
+            ok = torch.ones(rows, dtype=torch.bool) if mask is None else mask[b]
+            idx = ok.nonzero().flatten()
+            expected = torch.zeros(rows, dtype=torch.bool)
+            expected[idx[first_unique(x[b][idx])]] = True
+            assert torch.equal(keep[b], expected)
+    # the same value in two groups is kept in each: rows are compared only within their group
+    assert first_unique_mask(torch.zeros(3, 4, 1)).sum(1).tolist() == [1, 1, 1]
+    assert distinct_rows(torch.randn(4, 16, 2, generator=g)) is None
+    assert distinct_rows(x).tolist() == first_unique_mask(x).tolist()
+
+
+def test_batched_selection_ignores_padding():
+    scores = torch.tensor([[0.0, 5.0, float("-inf")], [float("-inf"), -1.0, -2.0]], dtype=torch.float64)
+    assert Selector().select(scores, gen()).tolist() == [1, 1]
+    warm = Selector("softmax", temperature=100.0)
+    picks = torch.stack([warm.select(scores, gen(i)) for i in range(200)])
+    assert (picks[:, 0] != 2).all() and (picks[:, 1] != 0).all()  # a -inf slot is never drawn
+    assert set(picks[:, 0].tolist()) == {0, 1}
+    with pytest.raises(MmttsError, match="nothing to select"):
+        Selector().select(torch.full((2, 3), float("-inf"), dtype=torch.float64), gen())
+    with pytest.raises(MmttsError, match="nothing to select"):
+        Selector("softmax").select(torch.tensor([[0.0, 1.0], [float("-inf")] * 2], dtype=torch.float64), gen())
+
+
+def test_batch_with_early_exits_and_choices_matches_one_observation_at_a_time():
+    g = gen(9)
+    samples = torch.randn(4, 6, 2, generator=g) * 0.4
+    samples[1] = 0.25  # identical samples: one distinct candidate, no verifier call
+    samples[3, :, 0] = 5.0  # the first dimension clips to the bound: duplicates only through the second
+    space = ActionSpace.box(-1, 1, dim=2)
+    v = CountingVerifier([0.3, -0.2])
+    w = RoboMonkeyPolicy(FixedPolicy(samples), v, space, num_samples=6, num_candidates=12, seed=3)
+    a = w.select_action(obs(4))
+    d = w.diagnostics[-1]
+    assert d.early_exit == [False, True, False, False] and d.candidates[1] == 1
+    assert v.seen == sum(c for c, e in zip(d.candidates, d.early_exit) if not e)
+    assert torch.equal(a[1], torch.tensor([0.25, 0.25]))
+    # the same draws, chosen observation by observation
+    cands = GaussianAugmenter(12, space)(samples[:, :, None], gen_step(w, 0))
+    for b, acts in enumerate(cands.actions):
+        assert acts.shape[0] == d.candidates[b]
+        if d.early_exit[b]:
+            assert d.scores[b] is None and d.chosen[b] == 0
+            continue
+        expected = -((acts[:, 0] - torch.tensor([0.3, -0.2])) ** 2).sum(1)
+        assert torch.allclose(d.scores[b], expected.double())
+        assert d.chosen[b] == int(expected.argmax()) and torch.equal(a[b], acts[d.chosen[b], 0])
+
+
+def gen_step(wrapper, step):
+    """The generator a wrapper used at ``step`` of its current episode, advanced past the policy's draws."""
+    from mmtts.core.rng import derive_seed
+    return torch.Generator().manual_seed(derive_seed(wrapper.seed, wrapper.episode, step))
+
+
+def test_deadline_in_a_batch_falls_back_only_where_nothing_was_scored():
+    samples = torch.tensor([[[0.1, 0.1], [0.2, 0.0], [0.0, 0.3]], [[0.9, 0.9], [-0.5, 0.4], [0.3, -0.8]]])
+    slow = CountingVerifier([0.0, 0.0], delay=0.3)
+    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, ActionSpace.box(-1, 1, dim=2), num_samples=3,
+                         num_candidates=8, deadline_s=0.2, verifier_chunk=8, augmenter=SampleSet(
+                             ActionSpace.box(-1, 1, dim=2)))
+    a = w.select_action(obs(2))
+    d = w.diagnostics[-1]
+    # one chunk of 8 rows holds all 6 candidates: both observations scored in time, then the deadline passed
+    assert d.deadline_missed and d.fallback == [False, False] and slow.seen == 6
+    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, ActionSpace.box(-1, 1, dim=2), num_samples=3,
+                         deadline_s=0.2, verifier_chunk=3, augmenter=SampleSet(ActionSpace.box(-1, 1, dim=2)))
+    a = w.select_action(obs(2))
+    d = w.diagnostics[-1]
+    # the first chunk is observation 0's three candidates; observation 1 falls back to its first sample
+    assert d.fallback == [False, True] and d.scores[1] is None and d.scores[0].numel() == 3
+    assert torch.equal(a[1], samples[1, 0]) and torch.equal(a[0], samples[0, d.chosen[0]])
+
+
+def test_all_finite_is_exact():
+    assert all_finite(torch.tensor([1.0, -2.0]))
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
+    assert all_finite(torch.full((4,), 3e38))  # the sum overflows, the elements are finite
+
+
+def test_action_verifier_still_ranks_nonfinite_scores_last():
+    v = ActionVerifier(lambda obs, acts: torch.tensor([1.0, float("nan"), float("inf")]))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        s = v(torch.zeros(3, 2), obs(3))
+    assert s.dtype == torch.float64 and s[0] == 1.0 and torch.isinf(s[1:]).all() and (s[1:] < 0).all()
+
+
+def test_scorer_folds_features_and_standardisation_and_refreshes_after_updates():
+    torch.manual_seed(0)
+    lin = torch.randn(3, 4)
+    quad = torch.randn(3, 4, 4)
+    feats = QuadraticFeatures(lin, quad)
+    x = torch.randn(6, 4)
+    direct = x @ lin.T + torch.einsum("fij,mi,mj->mf", quad, x, x)
+    assert torch.allclose(feats(x), direct, atol=1e-5)
+    scorer = MLPActionScorer(4, 2, hidden=16, features=feats)
+    scorer.set_normalisation(torch.randn(100, 4) * 3 + 1)
+    acts = torch.randn(6, 1, 2)
+
+    def both():
+        with torch.no_grad():
+            folded = scorer({STATE: x}, acts)
+        return folded, scorer({STATE: x}, acts).detach()
+    folded, explicit = both()
+    assert torch.allclose(folded, explicit, atol=1e-4)
+    opt = torch.optim.SGD(scorer.parameters(), lr=0.5)
+    scorer({STATE: x}, acts).sum().backward()
+    opt.step()
+    folded2, explicit2 = both()
+    assert not torch.allclose(folded2, folded) and torch.allclose(folded2, explicit2, atol=1e-4)
+    other = MLPActionScorer(4, 2, hidden=16, features=QuadraticFeatures(lin, quad))
+    other.load_state_dict(scorer.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(other({STATE: x}, acts), folded2, atol=1e-5)
+    with pytest.raises(MmttsError, match="feature map reads states of 4"):
+        MLPActionScorer(5, 2, features=feats)

@@ -14,8 +14,8 @@ from mmtts.core.errors import MmttsError  # noqa: E402
 from mmtts.modalities.vla import ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, RoboMonkeyPolicy  # noqa: E402
 from mmtts.modalities.vla.gym_env import GymPolicy, run_episode  # noqa: E402
 from mmtts.tasks.cache import ModelCache  # noqa: E402
-from mmtts.tasks.vla_mujoco import (STATE_DIM, GaussianMLP, VLAMujoco, expert_action, fingertip_distance,  # noqa: E402
-                                    make_env, power_law_fit)
+from mmtts.tasks.vla_mujoco import (STATE_DIM, VERIFIER_CONFIG, GaussianMLP, VLAMujoco, arm_frame_features,  # noqa: E402
+                                    expert_action, fingertip_distance, make_env, make_scorer, power_law_fit)
 
 
 def untrained_wrapper(space, seed=0, n=4, k=8):
@@ -71,6 +71,43 @@ def test_gym_policy_takes_vector_batches_and_rejects_bad_input():
         agent(np.zeros((1, 2, 5)))
     with pytest.raises(MmttsError, match="LeRobot-style"):
         GymPolicy(object())
+
+
+def rotate_scene(obs: np.ndarray, theta: float) -> np.ndarray:
+    """The same Reacher state with the arm, the target and the fingertip turned by ``theta`` about the base."""
+    out = obs.copy()
+    q1 = np.arctan2(obs[..., 2], obs[..., 0]) + theta
+    out[..., 0], out[..., 2] = np.cos(q1), np.sin(q1)
+    c, s = np.cos(theta), np.sin(theta)
+    for i in (4, 8):
+        x, y = obs[..., i], obs[..., i + 1]
+        out[..., i], out[..., i + 1] = c * x - s * y, s * x + c * y
+    return out
+
+
+def test_arm_frame_features_are_invariant_to_turning_the_scene():
+    env = make_env()
+    states = []
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        for _ in range(10):
+            states.append(obs)
+            obs, *_ = env.step(env.action_space.sample())
+    states = np.array(states)
+    turned = rotate_scene(states, 1.3)
+    # the symmetry is real: the expert acts the same in the turned scene
+    np.testing.assert_allclose(expert_action(turned), expert_action(states), atol=1e-6)
+    feats = arm_frame_features()
+    f, f_turned = feats(torch.tensor(states, dtype=torch.float32)), feats(torch.tensor(turned, dtype=torch.float32))
+    assert f.shape == (40, 8) and torch.allclose(f, f_turned, atol=1e-5)
+    assert not torch.allclose(f[:, 4:6], torch.tensor(states[:, 4:6], dtype=torch.float32))  # not the raw target
+    scorer = make_scorer(VERIFIER_CONFIG)
+    scorer.set_normalisation(torch.tensor(states, dtype=torch.float32))
+    acts = torch.rand(40, 1, 2) * 2 - 1
+    with torch.no_grad():
+        s1 = scorer({"observation.state": torch.tensor(states, dtype=torch.float32)}, acts)
+        s2 = scorer({"observation.state": torch.tensor(turned, dtype=torch.float32)}, acts)
+    assert torch.allclose(s1, s2, atol=1e-4)
 
 
 def test_power_law_fit_recovers_its_parameters():
