@@ -88,3 +88,50 @@ def test_strategy_rng_checkpoints_as_two_integers():
     b = StrategyRNG.from_state_dict(saved).numpy().random(3)
     assert (a == b).all()
     assert derive_seed(1, 2) != derive_seed(2, 1)
+
+
+def test_vectorised_seeds_and_draws_equal_the_per_candidate_definition():
+    """derive_seeds, randn, rand and forks give exactly what the one-stream-at-a-time definition gives."""
+    import numpy as np
+
+    from mmtts.core.rng import derive_seeds, fork_keys
+
+    rs = np.random.default_rng(0)
+    a = rs.integers(-2 ** 63, 2 ** 63 - 1, 300, dtype=np.int64)
+    b = rs.integers(0, 2 ** 40, 300)
+    c = [int(k) for k in rs.choice([1, 2, 2 ** 32, 2 ** 32 + 3], 300)]
+    assert derive_seeds(torch.from_numpy(a), b, c).tolist() == [derive_seed(*t) for t in zip(a.tolist(), b.tolist(), c)]
+    assert derive_seeds(2 ** 64 - 5, np.arange(20)).tolist() == [derive_seed(2 ** 64 - 5, i) for i in range(20)]
+
+    s = Streams.spawn(3, 12, start=4)
+    assert s.seeds.tolist() == [derive_seed(3, 4 + i) for i in range(12)]
+    s.counters[5] = 9
+    assert torch.equal(s.clone().randn((2, 3)), torch.stack([torch.randn(2, 3, generator=s.generator(i))
+                                                              for i in range(12)]))
+    assert torch.equal(s.clone().rand((4,)), torch.stack([torch.rand(4, generator=s.generator(i), dtype=torch.float64)
+                                                           for i in range(12)]))
+    assert torch.equal(s.clone().rand(), torch.stack([torch.rand((), generator=s.generator(i), dtype=torch.float64)
+                                                      for i in range(12)]))
+
+    p = CountingProcess()
+    st = p.init(Streams.spawn(0, 4))
+    st.streams.counters += torch.tensor([0, 3, 1, 2])
+    before = (st.streams.seeds.clone(), st.streams.counters.clone(), st.ids.clone(), st.parents.clone())
+    idx = [2, 2, 0, 3, 2, 1, 1]
+    for fork_all in (False, True):
+        got = st.resample(torch.tensor(idx), fork_all=fork_all)
+        for j, (src, key) in enumerate(zip(idx, fork_keys(idx, fork_all))):
+            if key is None:
+                assert (int(got.ids[j]), int(got.parents[j])) == (int(st.ids[src]), int(st.parents[src]))
+                assert (int(got.streams.seeds[j]), int(got.streams.counters[j])) == (
+                    int(st.streams.seeds[src]), int(st.streams.counters[src]))
+            else:
+                c = int(st.streams.counters[src])
+                assert int(got.parents[j]) == int(st.ids[src])
+                assert int(got.ids[j]) == derive_seed(int(st.ids[src]), c, key)
+                assert (int(got.streams.seeds[j]), int(got.streams.counters[j])) == (
+                    derive_seed(int(st.streams.seeds[src]), c, key), 0)
+        same = st.streams.select(torch.tensor(idx), fork_duplicates=True, fork_all=fork_all)
+        assert torch.equal(same.seeds, got.streams.seeds) and torch.equal(same.counters, got.streams.counters)
+    # the source state is untouched by the gather
+    assert all(torch.equal(x, y) for x, y in zip(before, (st.streams.seeds, st.streams.counters, st.ids, st.parents)))

@@ -39,6 +39,38 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+_U64 = np.uint64
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`splitmix64` over a uint64 array (numpy's uint64 arithmetic wraps mod 2**64, as the mask does)."""
+    x = x + _U64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def derive_seeds(*parts) -> np.ndarray:
+    """:func:`derive_seed` elementwise over equal-length integer arrays (scalars broadcast): int64 seeds."""
+    arrays = [_as_u64(p) for p in parts]
+    h = np.full(np.broadcast_shapes(*(np.shape(a) for a in arrays)), 0x243F6A8885A308D3, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for a in arrays:
+            h = _splitmix64_array(h ^ a)
+    return (h >> _U64(1)).astype(np.int64)
+
+
+def _as_u64(p) -> np.ndarray:
+    """The 64-bit two's-complement bits of integers, as ``int(p) & _MASK`` takes them."""
+    if isinstance(p, torch.Tensor):
+        p = p.cpu().numpy()
+    if isinstance(p, np.ndarray):
+        return np.ascontiguousarray(p.astype(np.int64, copy=False)).view(np.uint64)
+    if isinstance(p, (int, np.integer)):
+        return np.uint64(int(p) & _MASK)
+    return np.array([int(v) & _MASK for v in p], dtype=np.uint64)
+
+
 def fork_keys(index: list[int], fork_all: bool) -> list[int | None]:
     """For each position of a gather, the key that derives a forked child, or None to keep the stream.
 
@@ -73,7 +105,7 @@ class Streams:
     @classmethod
     def spawn(cls, root_seed: int, n: int, start: int = 0) -> "Streams":
         """``n`` streams derived from one root seed; stream i is the same whatever ``n`` is."""
-        return cls(torch.tensor([derive_seed(root_seed, start + i) for i in range(n)], dtype=torch.int64))
+        return cls(torch.from_numpy(derive_seeds(root_seed, np.arange(start, start + n, dtype=np.int64))))
 
     def __len__(self) -> int:
         return int(self.seeds.numel())
@@ -84,25 +116,35 @@ class Streams:
         g.manual_seed(derive_seed(int(self.seeds[i]), int(self.counters[i])))
         return g
 
+    def draw_seeds(self) -> list[int]:
+        """The generator seed of every stream's next draw (what :meth:`generator` seeds with), in order."""
+        return derive_seeds(self.seeds, self.counters).tolist()
+
+    def _fill(self, out: torch.Tensor, draw) -> torch.Tensor:
+        """Fill row i of ``out`` from stream i's next draw; one generator reseeded per row; advance every stream."""
+        g = torch.Generator()
+        for row, seed in zip(out, self.draw_seeds()):
+            g.manual_seed(seed)  # reseeding resets the whole generator state: same as a fresh generator
+            draw(row, g)
+        self.counters += 1
+        return out
+
     def randn(self, shape: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
         """Draw one standard normal tensor of ``shape`` per candidate: result (B, *shape).
 
         Noise is drawn on the CPU so that results do not depend on the device;
         every stream advances by one.
         """
+        shape = tuple(shape)
         out = torch.empty((len(self), *shape), dtype=torch.float32)
-        for i in range(len(self)):
-            out[i] = torch.randn(tuple(shape), generator=self.generator(i))
-        self.counters += 1
+        self._fill(out, lambda row, g: row.normal_(generator=g))  # what torch.randn(shape, generator=g) draws
         return out.to(device=device, dtype=dtype)
 
     def rand(self, shape: Sequence[int] = ()) -> torch.Tensor:
         """Uniform [0, 1) draws, one tensor of ``shape`` per candidate; advances every stream."""
+        shape = tuple(shape)
         out = torch.empty((len(self), *shape), dtype=torch.float64)
-        for i in range(len(self)):
-            out[i] = torch.rand(tuple(shape), generator=self.generator(i), dtype=torch.float64)
-        self.counters += 1
-        return out
+        return self._fill(out, lambda row, g: row.uniform_(generator=g))  # what torch.rand(shape, generator=g) draws
 
     def select(self, index: torch.Tensor, fork_duplicates: bool, fork_all: bool = False) -> "Streams":
         """Streams of the candidates at ``index``.
@@ -111,14 +153,18 @@ class Streams:
         derived seeds, so they draw different noise from then on; with
         ``fork_all`` every copy does (children that must not replay their parent).
         """
-        index = torch.as_tensor(index, dtype=torch.int64).cpu()
-        seeds = self.seeds[index].clone()
-        counters = self.counters[index].clone()
-        if fork_duplicates:
-            for j, key in enumerate(fork_keys(index.tolist(), fork_all)):
-                if key is not None:
-                    seeds[j] = derive_seed(int(seeds[j]), int(counters[j]), key)
-                    counters[j] = 0
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
+        return self.take(index, fork_keys(index.tolist(), fork_all) if fork_duplicates else None)
+
+    def take(self, index: torch.Tensor, keys: list[int | None] | None = None) -> "Streams":
+        """Streams at the int64 CPU ``index``; where ``keys[j]`` is not None, copy j is forked with that key."""
+        seeds, counters = self.seeds[index], self.counters[index]  # advanced indexing copies
+        pos = [j for j, k in enumerate(keys) if k is not None] if keys is not None else []
+        if pos:
+            at = np.asarray(pos, dtype=np.int64)
+            s, c = seeds.numpy(), counters.numpy()  # views of the copies
+            s[at] = derive_seeds(s[at], c[at], [keys[j] for j in pos])
+            c[at] = 0
         return Streams(seeds, counters)
 
     @staticmethod

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from .rng import Streams, derive_seed, fork_keys
+from .rng import Streams, derive_seeds, fork_keys
 
 
 @dataclass
@@ -68,18 +69,25 @@ class State:
 
     def _gather(self, index: torch.Tensor, fork: bool, fork_all: bool = False) -> "State":
         index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
-        if index.numel() and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"candidate index out of range for a batch of {len(self)}: {index.tolist()}")
-        streams = self.streams.select(index, fork_duplicates=fork, fork_all=fork_all)
-        ids = self.ids[index].clone()
-        parents = self.parents[index].clone()
-        if fork:
-            for j, (src, key) in enumerate(zip(index.tolist(), fork_keys(index.tolist(), fork_all))):
-                if key is not None:
-                    parents[j] = self.ids[src]
-                    ids[j] = derive_seed(int(self.ids[src]), int(self.streams.counters[src]), key)
+        positions = index.tolist()
+        n = len(self)
+        if positions and (min(positions) < 0 or max(positions) >= n):
+            raise IndexError(f"candidate index out of range for a batch of {n}: {positions}")
+        # advanced indexing copies, so the numpy views below write only into the new state
+        seeds, counters = self.streams.seeds[index], self.streams.counters[index]
+        ids, parents = self.ids[index], self.parents[index]
+        keys = fork_keys(positions, fork_all) if fork else []
+        forked = [j for j, k in enumerate(keys) if k is not None]
+        if forked:
+            at = np.asarray(forked, dtype=np.int64)
+            s, c, i, p = seeds.numpy(), counters.numpy(), ids.numpy(), parents.numpy()
+            # a forked copy's stream seed and its id, both derived from (value, parent's counter, key)
+            derived = derive_seeds(np.stack([s[at], i[at]]), c[at], [keys[j] for j in forked])
+            p[at] = i[at]
+            s[at], i[at], c[at] = derived[0], derived[1], 0
         data = {k: v[index.to(v.device)] for k, v in self.data.items()}
-        return State(data, self.stage[index].clone(), streams, ids, parents, self.origin[index].clone(), dict(self.meta))
+        return State(data, self.stage[index], Streams(seeds, counters), ids, parents, self.origin[index],
+                     dict(self.meta))
 
     def select(self, index) -> "State":
         """Exact copies of the candidates at ``index`` (duplicates share their stream)."""
