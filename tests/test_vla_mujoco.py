@@ -14,8 +14,9 @@ from mmtts.core.errors import MmttsError  # noqa: E402
 from mmtts.modalities.vla import ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, RoboMonkeyPolicy  # noqa: E402
 from mmtts.modalities.vla.gym_env import GymPolicy, run_episode  # noqa: E402
 from mmtts.tasks.cache import ModelCache  # noqa: E402
-from mmtts.tasks.vla_mujoco import (STATE_DIM, VERIFIER_CONFIG, GaussianMLP, VLAMujoco, arm_frame_features,  # noqa: E402
-                                    expert_action, fingertip_distance, make_env, make_scorer, power_law_fit)
+from mmtts.tasks.vla_mujoco import (STATE_DIM, VERIFIER_CONFIG, GaussianMLP, VLAMujoco,  # noqa: E402
+                                    arm_frame_features, expert_action, fingertip_distance, make_env, make_scorer,
+                                    power_law_fit)
 
 
 def untrained_wrapper(space, seed=0, n=4, k=8):

@@ -10,7 +10,9 @@ The pieces mirror a VLA deployment at small scale:
   samples at temperature 1;
 - an action verifier is trained on the same demonstrations only, by the
   synthetic recipe (perturbed actions ranked by their error to the
-  demonstrated action, Bradley-Terry loss with margin);
+  demonstrated action, Bradley-Terry loss with margin); it reads the state
+  in the frame of the arm's first link, which makes it invariant to turning
+  the scene about the base;
 - both are cached; the wrapper then acts in the environment through the
   same ``GymPolicy`` a user would use.
 
@@ -29,8 +31,9 @@ N = min(k, ``samples``) policy samples and K = k Gaussian candidates;
 Success is a final fingertip-to-target distance under ``success_radius``
 metres. ``ms_per_step`` is the median time the wrapper takes per control
 step (the environment excluded): the median, because on a shared machine
-the mean is dominated by the moments another process holds the core. The references drawn beside the action error are power-law fits
-e = a * k^b of ``robomonkey``'s action error in each setting.
+the mean is dominated by the moments another process holds the core. The
+references drawn beside the action error are power-law fits e = a * k^b of
+``robomonkey``'s action error in each setting.
 """
 
 from __future__ import annotations

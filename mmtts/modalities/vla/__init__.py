@@ -18,4 +18,5 @@ from .wrapper import DeadlineMissed, RoboMonkeyPolicy, StepDiagnostics
 
 __all__ = ["ActionSpace", "ActionVerifier", "Candidates", "DeadlineMissed", "GaussianAugmenter", "GaussianPolicy",
            "MLPActionScorer", "NoValidActionError", "NoisePolicy", "Proposer", "QuadraticFeatures", "RoboMonkeyPolicy",
-           "SampleSet", "SamplingPolicy", "Selector", "StepDiagnostics", "bradley_terry_margin_loss", "synthetic_pairs", "train_action_verifier"]
+           "SampleSet", "SamplingPolicy", "Selector", "StepDiagnostics", "bradley_terry_margin_loss", "synthetic_pairs",
+           "train_action_verifier"]

@@ -106,8 +106,10 @@ def first_unique_mask(rows: torch.Tensor, decimals: int | None = None,
             same &= valid[:, None]
         keep = ~same.tril_(-1).any(2)  # no equal row before it
         return keep if valid is None else keep & valid
-    group = torch.arange(g, device=key.device, dtype=key.dtype)[:, None, None].expand(g, m, 1)
-    _, inverse = torch.unique(torch.cat([group, key], 2).reshape(g * m, f + 1), dim=0, return_inverse=True)
+    # tag each row with its group; float64 holds both the tag and any float32 key exactly
+    group = torch.arange(g, device=key.device, dtype=torch.float64)[:, None, None].expand(g, m, 1)
+    tagged = torch.cat([group, key.to(torch.float64)], 2).reshape(g * m, f + 1)
+    _, inverse = torch.unique(tagged, dim=0, return_inverse=True)
     position = torch.arange(g * m, device=key.device)
     if valid is not None:  # an excluded row can never be the first of its value
         position = torch.where(valid.reshape(-1), position, g * m)
