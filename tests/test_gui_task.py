@@ -10,7 +10,8 @@ from mmtts.bench import run_benchmark
 from mmtts.cli import main
 from mmtts.core.errors import MmttsError
 from mmtts.tasks.cache import ModelCache
-from mmtts.tasks.gui_grounding import MODEL_CONFIG, QUICK_MODEL_CONFIG, GUIGrounding
+from mmtts.tasks.gui_grounding import (MODEL_CONFIG, QUICK_MODEL_CONFIG, QUICK_SETTING_MODELS, SETTING_TEMPERATURE,
+                                       GUIGrounding)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def test_quick_benchmark_runs_every_method(cache, tmp_path):
     task = GUIGrounding(cache=cache, quick=True)
     res = run_benchmark(task, [0, 1, 2], list(task.quick_budgets), out=tmp_path)
     assert {r["method"] for r in res["rows"]} == {"greedy", "argmax", "gui-rc", "gui-rcpo", "gui-rcpo+rc"}
+    assert {r["setting"] for r in res["rows"]} == {"default", "short-training"}
     for r in res["rows"]:
         m = r["metrics"]
         assert 0 <= m["accuracy"] <= 1 and m["parse_rate"] == 1.0 and m["ms_per_example"] > 0
@@ -79,3 +81,21 @@ def test_cli_quick_and_bad_names(cache, tmp_path, monkeypatch):
         task.run("gui-rcpo-rc", "default", 8, 0)
     with pytest.raises(MmttsError, match="no option"):
         GUIGrounding(cache=cache, quick=True, K=3)
+
+
+def test_settings_differ_in_the_model_and_temperature(cache):
+    task = GUIGrounding(cache=cache, quick=True)
+    strong, weak = task.model("default"), task.model("short-training")
+    assert cache.has("gui-grounding-net", QUICK_SETTING_MODELS["short-training"])
+    assert any(not torch.equal(a, b) for a, b in zip(strong.state_dict().values(), weak.state_dict().values()))
+    assert task.detail("gui-rc", "short-training", 8).startswith(f"K=8, T={SETTING_TEMPERATURE['short-training']:g},")
+    assert task.detail("gui-rc", "default", 8).startswith(f"K=8, T={SETTING_TEMPERATURE['default']:g},")
+    # the option overrides both settings, and the CLI passes it as a string
+    fixed = GUIGrounding(cache=cache, quick=True, temperature="0.8")
+    assert fixed.temperature("default") == fixed.temperature("short-training") == 0.8
+    with pytest.raises(MmttsError, match="temperature > 0"):
+        GUIGrounding(cache=cache, quick=True, temperature=0)
+    with pytest.raises(MmttsError, match="must be a number"):
+        GUIGrounding(cache=cache, quick=True, temperature="warm")
+    with pytest.raises(MmttsError, match="setting"):
+        task.model("tiny")
