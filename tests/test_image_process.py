@@ -124,3 +124,21 @@ def test_perturb_keeps_initial_noise_standard_normal():
     assert abs(float(x.std()) - 1.0) < 0.01
     corr = float((x * st.data["x"]).mean())
     assert corr == pytest.approx((1 - 0.2 ** 2) ** 0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("eta,kind", [(0.0, DDIMScheduler), (1.0, DDIMScheduler), (0.0, DDPMScheduler)])
+def test_perturb_equals_its_formula_at_mixed_stages(eta, kind):
+    """Candidates at stage 0 mix the noise, later ones move by scale * sigma_t; the cached per-stage std is exact."""
+    proc = ImageProcess(tiny_unet(), schedule_from_scheduler(kind(num_train_timesteps=100), 5, eta=eta), (1, 8, 8))
+    stages = torch.tensor([0, 3, 1, 0, 4, 5, 2])
+    assert torch.equal(proc.mutation_std_table()[stages.clamp(max=4)], proc.mutation_std(stages.clamp(max=4)))
+    for st_stage in (stages, torch.zeros(7, dtype=torch.int64), stages.clamp(min=1)):
+        st = proc.init(Streams.spawn(1, 7))
+        st.stage = st_stage
+        z = st.streams.clone().randn((1, 8, 8), dtype=torch.float64)
+        x, b = st.data["x"].double(), torch.tensor(0.3, dtype=torch.float64).reshape(1, 1, 1, 1)
+        sig = proc.mutation_std(st_stage.clamp(max=4)).reshape(-1, 1, 1, 1)
+        want = torch.where((st_stage == 0).reshape(-1, 1, 1, 1), (1 - b ** 2).clamp(min=0).sqrt() * x + b * z,
+                           x + b * sig * z).float()
+        got = proc.perturb(st, 0.3).data["x"]
+        assert torch.equal(got, want)

@@ -40,6 +40,7 @@ def derive_seed(*parts: int) -> int:
 
 
 _U64 = np.uint64
+_PER_ITEM_BELOW = 16
 
 
 def _splitmix64_array(x: np.ndarray) -> np.ndarray:
@@ -51,12 +52,16 @@ def _splitmix64_array(x: np.ndarray) -> np.ndarray:
 
 
 def derive_seeds(*parts) -> np.ndarray:
-    """:func:`derive_seed` elementwise over equal-length integer arrays (scalars broadcast): int64 seeds."""
-    arrays = [_as_u64(p) for p in parts]
-    h = np.full(np.broadcast_shapes(*(np.shape(a) for a in arrays)), 0x243F6A8885A308D3, dtype=np.uint64)
+    """:func:`derive_seed` elementwise over equal-length 1-D integer sequences (scalars broadcast): int64 (n,)."""
+    n = max((1 if isinstance(p, (int, np.integer)) else len(p)) for p in parts)
+    if n < _PER_ITEM_BELOW:  # a few seeds: plain integers beat numpy's per-call cost
+        cols = [[int(p)] * n if isinstance(p, (int, np.integer)) else
+                (p.tolist() if isinstance(p, (torch.Tensor, np.ndarray)) else list(p)) for p in parts]
+        return np.array([derive_seed(*row) for row in zip(*cols)], dtype=np.int64).reshape(n)
+    h = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for a in arrays:
-            h = _splitmix64_array(h ^ a)
+        for p in parts:
+            h = _splitmix64_array(h ^ _as_u64(p))
     return (h >> _U64(1)).astype(np.int64)
 
 
@@ -65,7 +70,7 @@ def _as_u64(p) -> np.ndarray:
     if isinstance(p, torch.Tensor):
         p = p.cpu().numpy()
     if isinstance(p, np.ndarray):
-        return np.ascontiguousarray(p.astype(np.int64, copy=False)).view(np.uint64)
+        return np.ascontiguousarray(p.astype(np.int64, copy=False)).reshape(-1).view(np.uint64)
     if isinstance(p, (int, np.integer)):
         return np.uint64(int(p) & _MASK)
     return np.array([int(v) & _MASK for v in p], dtype=np.uint64)
@@ -101,6 +106,13 @@ class Streams:
             raise ValueError(f"seeds {tuple(seeds.shape)} and counters {tuple(counters.shape)} differ in shape")
         self.seeds = seeds.cpu()
         self.counters = counters.cpu()
+
+    @classmethod
+    def _of(cls, seeds: torch.Tensor, counters: torch.Tensor) -> "Streams":
+        """Streams over int64 (B,) CPU tensors that are already valid (no checks, no copies)."""
+        out = cls.__new__(cls)
+        out.seeds, out.counters = seeds, counters
+        return out
 
     @classmethod
     def spawn(cls, root_seed: int, n: int, start: int = 0) -> "Streams":
@@ -158,21 +170,21 @@ class Streams:
 
     def take(self, index: torch.Tensor, keys: list[int | None] | None = None) -> "Streams":
         """Streams at the int64 CPU ``index``; where ``keys[j]`` is not None, copy j is forked with that key."""
-        seeds, counters = self.seeds[index], self.counters[index]  # advanced indexing copies
+        seeds, counters = self.seeds.index_select(0, index), self.counters.index_select(0, index)  # copies
         pos = [j for j, k in enumerate(keys) if k is not None] if keys is not None else []
         if pos:
             at = np.asarray(pos, dtype=np.int64)
             s, c = seeds.numpy(), counters.numpy()  # views of the copies
             s[at] = derive_seeds(s[at], c[at], [keys[j] for j in pos])
             c[at] = 0
-        return Streams(seeds, counters)
+        return Streams._of(seeds, counters)
 
     @staticmethod
     def cat(items: Sequence["Streams"]) -> "Streams":
-        return Streams(torch.cat([s.seeds for s in items]), torch.cat([s.counters for s in items]))
+        return Streams._of(torch.cat([s.seeds for s in items]), torch.cat([s.counters for s in items]))
 
     def clone(self) -> "Streams":
-        return Streams(self.seeds.clone(), self.counters.clone())
+        return Streams._of(self.seeds.clone(), self.counters.clone())
 
     def state_dict(self) -> dict:
         return {"seeds": self.seeds.clone(), "counters": self.counters.clone()}

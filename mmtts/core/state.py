@@ -43,6 +43,15 @@ class State:
                 raise ValueError(f"State.data[{k!r}] has shape {shape}; every entry needs the batch ({n}) on dim 0")
 
     @classmethod
+    def _of(cls, data: dict, stage: torch.Tensor, streams: Streams, ids: torch.Tensor, parents: torch.Tensor,
+            origin: torch.Tensor, meta: dict) -> "State":
+        """A state built from parts of valid states (a gather or a concatenation): shapes hold by construction."""
+        out = cls.__new__(cls)
+        out.data, out.stage, out.streams, out.ids, out.parents, out.origin, out.meta = (
+            data, stage, streams, ids, parents, origin, meta)
+        return out
+
+    @classmethod
     def fresh(cls, data: dict[str, torch.Tensor], streams: Streams, first_index: int = 0, meta: dict | None = None) -> "State":
         """A new batch of candidates at stage 0; ids are derived from the streams' seeds."""
         n = len(streams)
@@ -73,21 +82,22 @@ class State:
         n = len(self)
         if positions and (min(positions) < 0 or max(positions) >= n):
             raise IndexError(f"candidate index out of range for a batch of {n}: {positions}")
-        # advanced indexing copies, so the numpy views below write only into the new state
-        seeds, counters = self.streams.seeds[index], self.streams.counters[index]
-        ids, parents = self.ids[index], self.parents[index]
+        # index_select copies, so the numpy views below write only into the new state
+        seeds, counters = self.streams.seeds.index_select(0, index), self.streams.counters.index_select(0, index)
+        ids, parents = self.ids.index_select(0, index), self.parents.index_select(0, index)
         keys = fork_keys(positions, fork_all) if fork else []
         forked = [j for j, k in enumerate(keys) if k is not None]
         if forked:
             at = np.asarray(forked, dtype=np.int64)
             s, c, i, p = seeds.numpy(), counters.numpy(), ids.numpy(), parents.numpy()
             # a forked copy's stream seed and its id, both derived from (value, parent's counter, key)
-            derived = derive_seeds(np.stack([s[at], i[at]]), c[at], [keys[j] for j in forked])
+            m, both = len(forked), [keys[j] for j in forked] * 2
+            derived = derive_seeds(np.concatenate([s[at], i[at]]), np.concatenate([c[at], c[at]]), both)
             p[at] = i[at]
-            s[at], i[at], c[at] = derived[0], derived[1], 0
-        data = {k: v[index.to(v.device)] for k, v in self.data.items()}
-        return State(data, self.stage[index], Streams(seeds, counters), ids, parents, self.origin[index],
-                     dict(self.meta))
+            s[at], i[at], c[at] = derived[:m], derived[m:], 0
+        data = {k: v.index_select(0, index.to(v.device)) for k, v in self.data.items()}
+        return State._of(data, self.stage.index_select(0, index), Streams._of(seeds, counters), ids, parents,
+                         self.origin.index_select(0, index), dict(self.meta))
 
     def select(self, index) -> "State":
         """Exact copies of the candidates at ``index`` (duplicates share their stream)."""
@@ -111,7 +121,7 @@ class State:
         for s in states[1:]:
             if set(s.data) != keys:
                 raise ValueError(f"cannot concatenate states with different fields: {sorted(keys)} vs {sorted(s.data)}")
-        return State(
+        return State._of(
             data={k: torch.cat([s.data[k] for s in states]) for k in states[0].data},
             stage=torch.cat([s.stage for s in states]),
             streams=Streams.cat([s.streams for s in states]),

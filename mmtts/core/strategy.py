@@ -213,6 +213,7 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
     ctx = SearchContext(process, verifier, budget, seed, strategy=strategy.name, settings=strategy.settings,
                         checkpoint=checkpoint, resume=resume, on_checkpoint=on_checkpoint)
     sel = strategy.run(ctx)
+    report = budget.report()  # the search ends here: held-out scoring below evaluates it, it is not part of it
     held_scores = {}
     for name, v in held.items():
         context = process.context(sel.state) if sel.state is not None else None
@@ -223,7 +224,7 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
                    "origin": sel.state.origin.clone()}
     return Result(
         outputs=to_cpu(sel.outputs), scores=sel.scores, heldout=held_scores, trace=ctx.trace,
-        budget=budget.report(), strategy=strategy.name, settings=strategy.settings, seed=int(seed),
+        budget=report, strategy=strategy.name, settings=strategy.settings, seed=int(seed),
         lineage=lineage, population=to_cpu(sel.population), population_scores=sel.population_scores,
         extra=sel.extra,
     )

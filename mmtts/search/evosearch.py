@@ -173,8 +173,9 @@ class EvoSearch(Strategy):
                 pop = ctx.process.perturb(pop, self.latent_scale)
             else:
                 pop, ps = loop["population"], loop["pop_scores"]
-                elite = top_k(ps, min(self.elites, self.P - 1) if self.P > 1 else 0)
-                kids = pop.resample(self._tournament(ctx, ps, self.P - len(elite)), fork_all=True)
+                ranked = top_k(ps, len(ps))  # one ranking for the elites and the tournament pool
+                elite = ranked[: min(self.elites, self.P - 1) if self.P > 1 else 0]
+                kids = pop.resample(self._tournament(ctx, ps, self.P - len(elite), ranked), fork_all=True)
                 kids = ctx.process.perturb(kids, self.latent_scale)
                 pop = State.cat([pop.select(elite), kids]) if len(elite) else kids
             nxt = stages[k + 1] if k + 1 < len(stages) else ctx.process.num_stages
@@ -196,9 +197,13 @@ class EvoSearch(Strategy):
                                 "generations": plan["noise_generations"] + len(stages),
                                 "archive": len(arch["scores"])})
 
-    def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Parents: each the best of ``tournament`` random members of the top fraction by score."""
-        ranked = top_k(scores, len(scores))
+    def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int,
+                    ranked: torch.Tensor | None = None) -> torch.Tensor:
+        """Parents: each the best of ``tournament`` random members of the top fraction by score.
+
+        ``ranked``, when the caller has it, is ``top_k(scores, len(scores))``.
+        """
+        ranked = top_k(scores, len(scores)) if ranked is None else ranked
         pool = ranked[: max(1, int(np.ceil(self.frac * len(scores))))]
         rng = ctx.rng.numpy()
         draws = rng.integers(0, len(pool), size=(k, self.tournament))

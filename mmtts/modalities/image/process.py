@@ -237,18 +237,37 @@ class ImageProcess(Process):
         which keeps it standard normal.
         """
         x = state.data["x"]
+        shape = (-1,) + (1,) * (x.ndim - 1)
         z = state.streams.randn(self.sample_shape, device=self.device, dtype=torch.float64)
-        b = torch.as_tensor(scale, dtype=torch.float64, device=self.device).reshape(-1, *[1] * (x.ndim - 1))
-        stage = state.stage.clamp(max=self.num_stages - 1)
-        sig = self.mutation_std(stage).to(self.device).reshape(-1, *[1] * (x.ndim - 1))
-        at_start = (state.stage == 0).to(self.device).reshape(-1, *[1] * (x.ndim - 1))
+        b = torch.as_tensor(scale, dtype=torch.float64, device=self.device).reshape(shape)
         xf = x.to(torch.float64)
-        new = torch.where(at_start, (1 - b ** 2).clamp(min=0).sqrt() * xf + b * z, xf + b * sig * z)
+        mix = lambda: (1 - b ** 2).clamp(min=0).sqrt() * xf + b * z  # noqa: E731
+
+        def move():
+            sig = self.mutation_std_table()[state.stage.clamp(max=self.num_stages - 1)]
+            return xf + b * sig.to(self.device).reshape(shape) * z
+
+        stages = state.stage.tolist()
+        if all(stages):  # every candidate past stage 0 (the usual case): only the latent move is needed
+            new = move()
+        elif not any(stages):
+            new = mix()
+        else:
+            new = torch.where((state.stage == 0).to(self.device).reshape(shape), mix(), move())
         return state.replace(x=new.to(x.dtype))
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
         s = self.schedule
         return s.noise_std(stage) if s.stochastic else s.posterior_std(stage)
+
+    def mutation_std_table(self) -> torch.Tensor:
+        """``mutation_std`` of every stage (T,), computed once per schedule (elementwise, so the same values)."""
+        s = self.schedule
+        key = (id(s), id(s.alpha), id(s.sigma), s.update, s.eta)  # the schedule, or what it is made of, changed
+        cached = getattr(self, "_mutation_std", None)
+        if cached is None or cached[0] != key:
+            cached = self._mutation_std = (key, self.mutation_std(torch.arange(s.num_stages)), s)
+        return cached[1]
 
     def renoise(self, state: State, stages: int) -> State:
         to = (state.stage - stages).clamp(min=0)
