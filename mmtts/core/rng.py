@@ -40,7 +40,7 @@ def derive_seed(*parts: int) -> int:
 
 
 _U64 = np.uint64
-_PER_ITEM_BELOW = 16
+_PER_ITEM_BELOW = 96
 
 
 def _splitmix64_array(x: np.ndarray) -> np.ndarray:
@@ -54,7 +54,7 @@ def _splitmix64_array(x: np.ndarray) -> np.ndarray:
 def derive_seeds(*parts) -> np.ndarray:
     """:func:`derive_seed` elementwise over equal-length 1-D integer sequences (scalars broadcast): int64 (n,)."""
     n = max((1 if isinstance(p, (int, np.integer)) else len(p)) for p in parts)
-    if n < _PER_ITEM_BELOW:  # a few seeds: plain integers beat numpy's per-call cost
+    if n < _PER_ITEM_BELOW:  # up to a few dozen seeds, plain integers beat numpy (fixed per-call cost, cold code)
         cols = [[int(p)] * n if isinstance(p, (int, np.integer)) else
                 (p.tolist() if isinstance(p, (torch.Tensor, np.ndarray)) else list(p)) for p in parts]
         return np.array([derive_seed(*row) for row in zip(*cols)], dtype=np.int64).reshape(n)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .rng import Streams, derive_seeds, fork_keys
@@ -82,19 +81,19 @@ class State:
         n = len(self)
         if positions and (min(positions) < 0 or max(positions) >= n):
             raise IndexError(f"candidate index out of range for a batch of {n}: {positions}")
-        # index_select copies, so the numpy views below write only into the new state
         seeds, counters = self.streams.seeds.index_select(0, index), self.streams.counters.index_select(0, index)
         ids, parents = self.ids.index_select(0, index), self.parents.index_select(0, index)
         keys = fork_keys(positions, fork_all) if fork else []
         forked = [j for j, k in enumerate(keys) if k is not None]
         if forked:
-            at = np.asarray(forked, dtype=np.int64)
-            s, c, i, p = seeds.numpy(), counters.numpy(), ids.numpy(), parents.numpy()
+            s, c, i, p = seeds.tolist(), counters.tolist(), ids.tolist(), parents.tolist()
             # a forked copy's stream seed and its id, both derived from (value, parent's counter, key)
-            m, both = len(forked), [keys[j] for j in forked] * 2
-            derived = derive_seeds(np.concatenate([s[at], i[at]]), np.concatenate([c[at], c[at]]), both)
-            p[at] = i[at]
-            s[at], i[at], c[at] = derived[:m], derived[m:], 0
+            m = len(forked)
+            derived = derive_seeds([s[j] for j in forked] + [i[j] for j in forked], [c[j] for j in forked] * 2,
+                                   [keys[j] for j in forked] * 2).tolist()
+            for r, j in enumerate(forked):
+                p[j], s[j], i[j], c[j] = i[j], derived[r], derived[m + r], 0
+            seeds, counters, ids, parents = (torch.tensor(v, dtype=torch.int64) for v in (s, c, i, p))
         data = {k: v.index_select(0, index.to(v.device)) for k, v in self.data.items()}
         return State._of(data, self.stage.index_select(0, index), Streams._of(seeds, counters), ids, parents,
                          self.origin.index_select(0, index), dict(self.meta))

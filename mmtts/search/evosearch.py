@@ -8,6 +8,7 @@ import torch
 from ..core.batch import concat, take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
+from ..core.rng import StrategyRNG
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy
 from .best_of_n import top_k
@@ -81,6 +82,7 @@ class EvoSearch(Strategy):
             population, population if initial is None else initial, elites, tournament, archive_fraction)
         self.beta, self.latent_scale, self.noise_generations, self.stages, self.keep = (
             noise_beta, latent_scale, noise_generations, stages, keep)
+        self._drawn: dict = {}  # tournament draws made ahead, by (seed, counter, pool size, k, tournament)
 
     @property
     def kids(self) -> int:
@@ -175,7 +177,8 @@ class EvoSearch(Strategy):
                 pop, ps = loop["population"], loop["pop_scores"]
                 ranked = top_k(ps, len(ps))  # one ranking for the elites and the tournament pool
                 elite = ranked[: min(self.elites, self.P - 1) if self.P > 1 else 0]
-                kids = pop.resample(self._tournament(ctx, ps, self.P - len(elite), ranked), fork_all=True)
+                kids = pop.resample(self._tournament(ctx, ps, self.P - len(elite), ranked, ahead=len(stages) - k),
+                                    fork_all=True)
                 kids = ctx.process.perturb(kids, self.latent_scale)
                 pop = State.cat([pop.select(elite), kids]) if len(elite) else kids
             nxt = stages[k + 1] if k + 1 < len(stages) else ctx.process.num_stages
@@ -198,17 +201,36 @@ class EvoSearch(Strategy):
                                 "archive": len(arch["scores"])})
 
     def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int,
-                    ranked: torch.Tensor | None = None) -> torch.Tensor:
+                    ranked: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
         """Parents: each the best of ``tournament`` random members of the top fraction by score.
 
-        ``ranked``, when the caller has it, is ``top_k(scores, len(scores))``.
+        ``ranked``, when the caller has it, is ``top_k(scores, len(scores))``;
+        ``ahead``: how many tournaments of this size the caller will hold from
+        here on (see :meth:`_winners`).
         """
         ranked = top_k(scores, len(scores)) if ranked is None else ranked
         pool = ranked[: max(1, int(np.ceil(self.frac * len(scores))))]
-        rng = ctx.rng.numpy()
-        draws = rng.integers(0, len(pool), size=(k, self.tournament))
-        best_pos = draws.min(axis=1)  # pool is sorted best first, so the smallest position wins
-        return pool[torch.as_tensor(best_pos)]
+        return pool[torch.as_tensor(self._winners(ctx, len(pool), k, ahead))]
+
+    def _winners(self, ctx: SearchContext, n: int, k: int, ahead: int) -> np.ndarray:
+        """Pool positions of ``k`` winners, each the best (smallest) of ``tournament`` uniform draws in [0, n).
+
+        The draws come from the strategy stream's next numpy generator and
+        depend only on its counter, so those of the next ``ahead`` tournaments
+        of the same size are drawn together (one warm pass instead of one cold
+        pass between model calls); the stream advances by one per tournament,
+        as drawing each one when it is held does, so the values are the same.
+        """
+        rng = ctx.rng
+        cache = self._drawn
+        key = (rng.seed, rng.counter, n, k, self.tournament)
+        if key not in cache:
+            cache.clear()
+            for j in range(max(1, ahead)):
+                draws = StrategyRNG(rng.seed, rng.counter + j).numpy().integers(0, n, size=(k, self.tournament))
+                cache[(rng.seed, rng.counter + j, n, k, self.tournament)] = draws.min(axis=1)
+        rng.counter += 1
+        return cache.pop(key)
 
     @staticmethod
     def _grow(arch: dict, out, s, final: State, noise: State | None = None, snap: State | None = None) -> dict:

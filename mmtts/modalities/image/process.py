@@ -240,20 +240,17 @@ class ImageProcess(Process):
         shape = (-1,) + (1,) * (x.ndim - 1)
         z = state.streams.randn(self.sample_shape, device=self.device, dtype=torch.float64)
         b = torch.as_tensor(scale, dtype=torch.float64, device=self.device).reshape(shape)
-        xf = x.to(torch.float64)
-        mix = lambda: (1 - b ** 2).clamp(min=0).sqrt() * xf + b * z  # noqa: E731
-
-        def move():
-            sig = self.mutation_std_table()[state.stage.clamp(max=self.num_stages - 1)]
-            return xf + b * sig.to(self.device).reshape(shape) * z
-
+        keep = (1 - b ** 2).clamp(min=0).sqrt()
+        sig = self.mutation_std_table()[state.stage.clamp(max=self.num_stages - 1)].to(self.device).reshape(shape)
         stages = state.stage.tolist()
-        if all(stages):  # every candidate past stage 0 (the usual case): only the latent move is needed
-            new = move()
-        elif not any(stages):
-            new = mix()
+        # float64 sums in place over z (the same products and sums, in either order), so little fresh memory
+        if all(stages):  # every candidate past stage 0 (the usual case): x + b sigma_t z
+            new = z.mul_(b * sig).add_(x)
+        elif not any(stages):  # the initial noise: sqrt(1 - b^2) x + b z
+            new = z.mul_(b).add_(keep * x)
         else:
-            new = torch.where((state.stage == 0).to(self.device).reshape(shape), mix(), move())
+            xf = x.to(torch.float64)
+            new = torch.where((state.stage == 0).to(self.device).reshape(shape), keep * xf + b * z, xf + b * sig * z)
         return state.replace(x=new.to(x.dtype))
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
