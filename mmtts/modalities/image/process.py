@@ -240,17 +240,19 @@ class ImageProcess(Process):
         shape = (-1,) + (1,) * (x.ndim - 1)
         z = state.streams.randn(self.sample_shape, device=self.device, dtype=torch.float64)
         b = torch.as_tensor(scale, dtype=torch.float64, device=self.device).reshape(shape)
-        keep = (1 - b ** 2).clamp(min=0).sqrt()
-        sig = self.mutation_std_table()[state.stage.clamp(max=self.num_stages - 1)].to(self.device).reshape(shape)
+        keep = lambda: (1 - b ** 2).clamp(min=0).sqrt()  # noqa: E731
+        sig = lambda: self.mutation_std_table()[  # noqa: E731
+            state.stage.clamp(max=self.num_stages - 1)].to(self.device).reshape(shape)
         stages = state.stage.tolist()
         # float64 sums in place over z (the same products and sums, in either order), so little fresh memory
         if all(stages):  # every candidate past stage 0 (the usual case): x + b sigma_t z
-            new = z.mul_(b * sig).add_(x)
+            new = z.mul_(b * sig()).add_(x)
         elif not any(stages):  # the initial noise: sqrt(1 - b^2) x + b z
-            new = z.mul_(b).add_(keep * x)
+            new = z.mul_(b).add_(keep() * x)
         else:
             xf = x.to(torch.float64)
-            new = torch.where((state.stage == 0).to(self.device).reshape(shape), keep * xf + b * z, xf + b * sig * z)
+            new = torch.where((state.stage == 0).to(self.device).reshape(shape), keep() * xf + b * z,
+                              xf + b * sig() * z)
         return state.replace(x=new.to(x.dtype))
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
