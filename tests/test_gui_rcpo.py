@@ -124,3 +124,40 @@ def test_rcpo_bad_input():
         ad(b)
     with pytest.raises(MmttsError, match="empty batch"):
         ad({k: v[:0] for k, v in _batch().items()})
+
+
+def test_rcpo_update_with_a_labelled_reward_raises_the_target_mass():
+    """With a reward that pays clicks inside a known box, the GRPO step is supervised RL: the box gains mass."""
+    torch.manual_seed(0)
+    net = GroundingNet(width=8)
+    batch = _batch()
+    target = (0.6, 0.2, 0.8, 0.5)                                     # fractions of the screen
+
+    def inside(points, groups, sizes, alpha):
+        wh = np.array([sizes[int(g)] for g in groups], dtype=float)
+        u = points / wh
+        return ((u[:, 0] >= target[0]) & (u[:, 0] <= target[2]) & (u[:, 1] >= target[1])
+                & (u[:, 1] <= target[3])).astype(float)
+
+    def mass():
+        with torch.no_grad():
+            p = torch.softmax(net(batch["images"], batch["tokens"]).flatten(1), 1).reshape(4, *net.cells[::-1])
+        rows, cols = p.shape[1:]
+        return float(p[:, int(target[1] * rows):int(target[3] * rows), int(target[0] * cols):int(target[2] * cols)]
+                     .sum((1, 2)).mean())
+
+    m0 = mass()
+    ad = GUIRCPO(net, samples=32, lr=3e-2, beta=0.0, seed=0, reward=inside)
+    for _ in range(20):
+        ad(batch)
+    assert mass() > 3 * m0
+
+
+def test_rcpo_refuses_a_bad_reward():
+    net = GroundingNet(width=8)
+    short = GUIRCPO(net, samples=4, reward=lambda p, g, s, a: np.zeros(len(p) - 1))
+    with pytest.raises(MmttsError, match="one finite number per click"):
+        short(_batch())
+    nan = GUIRCPO(GroundingNet(width=8), samples=4, reward=lambda p, g, s, a: np.full(len(p), np.nan))
+    with pytest.raises(MmttsError, match="non-finite"):
+        nan(_batch())

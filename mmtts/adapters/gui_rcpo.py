@@ -20,7 +20,7 @@ so the policy's distribution, its log-probabilities and the KL are exact.
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,13 +67,21 @@ class GUIRCPO(Adapter):
     pixels, and takes one GRPO step. ``include`` (parameter-name globs)
     chooses what adapts (default: every parameter); only those are
     snapshotted and restored by ``reset()``.
+
+    ``reward(points, groups, sizes, alpha) -> (n,)`` replaces the
+    region-consistency reward (default :func:`grouped_region_rewards`):
+    ``points`` (n, 2) pixels, ``groups`` (n,) prompt ids, ``sizes`` a dict
+    id -> (width, height). It must give one finite number per click; a
+    reward that reads labels makes this supervised RL, which is how the
+    update itself is checked.
     """
 
     needs_norm_layers = False
 
     def __init__(self, model: torch.nn.Module, *, samples: int = 16, temperature: float = 1.0,
                  alpha: float = 50.0, beta: float = 0.04, lr: float = 1e-4, include: Sequence[str] | None = None,
-                 seed: int = 0, episodic: bool = False):
+                 seed: int = 0, episodic: bool = False,
+                 reward: Callable[[np.ndarray, np.ndarray, dict, float], np.ndarray] | None = None):
         if samples < 2:
             raise MmttsError(f"GUI-RCPO needs samples >= 2 per prompt to form a group (got {samples})")
         if not temperature > 0 or not alpha > 0 or beta < 0 or not lr > 0:
@@ -83,6 +91,7 @@ class GUIRCPO(Adapter):
             float(alpha), float(beta), float(lr)
         self.patterns = list(include) if include else ["*"]
         self.seed, self.updates = int(seed), 0
+        self.reward = grouped_region_rewards if reward is None else reward
         super().__init__(model, norm_kinds=(), episodic=episodic)
 
     def configure_model(self) -> None:
@@ -133,7 +142,11 @@ class GUIRCPO(Adapter):
         points = (cells_to_unit(cells, jitter, grid) * sizes[:, None]).reshape(-1, 2).numpy()
         groups = ids.repeat_interleave(self.samples).numpy()
         size_of = {int(i): tuple(int(v) for v in s) for i, s in zip(ids.tolist(), sizes.tolist())}
-        rewards = torch.from_numpy(grouped_region_rewards(points, groups, size_of, self.alpha))
+        rewards = torch.as_tensor(np.asarray(self.reward(points, groups, size_of, self.alpha), dtype=np.float64))
+        if rewards.shape != (len(points),) or not torch.isfinite(rewards).all():
+            raise MmttsError(f"the GUI-RCPO reward must give one finite number per click: {len(points)} clicks, "
+                             f"got shape {tuple(rewards.shape)} with {int((~torch.isfinite(rewards)).sum())} "
+                             "non-finite; fix the reward function")
         adv = group_advantages(rewards, torch.from_numpy(groups)).float().reshape(cells.shape)
         pg = -(adv * logp.gather(1, cells)).mean()
         loss = pg
