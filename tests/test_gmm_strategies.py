@@ -168,6 +168,22 @@ def test_evosearch_schedule_grows_with_budget_and_mutates():
         mmtts.create_strategy("evosearch", stages=[0, 3])
 
 
+def test_evosearch_population_of_one_has_no_trajectory_generations():
+    """One candidate per generation leaves nothing to select: no per-stage scoring, no random walk."""
+    p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
+    one = mmtts.search(p, REWARD, "evosearch", population=1, noise_generations=0, budget=10, seed=4)
+    bon = mmtts.search(p, REWARD, "best-of-n", n=1, budget=10, seed=4)
+    assert torch.equal(one.outputs, bon.outputs) and one.extra["stages"] == []
+    assert one.budget["verifier_calls"] == 1 and one.budget["nfe"] == 10
+    # with noise generations the archive still selects across them
+    archive = mmtts.search(p, REWARD, "evosearch", population=1, budget=50, seed=4)
+    assert archive.extra["stages"] == [] and archive.extra["noise_generations"] == 5
+    with pytest.raises(ValueError, match="population >= 2"):
+        mmtts.search(p, REWARD, "evosearch", population=1, stages=[3], budget=50, seed=4)
+    with pytest.raises(mmtts.BudgetError, match="at least 10"):
+        mmtts.search(p, REWARD, "evosearch", population=1, noise_generations=0, budget=5, seed=4)
+
+
 @pytest.mark.parametrize("kw", [{"noise_generations": 0}, {"noise_generations": 0, "initial": 12, "stages": [2, 5]},
                                 {}, {"noise_generations": 2, "stages": [4, 8]}])
 def test_evosearch_costs_what_its_plan_says_and_answers_the_best_ever_seen(kw):

@@ -53,7 +53,9 @@ class EvoSearch(Strategy):
     its elites carry the best forward.
 
     The answer is the best finished candidate ever seen. With no evolution stage
-    and one noise generation (no mutation) this is best-of-``initial``.
+    and one noise generation (no mutation) this is best-of-``initial``. A
+    population of one has no trajectory generations (nothing to select from);
+    with ``noise_generations=0`` as well it is best-of-``initial``.
     """
 
     def __init__(self, population: int = 8, initial: int | None = None, elites: int | None = None,
@@ -99,6 +101,14 @@ class EvoSearch(Strategy):
         if any(e >= T for e in stages):
             raise ValueError(f"evolution stages {stages} must lie in [1, {T})")
         n0, G = self.initial, self.noise_generations
+        if self.P == 1:  # a trajectory generation of one has nothing to select: mutation would be a random walk
+            if self.stages:
+                raise ValueError(f"trajectory generations at stages {stages} need population >= 2 to select "
+                                 "from; use population >= 2 or no stages")
+            stages = []
+            if G == 0:  # nothing evolves: the initial candidates, finished and scored
+                b.require_candidates(n0, p.nfe_per_candidate())
+                return {"initial": n0, "noise_generations": 1, "stages": []}
         if G == 0:  # the initial candidates are scored on their x0-hat at the first evolution stage
             if not stages:
                 raise ValueError("noise_generations=0 needs at least one evolution stage")
