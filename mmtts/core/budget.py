@@ -11,7 +11,6 @@ into model, verifier and decode time, with the rest reported as overhead.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import BudgetError, BudgetExceeded
@@ -72,15 +71,11 @@ class Budget:
         live = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         return self.elapsed_before + live
 
-    @contextmanager
-    def timer(self, kind: str):
+    def timer(self, kind: str) -> "_Timer":
+        """``with budget.timer(kind):`` adds the block's wall time to ``seconds[kind]``."""
         if kind not in self.seconds:
             raise ValueError(f"unknown timer {kind!r}; one of {_TIMERS}")
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[kind] += time.perf_counter() - t
+        return _Timer(self.seconds, kind)
 
     # -- what is left ----------------------------------------------------------
     @property
@@ -159,3 +154,19 @@ class Budget:
 
     def caps(self) -> tuple:
         return (self.max_nfe, self.max_verifier_calls, self.max_seconds)
+
+
+class _Timer:
+    """The context manager of :meth:`Budget.timer` (a plain class: it sits on every model, decode and verifier call)."""
+
+    __slots__ = ("seconds", "kind", "t")
+
+    def __init__(self, seconds: dict, kind: str):
+        self.seconds, self.kind = seconds, kind
+
+    def __enter__(self) -> None:
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc) -> bool:
+        self.seconds[self.kind] += time.perf_counter() - self.t
+        return False

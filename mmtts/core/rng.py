@@ -130,6 +130,8 @@ class Streams:
 
     def draw_seeds(self) -> list[int]:
         """The generator seed of every stream's next draw (what :meth:`generator` seeds with), in order."""
+        if len(self) < _PER_ITEM_BELOW:  # derive_seeds' per-item path, without the round trip through numpy
+            return [derive_seed(s, c) for s, c in zip(self.seeds.tolist(), self.counters.tolist())]
         return derive_seeds(self.seeds, self.counters).tolist()
 
     def _fill(self, out: torch.Tensor, draw) -> torch.Tensor:
@@ -147,9 +149,13 @@ class Streams:
         Noise is drawn on the CPU so that results do not depend on the device;
         every stream advances by one.
         """
-        shape = tuple(shape)
-        out = torch.empty((len(self), *shape), dtype=torch.float32)
-        self._fill(out, lambda row, g: row.normal_(generator=g))  # what torch.randn(shape, generator=g) draws
+        seeds = self.draw_seeds()
+        out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+        g = torch.Generator()
+        for row, seed in zip(out, seeds):  # as _fill does, inline: this runs between model calls
+            g.manual_seed(seed)
+            row.normal_(generator=g)  # what torch.randn(shape, generator=g) draws
+        self.counters += 1
         return out.to(device=device, dtype=dtype)
 
     def rand(self, shape: Sequence[int] = ()) -> torch.Tensor:

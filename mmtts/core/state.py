@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .rng import Streams, derive_seeds, fork_keys
+from .rng import _PER_ITEM_BELOW, Streams, derive_seed, derive_seeds, fork_keys
 
 
 @dataclass
@@ -75,28 +75,59 @@ class State:
             return v.device
         return torch.device("cpu")
 
-    def _gather(self, index: torch.Tensor, fork: bool, fork_all: bool = False) -> "State":
-        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
-        positions = index.tolist()
+    def _gather(self, index: torch.Tensor | None, fork: bool, fork_all: bool = False,
+                keys: list[int | None] | None = None, positions: list[int] | None = None) -> "State":
+        """Candidates at ``index``; with ``fork``, copy j is forked with ``keys[j]`` (default: :func:`fork_keys`).
+
+        ``positions`` (a list of ints) may be given instead of ``index``.
+        """
+        if positions is not None:
+            index = torch.tensor(positions, dtype=torch.int64)
+        else:
+            if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.ndim == 1
+                    and index.is_cpu):
+                index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
+            positions = index.tolist()
         n = len(self)
         if positions and (min(positions) < 0 or max(positions) >= n):
             raise IndexError(f"candidate index out of range for a batch of {n}: {positions}")
-        seeds, counters = self.streams.seeds.index_select(0, index), self.streams.counters.index_select(0, index)
-        ids, parents = self.ids.index_select(0, index), self.parents.index_select(0, index)
-        keys = fork_keys(positions, fork_all) if fork else []
-        forked = [j for j, k in enumerate(keys) if k is not None]
-        if forked:
-            s, c, i, p = seeds.tolist(), counters.tolist(), ids.tolist(), parents.tolist()
-            # a forked copy's stream seed and its id, both derived from (value, parent's counter, key)
-            m = len(forked)
-            derived = derive_seeds([s[j] for j in forked] + [i[j] for j in forked], [c[j] for j in forked] * 2,
-                                   [keys[j] for j in forked] * 2).tolist()
-            for r, j in enumerate(forked):
-                p[j], s[j], i[j], c[j] = i[j], derived[r], derived[m + r], 0
-            seeds, counters, ids, parents = (torch.tensor(v, dtype=torch.int64) for v in (s, c, i, p))
-        data = {k: v.index_select(0, index.to(v.device)) for k, v in self.data.items()}
-        return State._of(data, self.stage.index_select(0, index), Streams._of(seeds, counters), ids, parents,
-                         self.origin.index_select(0, index), dict(self.meta))
+        if keys is None:
+            keys = fork_keys(positions, fork_all) if fork else []
+        m = sum(k is not None for k in keys)
+        s, c, i, p = self.streams.seeds, self.streams.counters, self.ids, self.parents
+        if i.is_cpu and p.is_cpu and self.stage.is_cpu and self.origin.is_cpu:
+            # the per-candidate integers with numpy (copies by fancy indexing): a few small arrays, no dispatch
+            at = index.numpy()
+            s, c, i, p, stage, origin = (t.numpy()[at] for t in (s, c, i, p, self.stage, self.origin))
+            if m:
+                # a forked copy's stream seed and id are both derived from (value, parent's counter, key), its
+                # counter restarts at 0 and its parent is the copied id
+                forked = [j for j, k in enumerate(keys) if k is not None]
+                fk = [keys[j] for j in forked]
+                fs, fc, fi = s[forked].tolist(), c[forked].tolist(), i[forked].tolist()
+                if 2 * m < _PER_ITEM_BELOW:  # derive_seeds' per-item path, without the round trip through numpy
+                    derived = [derive_seed(*row) for row in zip(fs + fi, fc * 2, fk * 2)]
+                else:
+                    derived = derive_seeds(fs + fi, fc * 2, fk * 2).tolist()
+                p[forked], s[forked], i[forked], c[forked] = fi, derived[:m], derived[m:], 0
+            seeds, counters, ids, parents, stage, origin = (torch.from_numpy(v) for v in (s, c, i, p, stage, origin))
+        else:
+            seeds, counters = s.index_select(0, index), c.index_select(0, index)
+            ids, parents = i.index_select(0, index.to(i.device)), p.index_select(0, index.to(p.device))
+            stage, origin = self.stage.index_select(0, index.to(self.stage.device)), \
+                self.origin.index_select(0, index.to(self.origin.device))
+            if m:
+                forked = [j for j, k in enumerate(keys) if k is not None]
+                sl, cl, il, pl = seeds.tolist(), counters.tolist(), ids.tolist(), parents.tolist()
+                derived = derive_seeds([sl[j] for j in forked] + [il[j] for j in forked], [cl[j] for j in forked] * 2,
+                                       [keys[j] for j in forked] * 2).tolist()
+                for r, j in enumerate(forked):
+                    pl[j], sl[j], il[j], cl[j] = il[j], derived[r], derived[m + r], 0
+                seeds, counters = torch.tensor(sl, dtype=torch.int64), torch.tensor(cl, dtype=torch.int64)
+                ids, parents = (torch.tensor(v, dtype=torch.int64, device=t.device) for v, t in ((il, ids), (pl, parents)))
+        data = {k: v.index_select(0, index if v.is_cpu else index.to(v.device))
+                for k, v in self.data.items()}
+        return State._of(data, stage, Streams._of(seeds, counters), ids, parents, origin, dict(self.meta))
 
     def select(self, index) -> "State":
         """Exact copies of the candidates at ``index`` (duplicates share their stream)."""
@@ -132,9 +163,14 @@ class State:
 
     def replace(self, **data: torch.Tensor) -> "State":
         """The same candidates with some data fields replaced (streams are shared, not copied)."""
+        n = len(self.streams)
+        for k, v in data.items():  # the other fields are valid already: check only what changes
+            if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != n:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"State.data[{k!r}] has shape {shape}; every entry needs the batch ({n}) on dim 0")
         new = dict(self.data)
         new.update(data)
-        return State(new, self.stage, self.streams, self.ids, self.parents, self.origin, self.meta)
+        return State._of(new, self.stage, self.streams, self.ids, self.parents, self.origin, self.meta)
 
     def state_dict(self) -> dict:
         return {

@@ -113,18 +113,39 @@ class SearchContext:
     def step(self, state: State) -> State:
         if bool(self.process.is_done(state).any()):
             raise MmttsError("cannot step candidates that already completed every stage")
-        cost = int(self.process.stage_nfe(state.stage).sum())
-        self.budget.check_affordable(f"stepping {len(state)} candidates", nfe=cost)
-        with self.budget.timer("model"):
-            new = self.process.step(state)
-        self.budget.charge(nfe=cost)
+        return self._step(state)
+
+    def _step(self, state: State) -> State:
+        """:meth:`step` for candidates known not to be done."""
+        p = self.process
+        # a process with one cost for every stage (the default stage_nfe) costs that per candidate
+        cost = int(p.nfe_per_stage) * len(state) if type(p).stage_nfe is Process.stage_nfe \
+            else int(p.stage_nfe(state.stage).sum())
+        b = self.budget
+        if not b.can_afford(nfe=cost):
+            b.check_affordable(f"stepping {len(state)} candidates", nfe=cost)
+        with b.timer("model"):
+            new = p.step(state)
+        b.charge(nfe=cost)
         return new
 
     def advance(self, state: State, stages: int | None = None) -> State:
         """Step ``stages`` times (default: until every candidate is done)."""
+        p = self.process
+        plain = type(p).is_done is Process.is_done  # done means stage >= num_stages: read the stages once
         k = 0
-        while not bool(self.process.is_done(state).all()) and (stages is None or k < stages):
-            state = self.step(state)
+        while stages is None or k < stages:
+            if plain:
+                at = state.stage.tolist()
+                every, some = (min(at) >= p.num_stages, max(at) >= p.num_stages) if at else (True, False)
+            else:
+                done = p.is_done(state)
+                every, some = bool(done.all()), bool(done.any())
+            if every:
+                break
+            if some:
+                raise MmttsError("cannot step candidates that already completed every stage")
+            state = self._step(state)
             k += 1
         return state
 
@@ -147,7 +168,8 @@ class SearchContext:
     def score(self, outputs: Any, state: State | None = None, final: bool = True) -> torch.Tensor:
         """Score with the search verifier; ``final`` scores of finished candidates enter the trace."""
         n = batch_size(outputs)
-        self.budget.check_affordable(f"scoring {n} candidates", verifier_calls=n)
+        if not self.budget.can_afford(verifier_calls=n):
+            self.budget.check_affordable(f"scoring {n} candidates", verifier_calls=n)
         context = self.process.context(state) if state is not None else None
         before = self.verifier.evaluations
         with self.budget.timer("verifier"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ..core.batch import concat, take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.rng import StrategyRNG
+from ..core.rng import Streams, StrategyRNG, fork_keys
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy
 from .best_of_n import top_k
@@ -184,13 +186,7 @@ class EvoSearch(Strategy):
                 pop = arch["snap"].resample(self._tournament(ctx, arch["scores"], self.P), fork_all=True)
                 pop = ctx.process.perturb(pop, self.latent_scale)
             else:
-                pop, ps = loop["population"], loop["pop_scores"]
-                ranked = top_k(ps, len(ps))  # one ranking for the elites and the tournament pool
-                elite = ranked[: min(self.elites, self.P - 1) if self.P > 1 else 0]
-                kids = pop.resample(self._tournament(ctx, ps, self.P - len(elite), ranked, ahead=len(stages) - k),
-                                    fork_all=True)
-                kids = ctx.process.perturb(kids, self.latent_scale)
-                pop = State.cat([pop.select(elite), kids]) if len(elite) else kids
+                pop = self._next_generation(ctx, loop["population"], loop["pop_scores"], ahead=len(stages) - k)
             nxt = stages[k + 1] if k + 1 < len(stages) else ctx.process.num_stages
             pop = ctx.advance(pop, nxt - stages[k])
             if k + 1 < len(stages):
@@ -210,6 +206,40 @@ class EvoSearch(Strategy):
                                 "generations": plan["noise_generations"] + len(stages),
                                 "archive": len(arch["scores"])})
 
+    def _next_generation(self, ctx: SearchContext, pop: State, scores: torch.Tensor, ahead: int) -> State:
+        """The ``elites`` best of ``pop`` unchanged, then children of tournament parents over its top fraction.
+
+        The same as ranking with ``top_k``, ``State.cat([pop.select(elites), perturb(pop.resample(parents,
+        fork_all=True))])`` with the parents from :meth:`_tournament`, over plain integers for the ranking and the
+        tournament (a population is small) and gathered in one pass: the children are perturbed as the tail of
+        the gathered batch and written into it.
+        """
+        s = scores.tolist()
+        ranked = sorted(range(len(s)), key=s.__getitem__, reverse=True)  # stable: ties keep the earlier, as top_k
+        e = min(self.elites, self.P - 1, len(s)) if self.P > 1 else 0
+        pool = ranked[: max(1, math.ceil(self.frac * len(s)))]
+        parents = [pool[w] for w in self._winners(ctx, len(pool), self.P - e, ahead).tolist()]
+        if not e:
+            return ctx.process.perturb(pop.resample(parents, fork_all=True), self.latent_scale)
+        new = pop._gather(None, fork=True, keys=[None] * e + fork_keys(parents, True), positions=ranked[:e] + parents)
+        st = new.streams
+        kids = State._of({name: v[e:] for name, v in new.data.items()}, new.stage[e:],
+                         Streams._of(st.seeds[e:], st.counters[e:]), new.ids[e:], new.parents[e:], new.origin[e:],
+                         new.meta)
+        done = ctx.process.perturb(kids, self.latent_scale)
+        same = (done.streams is kids.streams and done.stage is kids.stage and done.ids is kids.ids
+                and done.parents is kids.parents and done.origin is kids.origin and done.meta is kids.meta
+                and done.data.keys() == kids.data.keys()
+                and all(v is kids.data[name] or (v.shape == kids.data[name].shape and v.dtype == kids.data[name].dtype
+                                                 and v.device == kids.data[name].device)
+                        for name, v in done.data.items()))
+        if not same:  # the process built its own state: join the two batches
+            return State.cat([new.select(torch.arange(e)), done])
+        for name, v in done.data.items():  # the gathered tensors are fresh copies: write the children in place
+            if v is not kids.data[name]:
+                new.data[name][e:] = v
+        return new
+
     def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int,
                     ranked: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
         """Parents: each the best of ``tournament`` random members of the top fraction by score.
@@ -219,8 +249,8 @@ class EvoSearch(Strategy):
         here on (see :meth:`_winners`).
         """
         ranked = top_k(scores, len(scores)) if ranked is None else ranked
-        pool = ranked[: max(1, int(np.ceil(self.frac * len(scores))))]
-        return pool[torch.as_tensor(self._winners(ctx, len(pool), k, ahead))]
+        pool = ranked[: max(1, math.ceil(self.frac * len(scores)))]
+        return pool.index_select(0, torch.from_numpy(self._winners(ctx, len(pool), k, ahead)))
 
     def _winners(self, ctx: SearchContext, n: int, k: int, ahead: int) -> np.ndarray:
         """Pool positions of ``k`` winners, each the best (smallest) of ``tournament`` uniform draws in [0, n).
@@ -234,13 +264,15 @@ class EvoSearch(Strategy):
         rng = ctx.rng
         cache = self._drawn
         key = (rng.seed, rng.counter, n, k, self.tournament)
-        if key not in cache:
+        won = cache.pop(key, None)
+        if won is None:
             cache.clear()
             for j in range(max(1, ahead)):
                 draws = StrategyRNG(rng.seed, rng.counter + j).numpy().integers(0, n, size=(k, self.tournament))
                 cache[(rng.seed, rng.counter + j, n, k, self.tournament)] = draws.min(axis=1)
+            won = cache.pop(key)
         rng.counter += 1
-        return cache.pop(key)
+        return won
 
     @staticmethod
     def _grow(arch: dict, out, s, final: State, noise: State | None = None, snap: State | None = None) -> dict:

@@ -225,7 +225,13 @@ class ImageProcess(Process):
         n = len(state)
         ctx = {}
         if self.cond is not None and self.cond.ndim == 0:
-            ctx["label"] = self.cond.expand(n).cpu()
+            if self.cond.is_cpu:  # a view of the label either way: keep the last one (the batch size rarely changes)
+                kept = getattr(self, "_labels", None)
+                if kept is None or kept[0] is not self.cond or kept[1] != n:
+                    kept = self._labels = (self.cond, n, self.cond.expand(n))
+                ctx["label"] = kept[2]
+            else:
+                ctx["label"] = self.cond.expand(n).cpu()
         if self.prompt is not None:
             ctx["prompt"] = [self.prompt] * n
         return ctx or None
@@ -239,11 +245,19 @@ class ImageProcess(Process):
         x = state.data["x"]
         shape = (-1,) + (1,) * (x.ndim - 1)
         z = state.streams.randn(self.sample_shape, device=self.device, dtype=torch.float64)
+        stages = state.stage.tolist()
+        if isinstance(scale, (float, int)) and stages and min(stages) > 0:
+            # the usual case, a scalar scale past stage 0: x + (b sigma_t) z with b sigma_t read from a per-stage
+            # table of the same float64 products, so the same values with fewer operations per call
+            bs = self._scaled_std(float(scale))
+            last = self.num_stages - 1
+            bs = torch.tensor([bs[s if s < last else last] for s in stages], dtype=torch.float64, device=self.device)
+            new = z.mul_(bs.reshape(shape)).add_(x)
+            return state.replace(x=new.to(x.dtype))
         b = torch.as_tensor(scale, dtype=torch.float64, device=self.device).reshape(shape)
         keep = lambda: (1 - b ** 2).clamp(min=0).sqrt()  # noqa: E731
         sig = lambda: self.mutation_std_table()[  # noqa: E731
             state.stage.clamp(max=self.num_stages - 1)].to(self.device).reshape(shape)
-        stages = state.stage.tolist()
         # float64 sums in place over z (the same products and sums, in either order), so little fresh memory
         if all(stages):  # every candidate past stage 0 (the usual case): x + b sigma_t z
             new = z.mul_(b * sig()).add_(x)
@@ -254,6 +268,16 @@ class ImageProcess(Process):
             new = torch.where((state.stage == 0).to(self.device).reshape(shape), keep() * xf + b * z,
                               xf + b * sig() * z)
         return state.replace(x=new.to(x.dtype))
+
+    def _scaled_std(self, scale: float) -> list[float]:
+        """``scale * mutation_std`` of every stage (T floats: the float64 products), kept for the last scale used."""
+        s = self.schedule
+        key = (id(s), id(s.alpha), id(s.sigma), s.update, s.eta, scale)  # as mutation_std_table's, and the scale
+        cached = getattr(self, "_scaled", None)
+        if cached is None or cached[0] != key:
+            table = torch.as_tensor(scale, dtype=torch.float64) * self.mutation_std_table()
+            cached = self._scaled = (key, table.tolist(), s)
+        return cached[1]
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
         s = self.schedule
