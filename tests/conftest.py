@@ -17,8 +17,6 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def single_thread():
     """Small models train faster on one thread than on oversubscribed cores."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    from mmtts.core.threads import one_thread
+    with one_thread():
+        yield

@@ -45,7 +45,8 @@ from mmtts.bench import machine_info, versions
 from mmtts.core.rng import derive_seed
 from mmtts.modalities.vla import ActionVerifier, GaussianPolicy
 from mmtts.modalities.vla.gym_env import GymPolicy, run_episode
-from mmtts.tasks.vla_mujoco import STATE_DIM, GaussianMLP, VLAMujoco, make_env, one_thread
+from mmtts.core.threads import one_thread
+from mmtts.tasks.vla_mujoco import STATE_DIM, GaussianMLP, VLAMujoco, make_env
 
 SETTING = "in-distribution"
 MODES = ("k1", "k16", "one_by_one")

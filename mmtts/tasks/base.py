@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-import torch
-
 from ..core.errors import MmttsError
 from .cache import ModelCache
-
-
-def single_threaded(fn):
-    """Small models train faster on one thread than on oversubscribed ones; restore the setting after."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-    return wrapper
 
 
 class Task(ABC):

@@ -58,7 +58,8 @@ from ..modalities.gui.parse import parse_answers
 from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler
-from ..modalities.gui.train import one_thread, train_grounding
+from ..core.threads import one_thread
+from ..modalities.gui.train import train_grounding
 from ..search.region_vote import RegionConsistency, RegionVote
 from .base import Task
 from .cache import config_hash

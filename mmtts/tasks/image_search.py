@@ -45,9 +45,10 @@ from ..core.errors import MmttsError
 from ..core.progress import progress_bar
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
+from ..core.threads import one_thread
 from ..core.verifier import Verifier
 from ..verifiers.classifier import ClassifierLogProb
-from .base import Task, single_threaded
+from .base import Task
 
 SIZE = 16
 NULL_CLASS = 10
@@ -110,7 +111,7 @@ def to_unit(x01: torch.Tensor) -> torch.Tensor:
     return x01 * 2 - 1
 
 
-@single_threaded
+@one_thread()
 def train_classifier(kind: str, config: dict) -> dict[str, torch.Tensor]:
     x, y = load_digits16()
     sel = torch.arange(len(x)) % 2 == (0 if kind == "A" else 1)
@@ -132,7 +133,7 @@ def train_classifier(kind: str, config: dict) -> dict[str, torch.Tensor]:
     return model.eval().state_dict()
 
 
-@single_threaded
+@one_thread()
 def train_unet(config: dict) -> dict[str, torch.Tensor]:
     x, y = load_digits16()
     torch.manual_seed(config["seed"])
@@ -257,7 +258,7 @@ class ImageSearch(Task):
         eta = 1.0 if method in STOCHASTIC else 0.0
         return f"ddim eta={eta:g}, " + ", ".join(f"{k}={v}" for k, v in kw.items() if k != "keep")
 
-    @single_threaded
+    @one_thread()
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
         self.check_method(method)
         self.check_setting(setting)

@@ -22,8 +22,10 @@ from ..core.errors import MmttsError
 from ..core.progress import progress_bar
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
+from ..core.threads import one_thread
 from ..modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, MixtureLogDensity, QuadraticReward
-from .base import Task, single_threaded
+from ..core.threads import one_thread
+from .base import Task
 
 
 class MLPDenoiser(nn.Module):
@@ -48,7 +50,7 @@ DENOISER_CONFIG = {"arch": "mlp-x0", "hidden": 128, "steps": 3000, "batch": 512,
 DENOISER_QUICK = {**DENOISER_CONFIG, "steps": 400}
 
 
-@single_threaded
+@one_thread()
 def train_denoiser(config: dict) -> dict[str, torch.Tensor]:
     """Denoising regression on fresh mixture samples at random noise levels (minimiser: E[x0 | x_t])."""
     g = torch.Generator().manual_seed(config["seed"])

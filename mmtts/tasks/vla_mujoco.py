@@ -39,7 +39,6 @@ references drawn beside the action error are power-law fits e = a * k^b of
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from ..core.errors import MmttsError
 from ..core.progress import progress_bar
 from ..core.registry import TASKS
 from ..core.rng import derive_seed
+from ..core.threads import one_thread
 from ..modalities.vla import (ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, QuadraticFeatures,
                               RoboMonkeyPolicy, SampleSet, train_action_verifier)
 from ..modalities.vla.gym_env import GymPolicy, run_episode
@@ -69,17 +69,6 @@ def require_gymnasium():
         raise MmttsError(f"vla-mujoco needs gymnasium and mujoco ({e.name} is missing): "
                          "pip install 'mmtts[robotics]'") from None
     return gymnasium
-
-
-@contextmanager
-def one_thread():
-    """Tiny MLPs run fastest on one thread, and the benchmark shares its machine; restores the count after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def expert_action(obs: np.ndarray, kp: float = 2.0, kd: float = 0.1) -> np.ndarray:

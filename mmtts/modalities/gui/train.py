@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 
 from ...core.progress import progress_bar
+from ...core.threads import one_thread
 from .model import GroundingNet, cell_targets, image_tensor, tokenize
 from .render import instructions, render_screen
 
@@ -31,17 +30,6 @@ def synthetic_batch(screen_seeds, per_screen: int, seed: int) -> dict:
             sizes.append(sc.size)
     return {"images": torch.stack(images), "screen": torch.tensor(screen), "tokens": tokenize(texts),
             "boxes": np.asarray(boxes, dtype=np.float64), "sizes": np.asarray(sizes, dtype=np.float64), "kinds": kinds}
-
-
-@contextmanager
-def one_thread():
-    """Small models train faster on one thread than on shared, oversubscribed cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def train_grounding(config: dict) -> dict[str, torch.Tensor]:
