@@ -52,22 +52,33 @@ def _split(x: torch.Tensor):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_ptr, m2_ptr, N, C, L, rows_per_chunk, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Welford per lane over one chunk of a channel's rows, then Chan's merge across lanes: (mean, M2)."""
+def _chunk_rows(N, rows_per_chunk):
+    """This program's channel c and chunk s, and the rows [n_start, n_end) of the chunk."""
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
     n_start = s * rows_per_chunk
-    n_end = tl.minimum(n_start + rows_per_chunk, N)
+    return c, s, n_start, tl.minimum(n_start + rows_per_chunk, N)
+
+
+@triton.jit
+def _tile_offsets(n0, l0, n_end, c, C, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Offsets and mask of the (BLOCK_R, BLOCK_L) tile of channel c at row n0, column l0 of an (N, C, L) tensor."""
+    n = n0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    col = l0 + tl.arange(0, BLOCK_L)
+    return ((n * C + c) * L)[:, None] + col[None, :], (n < n_end)[:, None] & (col < L)[None, :]
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_ptr, m2_ptr, N, C, L, rows_per_chunk, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Welford per lane over one chunk of a channel's rows, then Chan's merge across lanes: (mean, M2)."""
+    c, s, n_start, n_end = _chunk_rows(N, rows_per_chunk)
     count = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
     mean = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
     m2 = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
     for n0 in range(n_start, n_end, BLOCK_R):
-        n = n0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        row = ((n * C + c) * L)[:, None]
         for l0 in range(0, L, BLOCK_L):
-            col = l0 + tl.arange(0, BLOCK_L)
-            mask = (n < n_end)[:, None] & (col < L)[None, :]
-            v = tl.load(x_ptr + row + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            offs, mask = _tile_offsets(n0, l0, n_end, c, C, L, BLOCK_R, BLOCK_L)
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             count += mask.to(tl.float32)
             delta = tl.where(mask, v - mean, 0.0)
             mean += delta / tl.maximum(count, 1.0)
@@ -156,22 +167,16 @@ def batch_norm_forward(x, weight, bias, src_mean, src_var, alpha: float, exact: 
 @triton.jit
 def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr, N, C, L, rows_per_chunk,
                       BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    c = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
-    n_start = s * rows_per_chunk
-    n_end = tl.minimum(n_start + rows_per_chunk, N)
+    c, s, n_start, n_end = _chunk_rows(N, rows_per_chunk)
     mu = tl.load(mean_ptr + c)
     rstd = tl.load(rstd_ptr + c)
     acc_dy = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
     acc_dyx = tl.zeros((BLOCK_R, BLOCK_L), tl.float32)
     for n0 in range(n_start, n_end, BLOCK_R):
-        n = n0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        row = ((n * C + c) * L)[:, None]
         for l0 in range(0, L, BLOCK_L):
-            col = l0 + tl.arange(0, BLOCK_L)
-            mask = (n < n_end)[:, None] & (col < L)[None, :]
-            dy = tl.load(dy_ptr + row + col[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + row + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            offs, mask = _tile_offsets(n0, l0, n_end, c, C, L, BLOCK_R, BLOCK_L)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc_dy += dy
             acc_dyx += tl.where(mask, dy * (x - mu) * rstd, 0.0)
     nchunks = tl.num_programs(1)
