@@ -7,7 +7,7 @@ import torch
 from mmtts.adapters.gui_rcpo import GUIRCPO, group_advantages, grouped_region_rewards
 from mmtts.core.errors import MmttsError
 from mmtts.core.registry import ADAPTERS
-from mmtts.modalities.gui.model import GroundingNet, tokenize
+from mmtts.modalities.gui.model import BoxGrounding, ElementBoxNet, GroundingNet, tokenize
 from mmtts.search.region_vote import point_boxes, region_rewards
 
 
@@ -54,6 +54,53 @@ def test_grouped_rewards_are_per_prompt_region_rewards():
     pts2 = pts.copy()
     pts2[m] = pts[~m][0]
     np.testing.assert_allclose(grouped_region_rewards(pts2, groups, sizes, 50)[~m], r[~m])
+
+
+def test_box_answers_vote_with_their_boxes():
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(0, 300, (16, 2))
+    boxes = np.concatenate([pts - rng.uniform(5, 60, (16, 2)), pts + rng.uniform(5, 60, (16, 2))], 1)
+    groups = np.repeat([1, 2], 8)
+    sizes = {1: (300, 300), 2: (320, 200)}
+    r = grouped_region_rewards(pts, groups, sizes, 50, boxes=boxes)
+    for g in (1, 2):
+        m = groups == g
+        np.testing.assert_allclose(r[m], region_rewards(boxes[m], *sizes[g]))
+    # squares of side alpha given as boxes are the point answers
+    np.testing.assert_allclose(grouped_region_rewards(pts, groups, sizes, 50, boxes=point_boxes(pts, 50)),
+                               grouped_region_rewards(pts, groups, sizes, 50))
+
+
+def test_rcpo_with_box_answers_passes_the_sampled_boxes():
+    torch.manual_seed(0)
+    net = BoxGrounding(GroundingNet(width=8), ElementBoxNet(width=8))
+    seen = {}
+
+    def reward(points, groups, sizes, alpha, boxes):
+        seen["points"], seen["boxes"] = points, boxes
+        return grouped_region_rewards(points, groups, sizes, alpha, boxes=boxes)
+
+    batch = _batch()
+    start = {n: p.clone() for n, p in net.named_parameters()}
+    head = {n: p.clone() for n, p in net.named_parameters() if n.startswith("boxes.")}
+    adapter = GUIRCPO(net, samples=8, lr=1e-3, answers="box", reward=reward)
+    adapter(batch)
+    b, p = seen["boxes"], seen["points"]
+    assert b.shape == (32, 4) and (b[:, :2] <= b[:, 2:]).all()
+    # every box lies in its screen and holds the centre of the cell its click fell in
+    sizes = batch["sizes"].double().repeat_interleave(8, 0).numpy()
+    assert (b >= 0).all() and (b[:, 2:] <= sizes).all()
+    cols, rows = net.cells
+    centre = (np.floor(p / sizes * [cols, rows]) + 0.5) / [cols, rows] * sizes
+    assert ((b[:, :2] <= centre + 1e-6) & (centre <= b[:, 2:] + 1e-6)).all()
+    # the update moves the click distribution, never the box network
+    assert head and all(torch.equal(p, head[n]) for n, p in adapter.model.named_parameters() if n in head)
+    assert any(not torch.equal(p, q) for (n, p), q in zip(adapter.model.named_parameters(), start.values())
+               if n.startswith("policy."))
+    with pytest.raises(MmttsError, match="boxes"):
+        GUIRCPO(GroundingNet(width=8), answers="box")
+    with pytest.raises(MmttsError, match="answers="):
+        GUIRCPO(net, answers="polygon")
 
 
 def _batch(n=4, seed=0):

@@ -1,5 +1,6 @@
 """Click samplers (the project's model, a tiny random transformers VLM) and region voting as a strategy."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -8,6 +9,7 @@ from mmtts.core.errors import BudgetError, MmttsError
 from mmtts.core.registry import STRATEGIES
 from mmtts.core.strategy import run_strategy
 from mmtts.modalities.gui import ClickProcess, ClickSampler, GroundingNet, HeatmapSampler, TransformersSampler
+from mmtts.modalities.gui.model import BoxGrounding, ElementBoxNet, boxes_at, sample_cells
 from mmtts.modalities.gui.parse import parse_answer, parse_answers
 from mmtts.search.region_vote import RegionConsistency, consensus, vote_boxes
 
@@ -43,6 +45,57 @@ def test_heatmap_sampler_is_seeded_and_greedy_at_zero(heatmap):
         heatmap.sample(IMAGE, "x", 0, 1.0, seed=0)
     with pytest.raises(MmttsError, match="temperature"):
         heatmap.sample(IMAGE, "x", 2, -1.0, seed=0)
+
+
+def test_box_answers_are_the_box_head_under_the_same_cells():
+    torch.manual_seed(0)
+    net = BoxGrounding(GroundingNet(width=8), ElementBoxNet(width=8))
+    points = HeatmapSampler(net).sample(IMAGE, "click 'Save' button", 32, 1.0, seed=4)
+    boxes = HeatmapSampler(net, answer="box").sample(IMAGE, "click 'Save' button", 32, 1.0, seed=4)
+    assert boxes == HeatmapSampler(net, answer="box").sample(IMAGE, "click 'Save' button", 32, 1.0, seed=4)
+    size = (1920, 1080)
+    pp, pb = parse_answers(points, "permille", size), parse_answers(boxes, "permille", size)
+    assert pb.ok.all() and all(parse_answer(t)[0] == "box" for t in boxes)
+    # the boxes are the box head's, under the cells the point answers were drawn from
+    with torch.no_grad():
+        logits, extents = net.forward_with_boxes(*_inputs(IMAGE, "click 'Save' button"))
+    cells = sample_cells(logits.flatten(1), 32, 1.0, torch.Generator().manual_seed(4))
+    expect = (boxes_at(extents, cells)[0] * 1000).round().long().tolist()
+    assert boxes == [f"[{a}, {b}, {c}, {d}]" for a, b, c, d in expect]
+    cols, rows = net.cells
+    unit = torch.from_numpy(pp.points / size)
+    centre = torch.stack([cells[0] % cols, cells[0] // cols], 1) + 0.5
+    assert ((unit * torch.tensor([cols, rows]) - centre).abs() <= 0.5 + 0.2).all()   # 0.2: a thousandth, floored
+    assert ((pb.boxes[:, :2] <= pb.boxes[:, 2:])).all()
+    # greedy: the box under the greedy click
+    g = HeatmapSampler(net, greedy="argmax", answer="box").sample(IMAGE, "click 'Save' button", 1, 0.0, seed=0)
+    expect = boxes_at(extents, logits.flatten(1).argmax(1, keepdim=True))[0, 0]
+    assert g[0] == "[" + ", ".join(str(v) for v in (expect * 1000).round().long().tolist()) + "]"
+    with pytest.raises(MmttsError, match="boxes"):
+        HeatmapSampler(GroundingNet(width=8), answer="box")
+    with pytest.raises(MmttsError, match="answer="):
+        HeatmapSampler(net, answer="polygon")
+
+
+def test_box_targets_give_back_each_element_box():
+    from mmtts.modalities.gui.model import CELLS, element_extents
+    boxes = np.array([[0, 0, 60, 40], [100.5, 30.2, 400.7, 62.9], [1800, 1000, 1920, 1080], [700, 500, 703, 503]])
+    ext, inside = element_extents([boxes], np.array([[1920, 1080]]))
+    cols, rows = CELLS
+    assert (ext[0][:, inside[0]] > 0).all() and not inside[0, 0, cols // 2]
+    for box in boxes[:3]:                              # the 3 px box holds no cell centre: no target
+        cx = int((box[0] + box[2]) / 2 / 1920 * cols)
+        cy = int((box[1] + box[3]) / 2 / 1080 * rows)
+        got = boxes_at(ext, torch.tensor([[cy * cols + cx]]))[0, 0] * torch.tensor([1920, 1080] * 2)
+        np.testing.assert_allclose(got.numpy(), box, atol=1e-3)
+    assert inside[0].sum() == sum(int(((np.arange(cols) + .5) * 1920 / cols >= b[0]).__and__(
+        (np.arange(cols) + .5) * 1920 / cols <= b[2]).sum() * ((np.arange(rows) + .5) * 1080 / rows >= b[1]).__and__(
+        (np.arange(rows) + .5) * 1080 / rows <= b[3]).sum()) for b in boxes)
+
+
+def _inputs(image, text):
+    from mmtts.modalities.gui.model import image_tensor, tokenize
+    return image_tensor([image]), tokenize([text])
 
 
 def test_region_vote_strategy_answers_the_consensus(heatmap):

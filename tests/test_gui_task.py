@@ -9,9 +9,11 @@ import torch
 from mmtts.bench import run_benchmark
 from mmtts.cli import main
 from mmtts.core.errors import MmttsError
+from mmtts.modalities.gui.parse import parse_answer
+from mmtts.modalities.gui.sampler import HeatmapSampler
 from mmtts.tasks.cache import ModelCache
-from mmtts.tasks.gui_grounding import (MODEL_CONFIG, QUICK_MODEL_CONFIG, QUICK_SETTING_MODELS, SETTING_TEMPERATURE,
-                                       GUIGrounding)
+from mmtts.tasks.gui_grounding import (BOX_CONFIG, MODEL_CONFIG, QUICK_BOX_CONFIG, QUICK_MODEL_CONFIG,
+                                       QUICK_SETTING_MODELS, SETTING_TEMPERATURE, GUIGrounding)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def test_quick_benchmark_runs_every_method(cache, tmp_path):
     task = GUIGrounding(cache=cache, quick=True)
     res = run_benchmark(task, [0, 1, 2], list(task.quick_budgets), out=tmp_path)
     assert {r["method"] for r in res["rows"]} == {"greedy", "argmax", "gui-rc", "gui-rcpo", "gui-rcpo+rc"}
-    assert {r["setting"] for r in res["rows"]} == {"default", "short-training"}
+    assert {r["setting"] for r in res["rows"]} == {"default", "short-training", "boxes", "boxes-short-training"}
     for r in res["rows"]:
         m = r["metrics"]
         assert 0 <= m["accuracy"] <= 1 and m["parse_rate"] == 1.0 and m["ms_per_example"] > 0
@@ -99,3 +101,16 @@ def test_settings_differ_in_the_model_and_temperature(cache):
         GUIGrounding(cache=cache, quick=True, temperature="warm")
     with pytest.raises(MmttsError, match="setting"):
         task.model("tiny")
+
+
+def test_box_settings_answer_with_boxes_of_the_same_model(cache):
+    task = GUIGrounding(cache=cache, quick=True)
+    for points, boxes in (("default", "boxes"), ("short-training", "boxes-short-training")):
+        a, b = task.model(points), task.model(boxes)
+        assert b.has_boxes and b.policy is not a
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.policy.state_dict().values()))
+    assert cache.has("gui-element-boxes", QUICK_BOX_CONFIG) and not cache.has("gui-element-boxes", BOX_CONFIG)
+    examples, thumbs = task.data(0)
+    ex = examples[0]
+    answer = HeatmapSampler(task.model("boxes"), answer="box").sample(thumbs[0], ex.instruction, 4, 1.0, 3)
+    assert all(parse_answer(t)[0] == "box" for t in answer)

@@ -30,7 +30,7 @@ from ..core.adapter import Adapter
 from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
 from ..core.rng import derive_seed
-from ..modalities.gui.model import cells_to_unit
+from ..modalities.gui.model import boxes_at, cells_to_unit
 from ..search.region_vote import point_boxes, region_rewards
 
 
@@ -48,12 +48,16 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1
     return out
 
 
-def grouped_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict, alpha: float) -> np.ndarray:
-    """Region-consistency reward of each click within the group of its prompt id (``sizes``: id -> (w, h))."""
+def grouped_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict, alpha: float,
+                           boxes: np.ndarray | None = None) -> np.ndarray:
+    """Region-consistency reward of each answer within the group of its prompt id (``sizes``: id -> (w, h)).
+
+    Answers vote with ``boxes`` (n, 4) pixels when given (box answers), else with alpha-squares on the clicks."""
+    votes = point_boxes(points, alpha) if boxes is None else np.asarray(boxes, dtype=np.float64)
     out = np.zeros(len(points))
     for g in np.unique(groups):
         m = groups == g
-        out[m] = region_rewards(point_boxes(points[m], alpha), *sizes[g])
+        out[m] = region_rewards(votes[m], *sizes[g])
     return out
 
 
@@ -68,10 +72,16 @@ class GUIRCPO(Adapter):
     chooses what adapts (default: every parameter); only those are
     snapshotted and restored by ``reset()``.
 
+    ``answers="box"`` is for a policy with a box head
+    (``model.forward_with_boxes``, as :class:`~mmtts.modalities.gui.model.BoxGrounding`): each
+    sampled click answers with the box under it, and the boxes vote (the
+    box head is not trained by the update).
+
     ``reward(points, groups, sizes, alpha) -> (n,)`` replaces the
     region-consistency reward (default :func:`grouped_region_rewards`):
     ``points`` (n, 2) pixels, ``groups`` (n,) prompt ids, ``sizes`` a dict
-    id -> (width, height). It must give one finite number per click; a
+    id -> (width, height); with box answers it is also passed
+    ``boxes=`` (n, 4) pixels. It must give one finite number per click; a
     reward that reads labels makes this supervised RL, which is how the
     update itself is checked.
     """
@@ -80,8 +90,8 @@ class GUIRCPO(Adapter):
 
     def __init__(self, model: torch.nn.Module, *, samples: int = 16, temperature: float = 1.0,
                  alpha: float = 50.0, beta: float = 0.04, lr: float = 1e-4, include: Sequence[str] | None = None,
-                 seed: int = 0, episodic: bool = False,
-                 reward: Callable[[np.ndarray, np.ndarray, dict, float], np.ndarray] | None = None):
+                 seed: int = 0, episodic: bool = False, answers: str = "point",
+                 reward: Callable[..., np.ndarray] | None = None):
         if samples < 2:
             raise MmttsError(f"GUI-RCPO needs samples >= 2 per prompt to form a group (got {samples})")
         if not temperature > 0 or not alpha > 0 or beta < 0 or not lr > 0:
@@ -89,6 +99,12 @@ class GUIRCPO(Adapter):
                              f"alpha={alpha}, beta={beta}, lr={lr}")
         self.samples, self.temperature, self.alpha, self.beta, self.lr = int(samples), float(temperature), \
             float(alpha), float(beta), float(lr)
+        if answers not in ("point", "box"):
+            raise MmttsError(f"answers={answers!r}; choose 'point' or 'box'")
+        if answers == "box" and not getattr(model, "has_boxes", False):
+            raise MmttsError(f"answers='box' needs a policy that gives boxes (has_boxes and forward_with_boxes, "
+                             f"as BoxGrounding); {type(model).__name__} has none")
+        self.answers = answers
         self.patterns = list(include) if include else ["*"]
         self.seed, self.updates = int(seed), 0
         self.reward = grouped_region_rewards if reward is None else reward
@@ -132,7 +148,11 @@ class GUIRCPO(Adapter):
         images, tokens = batch["images"], batch["tokens"]
         sizes = torch.as_tensor(batch["sizes"], dtype=torch.float64)
         ids = torch.as_tensor(batch["ids"]).reshape(-1)
-        logits = self.model(images, tokens).flatten(1)
+        if self.answers == "box":
+            logits, extents = self.model.forward_with_boxes(images, tokens)
+            logits = logits.flatten(1)
+        else:
+            logits, extents = self.model(images, tokens).flatten(1), None
         grid = cell_grid(self.model, logits)
         greedy = cells_to_unit(logits.argmax(1).detach(), None, grid) * sizes
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.updates))
@@ -142,7 +162,12 @@ class GUIRCPO(Adapter):
         points = (cells_to_unit(cells, jitter, grid) * sizes[:, None]).reshape(-1, 2).numpy()
         groups = ids.repeat_interleave(self.samples).numpy()
         size_of = {int(i): tuple(int(v) for v in s) for i, s in zip(ids.tolist(), sizes.tolist())}
-        rewards = torch.as_tensor(np.asarray(self.reward(points, groups, size_of, self.alpha), dtype=np.float64))
+        extra = {}
+        if extents is not None:
+            scale = torch.cat([sizes, sizes], 1)[:, None]                                  # (B, 1, 4)
+            extra["boxes"] = (boxes_at(extents.detach(), cells) * scale).reshape(-1, 4).numpy()
+        rewards = torch.as_tensor(np.asarray(self.reward(points, groups, size_of, self.alpha, **extra),
+                                             dtype=np.float64))
         if rewards.shape != (len(points),) or not torch.isfinite(rewards).all():
             raise MmttsError(f"the GUI-RCPO reward must give one finite number per click: {len(points)} clicks, "
                              f"got shape {tuple(rewards.shape)} with {int((~torch.isfinite(rewards)).sum())} "

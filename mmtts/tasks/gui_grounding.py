@@ -9,13 +9,19 @@ files a user's ScreenSpot folder would hold. Instructions refer to
 elements by text, by icon and by position.
 
 The grounding model is the project's small :class:`GroundingNet`, trained
-on other procedural screens and cached. Two settings differ in the model
-only: ``default`` is trained for 4000 steps; ``short-training`` follows the
-same recipe for 600 steps, a weaker and less certain model (region voting
-pays off where the model is unsure, not where it is confidently wrong).
+on other procedural screens and cached, with a box head that gives the box
+of the element under any cell. Four settings differ in the model and in
+how it answers: ``default`` is trained for 4000 steps and answers with a
+click "(x, y)"; ``short-training`` follows the same recipe for 600 steps,
+a weaker and less certain model; ``boxes`` and ``boxes-short-training``
+are the same two models answering with the box under their click,
+"[x1, y1, x2, y2]", as grounding VLMs that write boxes do. With clicks,
+region voting's alpha-squares cut across elements; with boxes, every
+answer votes for a whole element and the consensus is the element that
+holds the most samples.
 The sampling temperature is chosen per setting on validation seeds
-(100-102, never in the reported table): 0.5 for ``default``, 1.0 for
-``short-training``; ``--option temperature=T`` overrides both.
+(100-102, never in the reported table); ``--option temperature=T``
+overrides all of them.
 Methods, at a budget of K samples:
 
 - ``greedy``: greedy decoding of the answer, digit by digit as a
@@ -53,13 +59,13 @@ from ..core.registry import TASKS
 from ..core.rng import derive_seed
 from ..core.strategy import run_strategy
 from ..modalities.gui.data import GroundingExample, grounding_accuracy, load_screenspot, write_screenspot
-from ..modalities.gui.model import INPUT_SIZE, GroundingNet, image_tensor, tokenize
+from ..modalities.gui.model import INPUT_SIZE, BoxGrounding, ElementBoxNet, GroundingNet, image_tensor, tokenize
 from ..modalities.gui.parse import parse_answers
 from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler
 from ..core.threads import one_thread
-from ..modalities.gui.train import train_grounding
+from ..modalities.gui.train import train_element_boxes, train_grounding
 from ..search.region_vote import RegionConsistency, RegionVote
 from .base import Task
 from .cache import config_hash
@@ -67,11 +73,19 @@ from .cache import config_hash
 MODEL_CONFIG = {"arch": "grounding-net", "width": 24, "screens": 2000, "per_screen": 8, "steps": 4000,
                 "batch": 32, "lr": 3e-3, "seed": 0}
 QUICK_MODEL_CONFIG = {**MODEL_CONFIG, "screens": 40, "steps": 40}
-#: the model each setting uses, full and quick
-SETTING_MODELS = {"default": MODEL_CONFIG, "short-training": {**MODEL_CONFIG, "steps": 600}}
-QUICK_SETTING_MODELS = {"default": QUICK_MODEL_CONFIG, "short-training": {**QUICK_MODEL_CONFIG, "steps": 20}}
+_SHORT = {**MODEL_CONFIG, "steps": 600}
+_QUICK_SHORT = {**QUICK_MODEL_CONFIG, "steps": 20}
+#: the model each setting uses, full and quick, and how it answers (a click or a box)
+SETTING_MODELS = {"default": MODEL_CONFIG, "short-training": _SHORT, "boxes": MODEL_CONFIG,
+                  "boxes-short-training": _SHORT}
+QUICK_SETTING_MODELS = {"default": QUICK_MODEL_CONFIG, "short-training": _QUICK_SHORT, "boxes": QUICK_MODEL_CONFIG,
+                        "boxes-short-training": _QUICK_SHORT}
+#: the box network of the box settings (one for both), full and quick
+BOX_CONFIG = {"arch": "element-box-net", "width": 24, "screens": 2000, "steps": 4000, "batch": 32, "lr": 3e-3, "seed": 0}
+QUICK_BOX_CONFIG = {**BOX_CONFIG, "screens": 40, "steps": 40}
+SETTING_ANSWER = {"default": "point", "short-training": "point", "boxes": "box", "boxes-short-training": "box"}
 #: sampling temperature per setting, chosen on validation seeds 100-102
-SETTING_TEMPERATURE = {"default": 0.5, "short-training": 1.0}
+SETTING_TEMPERATURE = {"default": 0.5, "short-training": 1.0, "boxes": 0.5, "boxes-short-training": 1.0}
 #: test screens come from seeds far from the training screens'
 TEST_OFFSET = 1 << 40
 KINDS = ("text", "icon", "position")
@@ -105,7 +119,7 @@ class GUIGrounding(Task):
             if not self.options["temperature"] > 0:
                 raise MmttsError(f"gui-grounding needs temperature > 0 (got {t}); omit it for the per-setting default")
         self.model_configs = QUICK_SETTING_MODELS if quick else SETTING_MODELS
-        self._models: dict[str, GroundingNet] = {}
+        self._models: dict[str, GroundingNet | BoxGrounding] = {}
         self._data: dict[int, tuple[list[GroundingExample], list[Image.Image]]] = {}
         self._adapted: dict[tuple[str, int], tuple[GroundingNet, float]] = {}
 
@@ -113,18 +127,28 @@ class GUIGrounding(Task):
     def prepare(self) -> list[str]:
         for setting in self.settings:
             self.model(setting)
-        return [f"gui-grounding-net ({setting})" for setting in self.settings]
+        return [f"gui-grounding-net ({setting})" for setting in self.settings] + ["gui-element-boxes"]
 
-    def model(self, setting: str = "default") -> GroundingNet:
-        """The grounding model of ``setting``, trained once and cached."""
+    def model(self, setting: str = "default") -> GroundingNet | BoxGrounding:
+        """The grounding model of ``setting``, trained once and cached (with the box network for box answers)."""
         self.check_setting(setting)
         if setting not in self._models:
             cfg = self.model_configs[setting]
             state = self.cache.load_or_train("gui-grounding-net", cfg, lambda: train_grounding(cfg))
             net = GroundingNet(cfg["width"])
             net.load_state_dict(state)
+            if SETTING_ANSWER[setting] == "box":
+                net = BoxGrounding(net, self.box_model())
             self._models[setting] = net.eval()
         return self._models[setting]
+
+    def box_model(self) -> ElementBoxNet:
+        """The element-box network of the box settings, trained once and cached."""
+        cfg = QUICK_BOX_CONFIG if self.quick else BOX_CONFIG
+        state = self.cache.load_or_train("gui-element-boxes", cfg, lambda: train_element_boxes(cfg))
+        net = ElementBoxNet(cfg["width"])
+        net.load_state_dict(state)
+        return net.eval()
 
     def temperature(self, setting: str) -> float:
         """The sampling temperature of ``setting``: the option when given, else the setting's default."""
@@ -178,7 +202,9 @@ class GUIGrounding(Task):
             t0 = time.perf_counter()
             adapter = GUIRCPO(copy.deepcopy(self.model(setting)), samples=o["rcpo_samples"],
                               temperature=self.temperature(setting),
-                              alpha=o["alpha"], beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed)
+                              alpha=o["alpha"], beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed,
+                              answers=SETTING_ANSWER[setting],
+                              include=["policy.*"] if SETTING_ANSWER[setting] == "box" else None)
             images = image_tensor(thumbs)
             tokens = tokenize([ex.instruction for ex in examples])
             sizes = torch.tensor([ex.image_size for ex in examples], dtype=torch.float64)
@@ -202,7 +228,8 @@ class GUIGrounding(Task):
             net, extra = self.adapted(seed, setting)
         else:
             net = self.model(setting)
-        sampler = HeatmapSampler(net, greedy="argmax" if method == "argmax" else "digits")
+        sampler = HeatmapSampler(net, greedy="argmax" if method == "argmax" else "digits",
+                                 answer=SETTING_ANSWER[setting])
         voting = method.endswith("rc")
         k, alpha, temp = int(budget), self.options["alpha"], self.temperature(setting)
         points, parsed, answers = [], 0, 0

@@ -10,6 +10,12 @@ click is sampling a cell from softmax(logits / T) and a uniform position
 inside it. Having the whole distribution in closed form lets GUI-RCPO use
 the exact KL to the starting policy.
 
+:class:`ElementBoxNet` gives, from the screenshot alone, the box of the
+element under every cell (distances from the cell's centre to its four
+edges); :class:`BoxGrounding` pairs it with a grounding policy so that the
+model answers with a box, as grounding VLMs that write ``[x1, y1, x2, y2]``
+do: the box under the chosen cell (:func:`boxes_at`).
+
 Greedy decoding can be done two ways. A vision-language model writes its
 click as text, digit by digit, x before y, and greedy decoding takes the
 most likely next digit each time (:func:`greedy_digits`): the hundreds digit
@@ -28,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from ...core.errors import MmttsError
 
 INPUT_SIZE = (192, 112)      # (width, height) of the image the network sees
 CELLS = (192, 112)           # (columns, rows) of the output distribution: one cell per input pixel
@@ -86,13 +94,72 @@ class GroundingNet(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, rows, cols) over the cell grid."""
+        return self.head(self._features(images, tokens))[:, 0]
+
+    def _features(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         t = self.text(self.embed(tokens))
         f1 = self._modulate(self.stem(torch.cat([images, self._coords(images)], 1)), t, 0)
         f2 = self._modulate(self.down1(f1), t, 1)
         f3 = self._modulate(self.down2(f2), t, 2)
         f2 = f2 + F.interpolate(self.up2(f3), size=f2.shape[-2:], mode="nearest")
         f1 = f1 + F.interpolate(self.up1(f2), size=f1.shape[-2:], mode="nearest")
-        return self.head(self.mix(torch.cat([f1, self._coords(f1)], 1)))[:, 0]
+        return self.mix(torch.cat([f1, self._coords(f1)], 1))
+
+
+
+class ElementBoxNet(nn.Module):
+    """Screenshot in, the box of the element under every cell out: extents (B, 4, rows, cols), the
+    distances in cells from each cell's centre to the element's left, top, right and bottom edges."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.cells = CELLS
+        c1, c2, c3 = width, 2 * width, 2 * width
+        self.stem = nn.Sequential(nn.Conv2d(5, c1, 4, 4), nn.GroupNorm(4, c1), nn.SiLU(), _block(c1, c1, 1))
+        self.down1 = _block(c1, c2, 2)
+        self.down2 = nn.Sequential(_block(c2, c3, 2), _block(c3, c3, 1), _block(c3, c3, 1))
+        self.up2 = nn.Conv2d(c3, c2, 1)
+        self.up1 = nn.Conv2d(c2, c1, 1)
+        self.mix = _block(c1 + 2, c1, 1)
+        self.head = nn.Sequential(nn.Conv2d(c1, 4 * STRIDE * STRIDE, 1), nn.PixelShuffle(STRIDE))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f1 = self.stem(torch.cat([images, GroundingNet._coords(images)], 1))
+        f2 = self.down1(f1)
+        f2 = f2 + F.interpolate(self.up2(self.down2(f2)), size=f2.shape[-2:], mode="nearest")
+        f1 = f1 + F.interpolate(self.up1(f2), size=f1.shape[-2:], mode="nearest")
+        return F.softplus(self.head(self.mix(torch.cat([f1, GroundingNet._coords(f1)], 1))))
+
+
+class BoxGrounding(nn.Module):
+    """A grounding policy that answers with boxes: ``policy`` says where (its logits are this module's),
+    ``boxes`` (an :class:`ElementBoxNet`) says the extent of the element under the chosen cell."""
+
+    has_boxes = True
+
+    def __init__(self, policy: GroundingNet, boxes: ElementBoxNet):
+        super().__init__()
+        if tuple(policy.cells) != tuple(boxes.cells):
+            raise MmttsError(f"the policy's cell grid {policy.cells} and the box network's {boxes.cells} differ")
+        self.policy, self.boxes = policy, boxes
+        self.cells = policy.cells
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.policy(images, tokens)
+
+    def forward_with_boxes(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, rows, cols) and extents (B, 4, rows, cols)."""
+        return self.policy(images, tokens), self.boxes(images)
+
+
+def boxes_at(extents: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The boxes (B, k, 4) under cell indices (B, k), as fractions of the image (x1, y1, x2, y2), from
+    extents (B, 4, rows, cols) in cells (as :class:`ElementBoxNet` gives); clipped to the image."""
+    b, _, rows, cols = extents.shape
+    d = extents.flatten(2).double().gather(2, cells[:, None, :].expand(b, 4, -1))    # (B, 4, k)
+    cx, cy = (cells % cols).double() + 0.5, (cells // cols).double() + 0.5
+    box = torch.stack([(cx - d[:, 0]) / cols, (cy - d[:, 1]) / rows, (cx + d[:, 2]) / cols, (cy + d[:, 3]) / rows], -1)
+    return box.clamp(0.0, 1.0)
 
 
 def cell_targets(boxes: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
@@ -111,6 +178,29 @@ def cell_targets(boxes: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
         m = torch.from_numpy(np.outer(my, mx).astype(np.float32))
         out[i] = m / m.sum()
     return out
+
+
+def element_extents(screen_boxes, sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-head targets for whole screens: extents (S, 4, rows, cols) in cells from each cell's centre to
+    the edges of the element whose box holds that centre, and a mask (S, rows, cols) of such cells
+    (``screen_boxes``: one (n, 4) pixel array per screen; a later box wins where boxes overlap)."""
+    cols, rows = CELLS
+    out = torch.zeros(len(screen_boxes), 4, rows, cols)
+    mask = torch.zeros(len(screen_boxes), rows, cols, dtype=torch.bool)
+    for i, (boxes, (w, h)) in enumerate(zip(screen_boxes, sizes)):
+        cx = (np.arange(cols) + 0.5) * w / cols
+        cy = (np.arange(rows) + 0.5) * h / rows
+        for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+            mx, my = (cx >= x1) & (cx <= x2), (cy >= y1) & (cy <= y2)
+            if not (mx.any() and my.any()):
+                continue
+            ix, iy = np.nonzero(mx)[0], np.nonzero(my)[0]      # contiguous: boxes are intervals
+            c = np.broadcast_to(ix + 0.5, (len(iy), len(ix)))
+            r = np.broadcast_to(iy[:, None] + 0.5, (len(iy), len(ix)))
+            ext = np.stack([c - x1 * cols / w, r - y1 * rows / h, x2 * cols / w - c, y2 * rows / h - r])
+            out[i, :, iy[0]:iy[-1] + 1, ix[0]:ix[-1] + 1] = torch.from_numpy(ext.astype(np.float32))
+            mask[i, iy[0]:iy[-1] + 1, ix[0]:ix[-1] + 1] = True
+    return out, mask
 
 
 def _permille_mass(cell_probs: torch.Tensor, n: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ from PIL import Image
 
 from ...core.errors import MmttsError
 from .coords import CoordSpace
-from .model import (INPUT_SIZE, GroundingNet, argmax_point, cells_to_unit, greedy_digits, image_tensor, sample_cells,
-                    tokenize)
+from .model import (INPUT_SIZE, GroundingNet, argmax_point, boxes_at, cells_to_unit, greedy_digits, image_tensor,
+                    sample_cells, tokenize)
 
 
 @runtime_checkable
@@ -43,17 +43,29 @@ class HeatmapSampler:
     temperature 0 returns: "digits" decodes the answer text digit by digit as
     a language model does (the default, what greedy means for a VLM);
     "argmax" returns the most likely point, which a VLM cannot compute.
+
+    ``answer="box"`` (a model with boxes, :class:`BoxGrounding`) answers
+    "[x1, y1, x2, y2]" in thousandths instead: the box its box head gives
+    under the chosen cell (the sampled one, or the cell of the greedy click).
+    The box's centre is the click the metric scores; region voting votes
+    with the boxes themselves.
     """
 
     space = CoordSpace("permille")
     #: the size the model sees; callers may pass images already resized to it
     input_size = INPUT_SIZE
 
-    def __init__(self, model: GroundingNet, greedy: str = "digits"):
+    def __init__(self, model: GroundingNet, greedy: str = "digits", answer: str = "point"):
         if greedy not in ("digits", "argmax"):
             raise MmttsError(f"greedy={greedy!r}; choose 'digits' (as a VLM decodes) or 'argmax'")
+        if answer not in ("point", "box"):
+            raise MmttsError(f"answer={answer!r}; choose 'point' or 'box'")
+        if answer == "box" and not getattr(model, "has_boxes", False):
+            raise MmttsError("answer='box' needs a model that gives boxes; pair the policy with an ElementBoxNet "
+                             "in BoxGrounding(policy, boxes)")
         self.model = model.eval()
         self.greedy = greedy
+        self.answer = answer
 
     @torch.no_grad()
     def logits(self, image: Image.Image, instruction: str) -> torch.Tensor:
@@ -61,18 +73,35 @@ class HeatmapSampler:
 
     def sample(self, image: Image.Image, instruction: str, k: int, temperature: float, seed: int) -> list[str]:
         check_sampling(k, temperature)
-        logits = self.logits(image, instruction)
+        k = int(k)
+        if self.answer == "box":
+            with torch.no_grad():
+                logits, extents = self.model.forward_with_boxes(image_tensor([image]), tokenize([instruction]))
+        else:
+            logits, extents = self.logits(image, instruction), None
+        cols, rows = self.model.cells
         if temperature == 0:
             if self.greedy == "digits":
                 x, y = greedy_digits(logits)[0].tolist()
             else:
                 x, y = (argmax_point(logits)[0] * 1000).floor().long().tolist()
-            return [f"({x}, {y})"] * int(k)
+            if extents is None:
+                return [f"({x}, {y})"] * k
+            cells = torch.tensor([[y * rows // 1000 * cols + x * cols // 1000]])
+            return [_box_text(boxes_at(extents, cells)[0, 0])] * k
         g = torch.Generator().manual_seed(int(seed))
-        cells = sample_cells(logits.flatten(1), int(k), float(temperature), g)[0]
-        jitter = torch.rand(int(k), 2, generator=g, dtype=torch.float64)
+        cells = sample_cells(logits.flatten(1), k, float(temperature), g)[0]
+        jitter = torch.rand(k, 2, generator=g, dtype=torch.float64)
+        if extents is not None:
+            return [_box_text(b) for b in boxes_at(extents, cells[None])[0]]
         thousandths = (cells_to_unit(cells, jitter) * 1000).floor().long().clamp(0, 999)
         return [f"({x}, {y})" for x, y in thousandths.tolist()]
+
+
+def _box_text(box: torch.Tensor) -> str:
+    """A box as fractions (4,) -> "[x1, y1, x2, y2]" in thousandths."""
+    x1, y1, x2, y2 = (box * 1000).round().long().clamp(0, 1000).tolist()
+    return f"[{x1}, {y1}, {x2}, {y2}]"
 
 
 class TransformersSampler:

@@ -7,28 +7,33 @@ import torch
 
 from ...core.progress import progress_bar
 from ...core.threads import one_thread
-from .model import GroundingNet, cell_targets, image_tensor, tokenize
+from .model import ElementBoxNet, GroundingNet, cell_targets, element_extents, image_tensor, tokenize
 from .render import instructions, render_screen
 
 
 def synthetic_batch(screen_seeds, per_screen: int, seed: int) -> dict:
     """Screens drawn from ``screen_seeds`` with ``per_screen`` instructions each, at model resolution.
 
-    Returns ``images`` (S, 3, H, W) uint8, and per instruction: ``screen``
-    (its image's row), ``tokens``, ``boxes`` (pixels) and ``sizes``.
+    Returns ``images`` (S, 3, H, W) uint8, ``screen_boxes`` (every element's
+    box on each screen, pixels) and ``screen_sizes``, and per instruction:
+    ``screen`` (its image's row), ``tokens``, ``boxes`` (pixels) and ``sizes``.
     """
     rng = np.random.default_rng(seed)
     images, screen, texts, boxes, sizes, kinds = [], [], [], [], [], []
+    screen_boxes, screen_sizes = [], []
     for i, s in enumerate(screen_seeds):
         sc = render_screen(int(s))
         images.append((image_tensor([sc.image])[0] * 255).round().to(torch.uint8))
+        screen_boxes.append(np.asarray([el.box for el in sc.elements], dtype=np.float64))
+        screen_sizes.append(sc.size)
         for el, kind, text in instructions(sc, per_screen, rng):
             kinds.append(kind)
             screen.append(i)
             texts.append(text)
             boxes.append(el.box)
             sizes.append(sc.size)
-    return {"images": torch.stack(images), "screen": torch.tensor(screen), "tokens": tokenize(texts),
+    return {"images": torch.stack(images), "screen_boxes": screen_boxes,
+            "screen_sizes": np.asarray(screen_sizes, dtype=np.float64), "screen": torch.tensor(screen), "tokens": tokenize(texts),
             "boxes": np.asarray(boxes, dtype=np.float64), "sizes": np.asarray(sizes, dtype=np.float64), "kinds": kinds}
 
 
@@ -60,3 +65,30 @@ def _train(config: dict) -> dict[str, torch.Tensor]:
             sched.step()
             advance(1, loss=loss.item())
     return model.state_dict()
+
+
+def train_element_boxes(config: dict) -> dict[str, torch.Tensor]:
+    """The box network: on every cell inside an element of the screen, an L1 loss on the log of the distances
+    to the element's four edges (cells outside every element are not scored); AdamW, one-cycle schedule."""
+    with one_thread():
+        torch.manual_seed(config["seed"])
+        seeds = np.arange(config["screens"]) + config["seed"] * 1_000_003
+        data = synthetic_batch(seeds, 1, config["seed"])
+        extents, inside = element_extents(data["screen_boxes"], data["screen_sizes"])
+        log_extents = extents.clamp_min(0.05).log()
+        model = ElementBoxNet(config["width"])
+        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"], pct_start=0.1)
+        g = torch.Generator().manual_seed(config["seed"])
+        with progress_bar(config["steps"], "training gui element-box model") as advance:
+            for _ in range(config["steps"]):
+                idx = torch.randint(len(data["images"]), (config["batch"],), generator=g)
+                ext = model(data["images"][idx].float() / 255.0)
+                m = inside[idx][:, None].expand_as(ext)
+                loss = (ext.clamp_min(1e-3).log() - log_extents[idx]).abs()[m].mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                advance(1, loss=loss.item())
+        return model.state_dict()
