@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -48,23 +50,16 @@ def _train(config: dict) -> dict[str, torch.Tensor]:
     seeds = np.arange(config["screens"]) + config["seed"] * 1_000_003
     data = synthetic_batch(seeds, config["per_screen"], config["seed"])
     model = GroundingNet(config["width"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"], pct_start=0.1)
-    g = torch.Generator().manual_seed(config["seed"])
     n = len(data["tokens"])
-    with progress_bar(config["steps"], "training gui grounding model") as advance:
-        for step in range(config["steps"]):
-            idx = torch.randint(n, (config["batch"],), generator=g)
-            img = data["images"][data["screen"][idx]].float() / 255.0
-            logits = model(img, data["tokens"][idx]).flatten(1)
-            target = cell_targets(data["boxes"][idx.numpy()], data["sizes"][idx.numpy()]).flatten(1)
-            loss = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            advance(1, loss=loss.item())
-    return model.state_dict()
+
+    def loss(g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(n, (config["batch"],), generator=g)
+        img = data["images"][data["screen"][idx]].float() / 255.0
+        logits = model(img, data["tokens"][idx]).flatten(1)
+        target = cell_targets(data["boxes"][idx.numpy()], data["sizes"][idx.numpy()]).flatten(1)
+        return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+
+    return _fit(model, config, loss, "training gui grounding model")
 
 
 def train_element_boxes(config: dict) -> dict[str, torch.Tensor]:
@@ -77,18 +72,29 @@ def train_element_boxes(config: dict) -> dict[str, torch.Tensor]:
         extents, inside = element_extents(data["screen_boxes"], data["screen_sizes"])
         log_extents = extents.clamp_min(0.05).log()
         model = ElementBoxNet(config["width"])
-        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"], pct_start=0.1)
-        g = torch.Generator().manual_seed(config["seed"])
-        with progress_bar(config["steps"], "training gui element-box model") as advance:
-            for _ in range(config["steps"]):
-                idx = torch.randint(len(data["images"]), (config["batch"],), generator=g)
-                ext = model(data["images"][idx].float() / 255.0)
-                m = inside[idx][:, None].expand_as(ext)
-                loss = (ext.clamp_min(1e-3).log() - log_extents[idx]).abs()[m].mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                advance(1, loss=loss.item())
-        return model.state_dict()
+
+        def loss(g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(data["images"]), (config["batch"],), generator=g)
+            ext = model(data["images"][idx].float() / 255.0)
+            m = inside[idx][:, None].expand_as(ext)
+            return (ext.clamp_min(1e-3).log() - log_extents[idx]).abs()[m].mean()
+
+        return _fit(model, config, loss, "training gui element-box model")
+
+
+def _fit(model: torch.nn.Module, config: dict, loss: Callable[[torch.Generator], torch.Tensor],
+         label: str) -> dict[str, torch.Tensor]:
+    """``config["steps"]`` AdamW steps on ``loss(generator)`` (the generator draws the batches) with a one-cycle
+    schedule peaking at ``config["lr"]``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config["lr"], total_steps=config["steps"], pct_start=0.1)
+    g = torch.Generator().manual_seed(config["seed"])
+    with progress_bar(config["steps"], label) as advance:
+        for _ in range(config["steps"]):
+            value = loss(g)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            sched.step()
+            advance(1, loss=value.item())
+    return model.state_dict()
