@@ -16,7 +16,7 @@ in the reported table) this computes, from the cached models:
 
 Writes vote_bounds.json and vote_bounds.md beside this script (or under --out).
 
-    python benchmarks/gui/vote_bounds.py [--seeds 100 101 102] [--out DIR]
+    python benchmarks/gui/vote_bounds.py [--seeds 100 101 102] [--out DIR] [--quick --cache DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from mmtts.core.threads import one_thread
 from mmtts.modalities.gui.model import CELLS, boxes_at, greedy_digits, image_tensor, sample_cells, tokenize
 from mmtts.modalities.gui.render import render_screen
 from mmtts.search.region_vote import consensus
+from mmtts.tasks.cache import ModelCache
 from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGrounding
 
 #: (temperature, K) pairs of the vote
@@ -121,8 +122,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
+    ap.add_argument("--quick", action="store_true", help="the task's quick models and data (as in the tests)")
+    ap.add_argument("--cache", type=Path, default=None, help="model cache directory (default: the user cache)")
     args = ap.parse_args(argv)
-    task = GUIGrounding()
+    task = GUIGrounding(cache=None if args.cache is None else ModelCache(args.cache), quick=args.quick)
     with one_thread():
         results = {s: setting_bounds(task, s, args.seeds) for s in ("boxes", "boxes-short-training")}
     report = {"command": " ".join(["python benchmarks/gui/vote_bounds.py", *(sys.argv[1:] if argv is None else argv)]),
