@@ -20,3 +20,20 @@ def single_thread():
     from mmtts.core.threads import one_thread
     with one_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a script of the repository (e.g. "benchmarks/vla/latency.py") as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(relpath: str):
+        spec = importlib.util.spec_from_file_location(Path(relpath).stem, root / relpath)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

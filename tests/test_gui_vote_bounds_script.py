@@ -1,25 +1,18 @@
 """benchmarks/gui/vote_bounds.py on the quick models: output files, consistency of its counts, determinism."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gui" / "vote_bounds.py"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("vote_bounds", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def mod(load_script):
+    return load_script("benchmarks/gui/vote_bounds.py")
 
 
-def test_vote_bounds_quick(tmp_path):
-    mod = _module()
+def test_vote_bounds_quick(mod, tmp_path):
     argv = ["--quick", "--seeds", "0", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "a")]
     report = mod.main(argv)
     for setting, r in report["results"].items():
@@ -39,8 +32,7 @@ def test_vote_bounds_quick(tmp_path):
     assert saved["results"] == report["results"]
 
 
-def test_iou_and_inside():
-    mod = _module()
+def test_iou_and_inside(mod):
     assert mod.iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
     assert mod.iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0
     assert mod.inside((1, 1), (0, 0, 1, 1)) and not mod.inside((1.01, 1), (0, 0, 1, 1))

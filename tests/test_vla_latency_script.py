@@ -1,8 +1,6 @@
 """benchmarks/vla/latency.py at a tiny size: output structure, and one batched policy call per K = 16 step."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +11,10 @@ pytest.importorskip("mujoco")
 from mmtts.modalities.vla import ActionVerifier, GaussianPolicy  # noqa: E402
 from mmtts.tasks.vla_mujoco import STATE_DIM, VERIFIER_CONFIG, GaussianMLP, make_scorer  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vla" / "latency.py"
-
 
 @pytest.fixture(scope="module")
-def latency():
-    spec = importlib.util.spec_from_file_location("vla_latency", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def latency(load_script):
+    return load_script("benchmarks/vla/latency.py")
 
 
 def test_wide_trunk_costs_more_but_acts_exactly_as_the_policy(latency):
