@@ -32,7 +32,8 @@ import torch
 
 from mmtts.core.rng import derive_seed
 from mmtts.core.threads import one_thread
-from mmtts.modalities.gui.model import CELLS, boxes_at, greedy_digits, image_tensor, sample_cells, tokenize
+from mmtts.modalities.gui.model import (CELLS, boxes_at, centres_in_box, greedy_digits, image_tensor, sample_cells,
+                                        tokenize)
 from mmtts.modalities.gui.render import render_screen
 from mmtts.search.region_vote import consensus
 from mmtts.tasks.cache import ModelCache
@@ -96,8 +97,7 @@ def setting_bounds(task: GUIGrounding, setting: str, seeds) -> dict:
             add("greedy, learned box", inside(centre(learned), ex.box))
             add("greedy, true box", inside(centre(true if true is not None else learned), ex.box))
             # the element holding the most mass (cells whose centres lie in its box)
-            cx, cy = (np.arange(cols) + 0.5) * w / cols, (np.arange(rows) + 0.5) * h / rows
-            mass = [probs[i][np.ix_((cy >= b[1]) & (cy <= b[3]), (cx >= b[0]) & (cx <= b[2]))].sum() for b in elements]
+            mass = [probs[i][np.ix_(*centres_in_box(b, (w, h))[::-1])].sum() for b in elements]
             add("mass oracle", tuple(elements[int(np.argmax(mass))]) == tuple(ex.box))
             for t, k in VOTES:
                 cells = sample_cells(logits[i:i + 1].flatten(1), k, t, gen)

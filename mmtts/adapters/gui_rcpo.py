@@ -72,10 +72,10 @@ class GUIRCPO(Adapter):
     chooses what adapts (default: every parameter); only those are
     snapshotted and restored by ``reset()``.
 
-    ``answers="box"`` is for a policy with a box head
+    ``answers="box"`` is for a policy that gives boxes
     (``model.forward_with_boxes``, as :class:`~mmtts.modalities.gui.model.BoxGrounding`): each
     sampled click answers with the box under it, and the boxes vote (the
-    box head is not trained by the update).
+    box network gets no gradient from the update).
 
     ``reward(points, groups, sizes, alpha) -> (n,)`` replaces the
     region-consistency reward (default :func:`grouped_region_rewards`):

@@ -9,8 +9,9 @@ files a user's ScreenSpot folder would hold. Instructions refer to
 elements by text, by icon and by position.
 
 The grounding model is the project's small :class:`GroundingNet`, trained
-on other procedural screens and cached, with a box head that gives the box
-of the element under any cell. Four settings differ in the model and in
+on other procedural screens and cached; for box answers it is paired with
+an :class:`ElementBoxNet` that gives the box of the element under any
+cell, trained once on the same screens. Four settings differ in the model and in
 how it answers: ``default`` is trained for 4000 steps and answers with a
 click "(x, y)"; ``short-training`` follows the same recipe for 600 steps,
 a weaker and less certain model; ``boxes`` and ``boxes-short-training``
@@ -58,13 +59,13 @@ from ..core.errors import MmttsError
 from ..core.registry import TASKS
 from ..core.rng import derive_seed
 from ..core.strategy import run_strategy
+from ..core.threads import one_thread
 from ..modalities.gui.data import GroundingExample, grounding_accuracy, load_screenspot, write_screenspot
 from ..modalities.gui.model import INPUT_SIZE, BoxGrounding, ElementBoxNet, GroundingNet, image_tensor, tokenize
 from ..modalities.gui.parse import parse_answers
 from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler
-from ..core.threads import one_thread
 from ..modalities.gui.train import train_element_boxes, train_grounding
 from ..search.region_vote import RegionConsistency, RegionVote
 from .base import Task
@@ -122,6 +123,7 @@ class GUIGrounding(Task):
         self._models: dict[str, GroundingNet | BoxGrounding] = {}
         self._data: dict[int, tuple[list[GroundingExample], list[Image.Image]]] = {}
         self._adapted: dict[tuple[str, int], tuple[GroundingNet, float]] = {}
+        self._box_model: ElementBoxNet | None = None
 
     # -- the model and the data ---------------------------------------------------------------
     def prepare(self) -> list[str]:
@@ -143,12 +145,14 @@ class GUIGrounding(Task):
         return self._models[setting]
 
     def box_model(self) -> ElementBoxNet:
-        """The element-box network of the box settings, trained once and cached."""
-        cfg = QUICK_BOX_CONFIG if self.quick else BOX_CONFIG
-        state = self.cache.load_or_train("gui-element-boxes", cfg, lambda: train_element_boxes(cfg))
-        net = ElementBoxNet(cfg["width"])
-        net.load_state_dict(state)
-        return net.eval()
+        """The element-box network of the box settings (one for both), trained once and cached."""
+        if self._box_model is None:
+            cfg = QUICK_BOX_CONFIG if self.quick else BOX_CONFIG
+            state = self.cache.load_or_train("gui-element-boxes", cfg, lambda: train_element_boxes(cfg))
+            self._box_model = ElementBoxNet(cfg["width"])
+            self._box_model.load_state_dict(state)
+            self._box_model.eval()
+        return self._box_model
 
     def temperature(self, setting: str) -> float:
         """The sampling temperature of ``setting``: the option when given, else the setting's default."""

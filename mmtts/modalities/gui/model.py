@@ -106,7 +106,6 @@ class GroundingNet(nn.Module):
         return self.mix(torch.cat([f1, self._coords(f1)], 1))
 
 
-
 class ElementBoxNet(nn.Module):
     """Screenshot in, the box of the element under every cell out: extents (B, 4, rows, cols), the
     distances in cells from each cell's centre to the element's left, top, right and bottom edges."""
@@ -162,15 +161,23 @@ def boxes_at(extents: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return box.clamp(0.0, 1.0)
 
 
+def centres_in_box(box, size) -> tuple[np.ndarray, np.ndarray]:
+    """Which columns and which rows of the cell grid have their centres inside ``box`` (x1, y1, x2, y2,
+    pixels of an image of ``size`` (w, h)): boolean masks (cols,) and (rows,), edges included."""
+    cols, rows = CELLS
+    (x1, y1, x2, y2), (w, h) = box, size
+    cx = (np.arange(cols) + 0.5) * w / cols
+    cy = (np.arange(rows) + 0.5) * h / rows
+    return (cx >= x1) & (cx <= x2), (cy >= y1) & (cy <= y2)
+
+
 def cell_targets(boxes: np.ndarray, sizes: np.ndarray) -> torch.Tensor:
     """Training targets (B, rows, cols): uniform over the cells whose centres lie in each box
     (the nearest cell when none does)."""
     cols, rows = CELLS
     out = torch.zeros(len(boxes), rows, cols)
     for i, ((x1, y1, x2, y2), (w, h)) in enumerate(zip(boxes, sizes)):
-        cx = (np.arange(cols) + 0.5) * w / cols
-        cy = (np.arange(rows) + 0.5) * h / rows
-        mx, my = (cx >= x1) & (cx <= x2), (cy >= y1) & (cy <= y2)
+        mx, my = centres_in_box((x1, y1, x2, y2), (w, h))
         if not mx.any():
             mx[np.clip(int((x1 + x2) / 2 / w * cols), 0, cols - 1)] = True
         if not my.any():
@@ -188,10 +195,8 @@ def element_extents(screen_boxes, sizes: np.ndarray) -> tuple[torch.Tensor, torc
     out = torch.zeros(len(screen_boxes), 4, rows, cols)
     mask = torch.zeros(len(screen_boxes), rows, cols, dtype=torch.bool)
     for i, (boxes, (w, h)) in enumerate(zip(screen_boxes, sizes)):
-        cx = (np.arange(cols) + 0.5) * w / cols
-        cy = (np.arange(rows) + 0.5) * h / rows
         for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-            mx, my = (cx >= x1) & (cx <= x2), (cy >= y1) & (cy <= y2)
+            mx, my = centres_in_box((x1, y1, x2, y2), (w, h))
             if not (mx.any() and my.any()):
                 continue
             ix, iy = np.nonzero(mx)[0], np.nonzero(my)[0]      # contiguous: boxes are intervals

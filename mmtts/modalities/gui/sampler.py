@@ -45,7 +45,7 @@ class HeatmapSampler:
     "argmax" returns the most likely point, which a VLM cannot compute.
 
     ``answer="box"`` (a model with boxes, :class:`BoxGrounding`) answers
-    "[x1, y1, x2, y2]" in thousandths instead: the box its box head gives
+    "[x1, y1, x2, y2]" in thousandths instead: the box its box network gives
     under the chosen cell (the sampled one, or the cell of the greedy click).
     The box's centre is the click the metric scores; region voting votes
     with the boxes themselves.
@@ -91,9 +91,9 @@ class HeatmapSampler:
             return [_box_text(boxes_at(extents, cells)[0, 0])] * k
         g = torch.Generator().manual_seed(int(seed))
         cells = sample_cells(logits.flatten(1), k, float(temperature), g)[0]
-        jitter = torch.rand(k, 2, generator=g, dtype=torch.float64)
         if extents is not None:
             return [_box_text(b) for b in boxes_at(extents, cells[None])[0]]
+        jitter = torch.rand(k, 2, generator=g, dtype=torch.float64)
         thousandths = (cells_to_unit(cells, jitter) * 1000).floor().long().clamp(0, 999)
         return [f"({x}, {y})" for x, y in thousandths.tolist()]
 

@@ -35,8 +35,8 @@ def synthetic_batch(screen_seeds, per_screen: int, seed: int) -> dict:
             boxes.append(el.box)
             sizes.append(sc.size)
     return {"images": torch.stack(images), "screen_boxes": screen_boxes,
-            "screen_sizes": np.asarray(screen_sizes, dtype=np.float64), "screen": torch.tensor(screen), "tokens": tokenize(texts),
-            "boxes": np.asarray(boxes, dtype=np.float64), "sizes": np.asarray(sizes, dtype=np.float64), "kinds": kinds}
+            "screen_sizes": np.asarray(screen_sizes, dtype=np.float64), "screen": torch.tensor(screen),
+            "tokens": tokenize(texts), "boxes": np.asarray(boxes, dtype=np.float64), "sizes": np.asarray(sizes, dtype=np.float64), "kinds": kinds}
 
 
 def train_grounding(config: dict) -> dict[str, torch.Tensor]:
