@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 from . import adapters as _adapters  # noqa: F401  (registration)
-from . import search as _search  # noqa: F401  (registration)
+from . import strategies as _strategies  # noqa: F401  (registration)
 from . import tasks as _tasks  # noqa: F401  (registration)
 from . import verifiers as _verifiers  # noqa: F401  (registration)
 from .core import (Adapter, Budget, BudgetError, Cached, MeanRank, MmttsError, Process, Result, State, Strategy,

@@ -12,7 +12,7 @@ from mmtts.adapters.eata import redundancy_margin
 from mmtts.adapters.norm_math import batch_moments, mix_moments, online_batch_norm
 
 GRADIENT = ["tent", "eta", "deyo", "sar"]
-ALL = ["source", "bn", "alpha_bn", "tent", "eta", "eata", "deyo", "sar"]
+ALL = ["source", "bn", "alpha-bn", "tent", "eta", "eata", "deyo", "sar"]
 
 
 def net(norm="bn", classes=5, seed=0):
@@ -119,9 +119,9 @@ def test_alpha_bn_interpolates_between_source_and_bn():
         src = net()(x)
     bn = mmtts.adapt(net(), "bn")(x)
     for exact in (False, True):
-        assert torch.allclose(mmtts.adapt(net(), "alpha_bn", alpha=1.0, exact_variance=exact)(x), src, atol=1e-5)
-        assert torch.allclose(mmtts.adapt(net(), "alpha_bn", alpha=0.0, exact_variance=exact)(x), bn, atol=1e-6)
-    mid = mmtts.adapt(net(), "alpha_bn", alpha=0.5)(x)
+        assert torch.allclose(mmtts.adapt(net(), "alpha-bn", alpha=1.0, exact_variance=exact)(x), src, atol=1e-5)
+        assert torch.allclose(mmtts.adapt(net(), "alpha-bn", alpha=0.0, exact_variance=exact)(x), bn, atol=1e-6)
+    mid = mmtts.adapt(net(), "alpha-bn", alpha=0.5)(x)
     assert not torch.allclose(mid, src, atol=1e-3) and not torch.allclose(mid, bn, atol=1e-3)
 
 
@@ -195,9 +195,9 @@ def test_reset_restores_every_parameter_and_buffer_bit_for_bit_after_ten_steps(m
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@pytest.mark.parametrize("method", ["alpha_bn", "tent", "eta", "eata", "deyo", "sar"])
+@pytest.mark.parametrize("method", ["alpha-bn", "tent", "eta", "eata", "deyo", "sar"])
 def test_episodic_mode_does_not_leak_between_batches(method):
-    ad = make(method, net(), episodic=True, **({} if method == "alpha_bn" else {"lr": 0.05}))
+    ad = make(method, net(), episodic=True, **({} if method == "alpha-bn" else {"lr": 0.05}))
     x, y = batches(2)
     first = ad(x)
     for _ in range(3):
@@ -210,7 +210,7 @@ def test_release_returns_the_plain_model():
     x = batches(1)[0]
     with torch.no_grad():
         expected = model(x)
-    mmtts.adapt(model, "alpha_bn", alpha=0.5).release()
+    mmtts.adapt(model, "alpha-bn", alpha=0.5).release()
     with torch.no_grad():
         assert torch.equal(model(x), expected)
 
@@ -312,7 +312,7 @@ def test_nan_input_raises_and_leaves_the_model_unchanged(method):
     assert opt == (str(ad.optimizer.state_dict()) if ad.optimizer else None)
 
 
-@pytest.mark.parametrize("method", ["bn", "alpha_bn", "tent", "eta", "deyo", "sar"])
+@pytest.mark.parametrize("method", ["bn", "alpha-bn", "tent", "eta", "deyo", "sar"])
 def test_a_model_without_norm_layers_is_refused_with_a_way_out(method):
     with pytest.raises(mmtts.MmttsError, match="nothing to adapt.*'source'"):
         mmtts.adapt(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), method)
@@ -323,7 +323,7 @@ def test_batch_size_one():
     for method in ("bn", "tent", "eta", "deyo", "sar"):
         with pytest.raises(mmtts.MmttsError, match="batch of 1"):
             mmtts.adapt(net(), method)(x)
-    assert mmtts.adapt(net(), "alpha_bn")(x).shape == (1, 5)  # source statistics regularize one sample
+    assert mmtts.adapt(net(), "alpha-bn")(x).shape == (1, 5)  # source statistics regularize one sample
     # a window pools the last samples: after K single samples it equals BN on those K
     ad = mmtts.adapt(net(), "bn", window=4)
     stream = batches(1)[0][:6]
@@ -343,7 +343,7 @@ def test_batch_size_one():
 
 def test_bad_settings_are_named():
     with pytest.raises(mmtts.MmttsError, match="alpha=1.5.*weight on the source"):
-        mmtts.adapt(net(), "alpha_bn", alpha=1.5)
+        mmtts.adapt(net(), "alpha-bn", alpha=1.5)
     with pytest.raises(mmtts.MmttsError, match="optimizer='rmsprop'"):
         mmtts.adapt(net(), "tent", optimizer="rmsprop")
     with pytest.raises(mmtts.MmttsError, match="affine"):

@@ -8,8 +8,8 @@ from mmtts.core import Budget, FunctionVerifier, State, Streams
 from mmtts.core.strategy import SearchContext
 from mmtts.modalities.image import ImageProcess, schedule_from_scheduler
 from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, GMMDiffusion
-from mmtts.search.best_of_n import top_k
-from mmtts.search.evosearch import EvoSearch
+from mmtts.strategies.best_of_n import top_k
+from mmtts.strategies.evosearch import EvoSearch
 
 from helpers import CountingProcess
 from image_fixtures import tiny_unet

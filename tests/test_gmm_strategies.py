@@ -204,7 +204,7 @@ def test_evosearch_costs_what_its_plan_says_and_answers_the_best_ever_seen(kw):
 
 def test_evosearch_trajectory_mutation_is_applied_before_the_step():
     """A child's latent at its evolution stage is the parent's plus latent_scale * sigma_t * eps."""
-    from mmtts.search.evosearch import EvoSearch
+    from mmtts.strategies.evosearch import EvoSearch
     p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
     st = p.step(p.step(p.init(Streams.spawn(0, 4000))))
     kid = p.perturb(st, 0.5)

@@ -8,7 +8,7 @@ from mmtts.adapters.gui_rcpo import GUIRCPO, group_advantages, grouped_region_re
 from mmtts.core.errors import MmttsError
 from mmtts.core.registry import ADAPTERS
 from mmtts.modalities.gui.model import BoxGrounding, ElementBoxNet, GroundingNet, tokenize
-from mmtts.search.region_vote import point_boxes, region_rewards
+from mmtts.strategies.region_vote import point_boxes, region_rewards
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -11,7 +11,7 @@ from mmtts.core.strategy import run_strategy
 from mmtts.modalities.gui import ClickProcess, ClickSampler, GroundingNet, HeatmapSampler, TransformersSampler
 from mmtts.modalities.gui.model import BoxGrounding, ElementBoxNet, boxes_at, sample_cells
 from mmtts.modalities.gui.parse import parse_answer, parse_answers
-from mmtts.search.region_vote import RegionConsistency, consensus, vote_boxes
+from mmtts.strategies.region_vote import RegionConsistency, consensus, vote_boxes
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

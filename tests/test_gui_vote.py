@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmtts.core.errors import MmttsError
-from mmtts.search.region_vote import (RegionConsistency, consensus, consensus_of_grid, consensus_reference,
+from mmtts.strategies.region_vote import (RegionConsistency, consensus, consensus_of_grid, consensus_reference,
                                       grid_boxes, point_boxes, region_rewards, vote_boxes, vote_grid_reference)
 
 

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 from mmtts.core import MmttsError
 from mmtts.modalities.image import schedule_from_scheduler
-from mmtts.search.zero_order import sphere_neighbours
+from mmtts.strategies.zero_order import sphere_neighbours
 
 SHAPE = (3, 2, 5, 7)  # odd sizes
 

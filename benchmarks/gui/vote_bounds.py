@@ -35,7 +35,7 @@ from mmtts.core.threads import one_thread
 from mmtts.modalities.gui.model import (CELLS, boxes_at, centres_in_box, greedy_digits, image_tensor, sample_cells,
                                         tokenize)
 from mmtts.modalities.gui.render import render_screen
-from mmtts.search.region_vote import consensus
+from mmtts.strategies.region_vote import consensus
 from mmtts.tasks.cache import ModelCache
 from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGrounding
 

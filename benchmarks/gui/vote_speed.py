@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtts.search.region_vote import consensus, consensus_of_grid, consensus_reference, point_boxes, vote_grid_reference
+from mmtts.strategies.region_vote import consensus, consensus_of_grid, consensus_reference, point_boxes, vote_grid_reference
 
 SIZES = ((1920, 1080), (3840, 2160))
 

@@ -6,7 +6,7 @@ from ..core.registry import ADAPTERS
 from .online_norm import OnlineNormAdapter
 
 
-@ADAPTERS.register("alpha_bn")
+@ADAPTERS.register("alpha-bn")
 class AlphaBatchNorm(OnlineNormAdapter):
     """Normalize with ``alpha * source + (1 - alpha) * batch`` moments (You et al. 2021).
 

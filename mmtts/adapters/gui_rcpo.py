@@ -3,7 +3,7 @@
 For every unlabeled prompt (a screenshot and an instruction) the policy
 samples K clicks; each click's reward is its region consistency with the
 group it was sampled in (votes inside its alpha-box over max vote times the
-box area, :func:`mmtts.search.region_vote.region_rewards`). Advantages are
+box area, :func:`mmtts.strategies.region_vote.region_rewards`). Advantages are
 normalised within each prompt's group, GRPO style, and the update adds
 beta times the KL divergence to the starting policy. Labels are never read:
 the batch holds images, instructions, image sizes and prompt ids only.
@@ -31,7 +31,7 @@ from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
 from ..core.rng import derive_seed
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..search.region_vote import point_boxes, region_rewards
+from ..strategies.region_vote import point_boxes, region_rewards
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

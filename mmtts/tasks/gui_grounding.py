@@ -67,7 +67,7 @@ from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler
 from ..modalities.gui.train import train_element_boxes, train_grounding
-from ..search.region_vote import RegionConsistency, RegionVote
+from ..strategies.region_vote import RegionConsistency, RegionVote
 from .base import Task
 from .cache import config_hash
 

