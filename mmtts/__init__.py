@@ -2,22 +2,33 @@
 
     result = mmtts.search(process, verifier, "particle-filter", budget=640, seed=0)
     adapter = mmtts.adapt(model, "bn")
+
+``import mmtts`` loads only the core (torch and numpy): every strategy, adapter,
+task and verifier module is imported the first time its name is used, and the
+subpackages (``mmtts.strategies``, ``mmtts.adapters``, ``mmtts.tasks``,
+``mmtts.verifiers``, ``mmtts.modalities``, ``mmtts.kernels``) when first reached.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Mapping, Sequence
 
-from . import adapters as _adapters  # noqa: F401  (registration)
-from . import strategies as _strategies  # noqa: F401  (registration)
-from . import tasks as _tasks  # noqa: F401  (registration)
-from . import verifiers as _verifiers  # noqa: F401  (registration)
 from .core import (Adapter, Budget, BudgetError, Cached, MeanRank, MmttsError, Process, Result, State, Strategy,
                    Verifier)
 from .core.registry import ADAPTERS, STRATEGIES, TASKS, VERIFIERS
 from .core.strategy import run_strategy
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'mmtts' has no attribute {name!r}")
+
+
+_SUBPACKAGES = ("adapters", "bench", "cli", "core", "kernels", "modalities", "strategies", "tasks", "verifiers")
 
 
 def list_strategies() -> list[str]:

@@ -1,3 +1,5 @@
-"""Test-time adaptation methods, one module each, registered by name."""
+"""Test-time adaptation methods, one module each, registered by name and imported on first use."""
 
-from . import alpha_bn, bn, deyo, eata, gui_rcpo, sar, source, tent  # noqa: F401  (registration)
+from ..core.lazy import lazy_submodules
+
+__getattr__, __dir__ = lazy_submodules(__name__, __file__)

@@ -1,8 +1,15 @@
-"""Name -> class registries, one per kind, with one factory each (as timm's create_model)."""
+"""Name -> class registries, one per kind, with one factory each (as timm's create_model).
+
+The registries are lazy: :data:`CATALOG` says which module defines each
+built-in name, and that module is imported the first time the name is asked
+for, so ``import mmtts`` loads no strategy, task, renderer or model library.
+A module outside mmtts registers its own classes with the decorator as usual.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import warnings
 from typing import Callable, Generic, TypeVar
 
@@ -12,9 +19,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """Names of one kind (strategy, adapter, task, verifier) mapped to the classes that implement them.
+
+    Args:
+        kind: what the names are, for messages ("strategy").
+        catalog: built-in name -> module defining it; the module is imported on first use of the name.
+    """
+
+    def __init__(self, kind: str, catalog: dict[str, str] | None = None):
         self.kind = kind
         self._items: dict[str, type[T]] = {}
+        self._catalog = dict(catalog or {})
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         def deco(cls: type[T]) -> type[T]:
@@ -30,6 +45,10 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         name = self._canonical(name)
+        if isinstance(name, str) and name not in self._items and name in self._catalog:
+            importlib.import_module(self._catalog[name])
+            if name not in self._items:
+                raise RuntimeError(f"module {self._catalog[name]} does not register {self.kind} {name!r}")
         if not isinstance(name, str) or name not in self._items:
             valid = ", ".join(self.names()) or "(none registered)"
             close = difflib.get_close_matches(str(name), self.names(), n=1)
@@ -39,9 +58,9 @@ class Registry(Generic[T]):
 
     def _canonical(self, name):
         """Registry names are kebab-case; an old snake_case spelling still resolves, with a warning."""
-        if isinstance(name, str) and name not in self._items and "_" in name:
+        if isinstance(name, str) and name not in self._items and name not in self._catalog and "_" in name:
             kebab = name.replace("_", "-")
-            if kebab in self._items:
+            if kebab in self._items or kebab in self._catalog:
                 warnings.warn(f"{self.kind} name {name!r} is deprecated; use {kebab!r}", DeprecationWarning,
                               stacklevel=4)
                 return kebab
@@ -51,13 +70,37 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **kwargs)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._catalog))
+
+    def catalog(self) -> dict[str, str]:
+        """Built-in name -> defining module (nothing imported)."""
+        return dict(self._catalog)
 
     def __contains__(self, name: str) -> bool:
-        return self._canonical(name) in self._items
+        name = self._canonical(name)
+        return name in self._items or name in self._catalog
 
 
-STRATEGIES: Registry = Registry("strategy")
-ADAPTERS: Registry = Registry("adapter")
-TASKS: Registry = Registry("task")
-VERIFIERS: Registry = Registry("verifier")
+def _modules(package: str, names: dict[str, str]) -> dict[str, str]:
+    return {name: f"{package}.{module}" for name, module in names.items()}
+
+
+#: every built-in name of each kind and the module that registers it
+CATALOG = {
+    "strategy": _modules("mmtts.strategies", {
+        "best-of-n": "best_of_n", "beam": "beam", "particle-filter": "particle_filter", "zero-order": "zero_order",
+        "paths": "paths", "evosearch": "evosearch", "region-vote": "region_vote"}),
+    "adapter": _modules("mmtts.adapters", {
+        "source": "source", "bn": "bn", "alpha-bn": "alpha_bn", "tent": "tent", "eta": "eata", "eata": "eata",
+        "sar": "sar", "deyo": "deyo", "gui-rcpo": "gui_rcpo"}),
+    "task": _modules("mmtts.tasks", {
+        "toy-gmm": "toy_gmm", "image-search": "image_search", "tta-corruptions": "tta_corruptions",
+        "tta-pretrained": "tta_pretrained", "vla-mujoco": "vla_mujoco", "gui-grounding": "gui_grounding"}),
+    "verifier": {"toy-quadratic": "mmtts.modalities.toy_gmm", "toy-log-density": "mmtts.modalities.toy_gmm",
+                 "classifier": "mmtts.verifiers.classifier", "clip": "mmtts.verifiers.clip"},
+}
+
+STRATEGIES: Registry = Registry("strategy", CATALOG["strategy"])
+ADAPTERS: Registry = Registry("adapter", CATALOG["adapter"])
+TASKS: Registry = Registry("task", CATALOG["task"])
+VERIFIERS: Registry = Registry("verifier", CATALOG["verifier"])

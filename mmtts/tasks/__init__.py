@@ -1,8 +1,6 @@
-"""Offline benchmark tasks: data, reference models cached locally, metrics."""
+"""Offline benchmark tasks: data, reference models cached locally, metrics (imported on first use)."""
 
-from . import gui_grounding, image_search, toy_gmm, vla_mujoco  # noqa: F401  (registration)
-from . import tta_corruptions, tta_pretrained  # noqa: F401  (registration)
-from .base import Task
-from .cache import ModelCache
+from ..core.lazy import lazy_submodules
 
 __all__ = ["ModelCache", "Task"]
+__getattr__, __dir__ = lazy_submodules(__name__, __file__, {"Task": "base", "ModelCache": "cache"})
