@@ -32,6 +32,9 @@ class Process(ABC):
     latent_key: str = "x"
     decodes_on_preview: bool = False
     decodes_on_finish: bool = False
+    #: (width, height) of the integer grid that point or box outputs live on (a screenshot's pixels), read by
+    #: region voting to build its vote grid; None for processes whose outputs are not positions on a grid
+    extent: tuple[int, int] | None = None
 
     # -- costs ------------------------------------------------------------------
     def stage_nfe(self, stage: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,10 @@ class Result:
     """What a strategy chose, how it got there, and what it cost.
 
     ``outputs``/``scores`` are the chosen candidates (best first) and their
-    search-verifier scores; ``heldout`` maps each held-out verifier's name to
+    search-verifier scores (NaN where no verifier scored an output, as for
+    an answer aggregated by a vote); ``votes`` is, for a voting strategy,
+    the share of candidates behind each chosen output (None otherwise);
+    ``heldout`` maps each held-out verifier's name to
     its scores of the same outputs (computed after the search, never used to
     select). ``trace`` has one entry per scoring of finished candidates: the
     budget spent so far, the best score so far and all scores of that batch,
@@ -38,6 +41,7 @@ class Result:
     population: Any = None
     population_scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    votes: torch.Tensor | None = None
 
     @property
     def best_score(self) -> float:
@@ -60,6 +64,7 @@ class Result:
             "seed": self.seed,
             "best_score": self.best_score,
             "scores": self.scores.tolist(),
+            "votes": self.votes.tolist() if self.votes is not None else None,
             "heldout": {k: v.tolist() for k, v in self.heldout.items()},
             "budget": self.budget,
             "trace": [{k: v for k, v in e.items() if k != "scores"} for e in self.trace],

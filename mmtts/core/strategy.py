@@ -37,12 +37,14 @@ class Selection:
     population: Any = None
     population_scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    #: a voting strategy's share of candidates behind each chosen output (its ``scores`` are then NaN)
+    votes: torch.Tensor | None = None
 
 
 class SearchContext:
-    """The process, verifier, budget, random stream, trace and checkpoints of one run."""
+    """The process, verifier (None when a strategy votes), budget, random stream, trace and checkpoints of one run."""
 
-    def __init__(self, process: Process, verifier: Verifier, budget: Budget, seed: int,
+    def __init__(self, process: Process, verifier: Verifier | None, budget: Budget, seed: int,
                  strategy: str = "", settings: Mapping | None = None,
                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
                  on_checkpoint: Callable[[int], None] | None = None):
@@ -167,6 +169,9 @@ class SearchContext:
 
     def score(self, outputs: Any, state: State | None = None, final: bool = True) -> torch.Tensor:
         """Score with the search verifier; ``final`` scores of finished candidates enter the trace."""
+        if self.verifier is None:
+            raise MmttsError(f"strategy {self._identity['strategy']!r} scores candidates with a verifier, and none "
+                             "was given; pass one (a Verifier or a scoring function) as the verifier argument")
         n = batch_size(outputs)
         if not self.budget.can_afford(verifier_calls=n):
             self.budget.check_affordable(f"scoring {n} candidates", verifier_calls=n)
@@ -214,14 +219,14 @@ def _jsonable(x):
     return repr(x)
 
 
-def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Callable, budget: Budget | int,
+def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Callable | None, budget: Budget | int,
                  seed: int = 0, heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
                  on_checkpoint: Callable[[int], None] | None = None) -> Result:
-    """Run one strategy and score its choice with the held-out verifiers."""
+    """Run one strategy and score its choice with the held-out verifiers (``verifier`` None: a vote needs none)."""
     if not isinstance(process, Process):
         raise TypeError(f"process must be an mmtts Process, not {type(process).__name__}")
-    verifier = as_verifier(verifier)
+    verifier = as_verifier(verifier) if verifier is not None else None
     budget = Budget.coerce(budget)
     if budget.max_nfe is not None and budget.max_nfe < process.nfe_per_candidate():
         raise BudgetError(
@@ -248,7 +253,7 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
         outputs=to_cpu(sel.outputs), scores=sel.scores, heldout=held_scores, trace=ctx.trace,
         budget=report, strategy=strategy.name, settings=strategy.settings, seed=int(seed),
         lineage=lineage, population=to_cpu(sel.population), population_scores=sel.population_scores,
-        extra=sel.extra,
+        extra=sel.extra, votes=sel.votes,
     )
 
 
