@@ -3,61 +3,78 @@
     result = mmtts.search(process, verifier, "particle-filter", budget=640, seed=0)
     adapter = mmtts.adapt(model, "bn")
 
-``import mmtts`` loads only the core (torch and numpy): every strategy, adapter,
-task and verifier module is imported the first time its name is used, and the
-subpackages (``mmtts.strategies``, ``mmtts.adapters``, ``mmtts.tasks``,
-``mmtts.verifiers``, ``mmtts.modalities``, ``mmtts.kernels``) when first reached.
+``import mmtts`` itself imports nothing heavy: the core (and torch with it) is
+loaded when one of its names (``mmtts.Budget``, ``mmtts.search``, ...) is first
+used; every strategy, adapter, task and verifier module the first time its name
+is used; and the subpackages (``mmtts.strategies``, ``mmtts.adapters``,
+``mmtts.tasks``, ``mmtts.verifiers``, ``mmtts.modalities``, ``mmtts.kernels``)
+when first reached.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from .core import (Adapter, Budget, BudgetError, Cached, MeanRank, MmttsError, Process, Result, State, Strategy,
-                   Verifier)
-from .core.registry import ADAPTERS, STRATEGIES, TASKS, VERIFIERS
-from .core.strategy import run_strategy
+if TYPE_CHECKING:
+    from .core import Adapter, Budget, Process, Result, Strategy, Verifier
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module 'mmtts' has no attribute {name!r}")
-
-
+_CORE_NAMES = ("Adapter", "Budget", "BudgetError", "Cached", "MeanRank", "MmttsError", "Process", "Result", "State",
+               "Strategy", "Verifier")
 _SUBPACKAGES = ("adapters", "bench", "cli", "core", "kernels", "modalities", "strategies", "tasks", "verifiers")
 
 
+def __getattr__(name: str):
+    if name in _CORE_NAMES:
+        return getattr(importlib.import_module(".core", __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mmtts' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CORE_NAMES) | set(_SUBPACKAGES))
+
+
+def _registry(kind: str):
+    from .core import registry
+    return getattr(registry, kind)
+
+
 def list_strategies() -> list[str]:
-    return STRATEGIES.names()
+    return _registry("STRATEGIES").names()
 
 
 def list_adapters() -> list[str]:
-    return ADAPTERS.names()
+    return _registry("ADAPTERS").names()
 
 
 def list_tasks() -> list[str]:
-    return TASKS.names()
+    return _registry("TASKS").names()
 
 
 def list_verifiers() -> list[str]:
-    return VERIFIERS.names()
+    return _registry("VERIFIERS").names()
 
 
 def create_strategy(name: str, **settings) -> Strategy:
-    return STRATEGIES.create(name, **settings)
+    return _registry("STRATEGIES").create(name, **settings)
+
+
+def create_verifier(name: str, **settings) -> "Verifier":
+    """A registered verifier by name (``mmtts.list_verifiers()``), built with ``settings``."""
+    return _registry("VERIFIERS").create(name, **settings)
 
 
 def create_task(name: str, **settings):
-    return TASKS.create(name, **settings)
+    return _registry("TASKS").create(name, **settings)
 
 
 def adapt(model, method: str = "tent", **overrides) -> Adapter:
     """Wrap a classifier in a test-time adaptation method: ``logits = adapter(x)``; ``adapter.reset()``."""
-    return ADAPTERS.create(method, model, **overrides)
+    return _registry("ADAPTERS").create(method, model, **overrides)
 
 
 def search(process: Process, verifier: Verifier | Callable, strategy: str | Strategy = "best-of-n", *,
@@ -71,16 +88,18 @@ def search(process: Process, verifier: Verifier | Callable, strategy: str | Stra
     never used to select. With ``checkpoint=PATH`` the run saves resumable
     points; ``resume=True`` continues from that file to the identical result.
     """
+    from .core import MmttsError, Strategy
+    from .core.strategy import run_strategy
     if isinstance(strategy, Strategy):
         if settings:
             raise MmttsError(f"settings {sorted(settings)} given with a Strategy instance; set them on the instance")
         strat = strategy
     else:
-        strat = STRATEGIES.create(strategy, **settings)
+        strat = _registry("STRATEGIES").create(strategy, **settings)
     return run_strategy(strat, process, verifier, budget, seed=seed, heldout=heldout, checkpoint=checkpoint,
                         resume=resume, on_checkpoint=on_checkpoint)
 
 
 __all__ = ["Adapter", "Budget", "BudgetError", "Cached", "MeanRank", "MmttsError", "Process", "Result", "State",
-           "Strategy", "Verifier", "adapt", "create_strategy", "create_task", "list_adapters", "list_strategies",
+           "Strategy", "Verifier", "adapt", "create_strategy", "create_task", "create_verifier", "list_adapters", "list_strategies",
            "list_tasks", "list_verifiers", "search"]

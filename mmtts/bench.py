@@ -55,11 +55,11 @@ def versions() -> dict:
 
 
 def mean_ci95(values) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval (0 for a single value)."""
+    """Mean and half-width of the 95% t-interval (NaN for a single value: one seed gives no interval)."""
     v = np.asarray(values, dtype=np.float64)
     m = float(v.mean())
     if v.size < 2:
-        return m, 0.0
+        return m, float("nan")
     half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
     return m, half
 
@@ -76,6 +76,38 @@ def paired_comparison(a, b) -> dict:
         p = float(stats.ttest_1samp(d, 0.0).pvalue)
     significant = bool(d.size >= 2 and (m - half > 0 or m + half < 0))
     return {"diff": m, "diff_ci95": half, "p_value": p, "significant": significant}
+
+
+def interval(half: float | None) -> str:
+    """A half-width for tables: "n/a" where there is none (one seed)."""
+    return "n/a" if half is None or not np.isfinite(half) else f"{half:.2g}"
+
+
+def strict_json(x):
+    """``x`` with every NaN or infinite float replaced by None, so the JSON is strict (no bare NaN)."""
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` and prove it writable before any work is done, so a long sweep is never lost at the end."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise MmttsError(f"--out {str(out)!r} is a file, not a directory; pass a directory for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".mmtts-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MmttsError(f"cannot write results to --out {str(out)!r} ({e.strerror or e}); "
+                         "pass a directory you can write to") from None
+    return path
 
 
 def _check_sweep(task: Task, seeds, budgets, settings, methods):
@@ -108,6 +140,8 @@ def run_benchmark(task: Task, seeds: list[int], budgets: list[int] | None, metho
                   settings: list[str] | None = None) -> dict:
     """Run the sweep and, when ``out`` is given, write ``<task>.json``, ``<task>.md`` and ``<task>.png`` there."""
     seeds, budgets, settings, methods = _check_sweep(task, seeds, budgets, settings, methods)
+    if out is not None:
+        check_out_dir(out)
     task.prepare()
     rows, timings, per_seed = [], [], {}
     total = len(methods) * len(settings) * len(budgets) * len(seeds)
@@ -181,11 +215,11 @@ def markdown(results: dict) -> str:
              f"Machine: {results['machine'].get('platform')}, {results['machine'].get('cpu_count')} CPUs, "
              f"CUDA: {results['machine'].get('cuda')}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), "",
-             "Mean over seeds, with the half-width of the 95% t-interval.", "",
+             "Mean over seeds, with the half-width of the 95% t-interval (n/a from a single seed).", "",
              "| setting | method | budget | detail | " + " | ".join(metric_names) + " |",
              "|---|---|---:|---|" + "---:|" * len(metric_names)]
     for r in results["rows"]:
-        cells = [f"{r['metrics'][m]:.4g} ± {r['metrics'][m + '_ci95']:.2g}" for m in metric_names]
+        cells = [f"{r['metrics'][m]:.4g} ± {interval(r['metrics'][m + '_ci95'])}" for m in metric_names]
         budget = "-" if r["budget"] is None else r["budget"]
         lines.append(f"| {r['setting']} | {r['method']} | {budget} | {r['detail']} | " + " | ".join(cells) + " |")
     if results["comparisons"]:
@@ -195,8 +229,9 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---:|---:|---:|---|"]
         for c in results["comparisons"]:
             budget = "-" if c["budget"] is None else c["budget"]
+            p = "n/a" if c["p_value"] is None or not np.isfinite(c["p_value"]) else f"{c['p_value']:.3g}"
             lines.append(f"| {c['setting']} | {c['method']} | {c['baseline']} | {budget} | {c['diff']:+.4g} ± "
-                         f"{c['diff_ci95']:.2g} | {c['p_value']:.3g} | {c['verdict']} |")
+                         f"{interval(c['diff_ci95'])} | {p} | {c['verdict']} |")
     if results["references"]:
         lines += ["", "Reference values of " + key + ":", ""]
         for name, vals in results["references"].items():
@@ -261,7 +296,7 @@ def write_results(results: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{results['task']}.json", "md": out / f"{results['task']}.md",
              "png": out / f"{results['task']}.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["json"].write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
     paths["md"].write_text(markdown(results))
     plot(results, paths["png"])
     return paths

@@ -9,8 +9,6 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing reaches for a model hub
 
-from .core.errors import MmttsError  # noqa: E402
-
 DESCRIPTION = """\
 mmtts: multimodal test-time scaling and adaptation.
 
@@ -30,6 +28,7 @@ examples:
 
 
 def _parse_options(pairs: list[str] | None) -> dict:
+    from .core.errors import MmttsError
     out = {}
     for p in pairs or []:
         if "=" not in p:
@@ -59,6 +58,8 @@ def cmd_list(args) -> int:
 def _print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from .bench import interval
     key = results["primary_metric"]
     table = Table(title=f"{results['task']} ({key}: mean ± 95% CI over seeds {results['seeds']})")
     for col in ("setting", "method", "budget", key, "vs baseline"):
@@ -66,9 +67,9 @@ def _print_table(results: dict) -> None:
     comps = {(c["setting"], c["method"], c["budget"]): c for c in results["comparisons"]}
     for r in results["rows"]:
         c = comps.get((r["setting"], r["method"], r["budget"]))
-        verdict = "baseline" if c is None else f"{c['diff']:+.3g} ± {c['diff_ci95']:.2g} {c['verdict']}"
+        verdict = "baseline" if c is None else f"{c['diff']:+.3g} ± {interval(c['diff_ci95'])} {c['verdict']}"
         table.add_row(r["setting"], r["method"], "-" if r["budget"] is None else str(r["budget"]),
-                      f"{r['metrics'][key]:.4g} ± {r['metrics'][key + '_ci95']:.2g}", verdict)
+                      f"{r['metrics'][key]:.4g} ± {interval(r['metrics'][key + '_ci95'])}", verdict)
     Console().print(table)
 
 
@@ -152,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; Ctrl-C at any point (torch still importing included) exits quietly with 130."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("mmtts: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -159,14 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .core.errors import MmttsError  # imports torch: inside main, so Ctrl-C during it is caught
     try:
         return args.func(args)
     except MmttsError as e:
         print(f"mmtts: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mmtts: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

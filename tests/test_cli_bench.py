@@ -52,7 +52,8 @@ def test_statistics_helpers():
     m, h = mean_ci95(v)
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean(v), scale=stats.sem(v))
     assert m == pytest.approx(np.mean(v)) and h == pytest.approx((hi - lo) / 2)
-    assert mean_ci95([3.0]) == (3.0, 0.0)
+    m1, h1 = mean_ci95([3.0])
+    assert m1 == 3.0 and np.isnan(h1)  # one seed: no interval
     c = paired_comparison([1.0, 2.0, 3.0], [0.0, 1.0, 2.1])
     assert c["significant"] and c["diff"] > 0
     c = paired_comparison([1.0, 2.0, 3.0], [1.5, 1.0, 3.2])
@@ -128,3 +129,62 @@ def test_prepare_learned_toy_model_and_bench_with_it(cache_dir, tmp_path, capsys
     # a learned denoiser still gives search something to find
     assert by[("particle-filter", 160)] > by[("best-of-n", 20)]
     assert len(list(cache_dir.iterdir())) == 1  # reused, not retrained
+
+
+def _strict_load(text: str):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_one_seed_writes_strict_json_and_shows_no_interval(tmp_path, capsys):
+    assert main(["bench", "toy-gmm", "--seeds", "0", "--budgets", "20", "--out", str(tmp_path)]) == 0
+    res = _strict_load((tmp_path / "toy-gmm.json").read_text())
+    assert res["rows"][0]["metrics"]["reward_ci95"] is None
+    assert all(c["p_value"] is None and c["verdict"] == "not significant" for c in res["comparisons"])
+    md = (tmp_path / "toy-gmm.md").read_text()
+    assert "± n/a" in md and "± 0 " not in md and "nan" not in md.lower()
+    assert "± n/a" in capsys.readouterr().out
+
+
+class _NeverRun(mmtts.tasks.Task):
+    name = "never-run"
+    methods = ("a",)
+    baseline = "a"
+    default_budgets = (1,)
+
+    def prepare(self):
+        raise AssertionError("the sweep started before --out was checked")
+
+    def run(self, method, setting, budget, seed):
+        raise AssertionError("the sweep started before --out was checked")
+
+
+def test_out_is_checked_before_the_sweep(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(mmtts.MmttsError, match="is a file, not a directory"):
+        run_benchmark(_NeverRun(), [0, 1], [1], out=not_a_dir)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not __import__("os").access(locked, __import__("os").W_OK):  # root may write anywhere
+        with pytest.raises(mmtts.MmttsError, match="cannot write results"):
+            run_benchmark(_NeverRun(), [0, 1], [1], out=locked / "sub")
+
+
+def test_ctrl_c_at_any_point_exits_quietly(monkeypatch, capsys):
+    import mmtts.cli as cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # as early as argument parsing, before torch loads
+    assert cli.main(["list"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "mmtts: interrupted" and "Traceback" not in err
+
+
+def test_cli_module_imports_no_torch_before_main():
+    out = subprocess.run([sys.executable, "-c", "import sys, mmtts.cli; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
