@@ -90,3 +90,12 @@ def test_strategy_modules_are_reachable_and_search_is_the_function():
     assert callable(mmtts.search) and mmtts.search.__module__ == "mmtts"
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         mmtts.strategies.nothing_here
+
+
+@pytest.mark.parametrize("seed, msg", [(1.5, "whole number"), (True, "whole number"), ("3", "whole number"),
+                                        (2 ** 64, "outside"), (-1, "outside")])
+def test_search_refuses_seeds_that_would_collide(seed, msg):
+    from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, QuadraticReward
+    with pytest.raises(mmtts.MmttsError, match=msg):
+        mmtts.search(GMMDiffusion(DEFAULT_MIXTURE, num_stages=4), QuadraticReward(DEFAULT_TARGET), budget=8,
+                     seed=seed)
