@@ -13,6 +13,11 @@ from helpers import CountingProcess, SumVerifier
     ({"max_nfe": 2.5}, "whole number"),
     ({}, "at least one cap"),
     ({"max_seconds": 0}, "max_seconds"),
+    ({"max_seconds": -1.0}, "max_seconds=-1.0 must be a finite number of seconds > 0"),
+    ({"max_seconds": float("nan")}, "max_seconds=nan must be a finite number"),
+    ({"max_seconds": float("inf")}, "max_seconds=inf must be a finite number"),
+    ({"max_nfe": float("inf")}, "whole number"),
+    ({"max_nfe": float("nan")}, "whole number"),
 ])
 def test_invalid_budgets(kwargs, msg):
     with pytest.raises(BudgetError, match=msg):
@@ -73,13 +78,32 @@ def test_context_refuses_work_past_the_cap():
     p = CountingProcess(num_stages=4)
     ctx = SearchContext(p, SumVerifier(), Budget(max_nfe=8), seed=0)
     st = ctx.advance(ctx.fresh(2))
-    assert ctx.budget.nfe == 8
+    assert ctx.meter.nfe == 8
     with pytest.raises(BudgetExceeded, match="size their schedules"):
         ctx.step(ctx.fresh(1))
     with pytest.raises(mmtts.MmttsError, match="already completed"):
         ctx.step(st)
 
 
-def test_time_limited_best_of_n_stops():
+def test_time_limited_best_of_n_stops_at_the_deadline():
     r = mmtts.search(CountingProcess(), SumVerifier(), "best-of-n", budget=Budget(max_seconds=0.05), batch_size=4)
-    assert r.extra["n"] >= 4 and r.budget["nfe"] == 4 * r.extra["n"]
+    assert r.deadline_hit and r.budget["deadline_hit"] and r.budget["max_seconds"] == 0.05
+    finished = sum(len(e["scores"]) for e in r.trace)
+    assert finished >= 4 and finished % 4 == 0
+    assert r.budget["verifier_calls"] == finished
+
+
+def test_a_budget_is_immutable_and_reusable():
+    b = Budget(max_nfe=200)
+    with pytest.raises(AttributeError):
+        b.max_nfe = 10
+    from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, QuadraticReward
+    p, reward = GMMDiffusion(DEFAULT_MIXTURE, 8, sampler="exact"), QuadraticReward(DEFAULT_TARGET)
+    for strategy, kw in [("best-of-n", {"batch_size": 7}), ("particle-filter", {}), ("beam", {"beams": 2}),
+                         ("evosearch", {"n": 4}), ("zero-order", {}), ("paths", {"width": 2})]:
+        first = mmtts.search(p, reward, strategy, budget=b, seed=3, **kw)
+        second = mmtts.search(p, reward, strategy, budget=b, seed=3, **kw)
+        assert torch.equal(first.outputs, second.outputs) and torch.equal(first.scores, second.scores)
+        assert first.budget["nfe"] == second.budget["nfe"] > 0 and first.budget["nfe"] <= 200
+        assert first.trace == [dict(e, seconds=f["seconds"]) for e, f in zip(second.trace, first.trace)]
+    assert b == Budget(max_nfe=200) and Budget.coerce(b) is b

@@ -9,7 +9,7 @@ from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusi
 P = GMMDiffusion(DEFAULT_MIXTURE, 8)
 R = QuadraticReward(DEFAULT_TARGET)
 CASES = [("best-of-n", {"batch_size": 5}), ("particle-filter", {"ess_threshold": 0.9}), ("beam", {"beams": 3}),
-         ("zero-order", {"neighbours": 4}), ("paths", {"width": 3}), ("evosearch", {"population": 6})]
+         ("zero-order", {"neighbours": 4}), ("paths", {"width": 3}), ("evosearch", {"n": 6})]
 
 
 class Stop(Exception):

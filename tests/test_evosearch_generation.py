@@ -8,7 +8,7 @@ from mmtts.core import Budget, FunctionVerifier, State, Streams
 from mmtts.core.strategy import SearchContext
 from mmtts.modalities.image import ImageProcess, schedule_from_scheduler
 from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, GMMDiffusion
-from mmtts.strategies.best_of_n import top_k
+from mmtts.core.strategy import top_k
 from mmtts.strategies.evosearch import EvoSearch
 
 from helpers import CountingProcess
@@ -46,7 +46,7 @@ def fields(st: State) -> list[torch.Tensor]:
 @pytest.mark.parametrize("population,elites", [(2, None), (6, None), (6, 2), (5, 0)])
 def test_next_generation_equals_select_resample_perturb_cat(make, population, elites):
     p = make()
-    evo = EvoSearch(population=population, elites=elites, noise_generations=0, latent_scale=0.5)
+    evo = EvoSearch(n=population, elites=elites, noise_generations=0, latent_scale=0.5)
     pop = at_stage_two(p, population, seed=4)
     before = [t.clone() for t in fields(pop)]
     scores = torch.tensor([0.5, -1.0, 0.5, float("-inf"), 2.0, 0.5][:population], dtype=torch.float64)  # ties

@@ -135,7 +135,7 @@ def test_perturb_and_renoise_scales():
 
 
 @pytest.mark.parametrize("strategy, kw", [("zero-order", {}), ("paths", {}), ("paths", {"width": 2, "start": 0.5}),
-                                          ("evosearch", {}), ("evosearch", {"population": 3, "elites": 0})])
+                                          ("evosearch", {}), ("evosearch", {"n": 3, "elites": 0})])
 @pytest.mark.parametrize("budget", [10, 47, 200])
 def test_new_strategies_stay_within_budget(strategy, kw, budget):
     p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
@@ -156,14 +156,14 @@ def test_paths_from_the_last_stage_is_best_of_n():
 
 def test_evosearch_schedule_grows_with_budget_and_mutates():
     p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
-    small = mmtts.search(p, REWARD, "evosearch", population=4, budget=40, seed=0)
-    big = mmtts.search(p, REWARD, "evosearch", population=4, budget=400, seed=0)
+    small = mmtts.search(p, REWARD, "evosearch", n=4, budget=40, seed=0)
+    big = mmtts.search(p, REWARD, "evosearch", n=4, budget=400, seed=0)
     assert small.extra["generations"] == 1 and small.extra["stages"] == []
     # 4 initial (40 NFE), the trajectory phase from stage 1 (4 x 9 NFE), noise generations of 3 children in the rest
     assert big.extra["stages"] == list(range(1, 10)) and big.extra["noise_generations"] == 1 + (400 - 40 - 36) // 30
     assert big.best_score >= small.best_score  # the archive only grows
     with pytest.raises(mmtts.BudgetError, match="noise generation"):
-        mmtts.search(p, REWARD, "evosearch", population=4, noise_generations=30, budget=100, seed=0)
+        mmtts.search(p, REWARD, "evosearch", n=4, noise_generations=30, budget=100, seed=0)
     with pytest.raises(ValueError, match="increasing"):
         mmtts.create_strategy("evosearch", stages=[0, 3])
 
@@ -171,24 +171,24 @@ def test_evosearch_schedule_grows_with_budget_and_mutates():
 def test_evosearch_population_of_one_has_no_trajectory_generations():
     """One candidate per generation leaves nothing to select: no per-stage scoring, no random walk."""
     p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
-    one = mmtts.search(p, REWARD, "evosearch", population=1, noise_generations=0, budget=10, seed=4)
+    one = mmtts.search(p, REWARD, "evosearch", n=1, noise_generations=0, budget=10, seed=4)
     bon = mmtts.search(p, REWARD, "best-of-n", n=1, budget=10, seed=4)
     assert torch.equal(one.outputs, bon.outputs) and one.extra["stages"] == []
     assert one.budget["verifier_calls"] == 1 and one.budget["nfe"] == 10
     # with noise generations the archive still selects across them
-    archive = mmtts.search(p, REWARD, "evosearch", population=1, budget=50, seed=4)
+    archive = mmtts.search(p, REWARD, "evosearch", n=1, budget=50, seed=4)
     assert archive.extra["stages"] == [] and archive.extra["noise_generations"] == 5
-    with pytest.raises(ValueError, match="population >= 2"):
-        mmtts.search(p, REWARD, "evosearch", population=1, stages=[3], budget=50, seed=4)
+    with pytest.raises(ValueError, match="n >= 2"):
+        mmtts.search(p, REWARD, "evosearch", n=1, stages=[3], budget=50, seed=4)
     with pytest.raises(mmtts.BudgetError, match="at least 10"):
-        mmtts.search(p, REWARD, "evosearch", population=1, noise_generations=0, budget=5, seed=4)
+        mmtts.search(p, REWARD, "evosearch", n=1, noise_generations=0, budget=5, seed=4)
 
 
 @pytest.mark.parametrize("kw", [{"noise_generations": 0}, {"noise_generations": 0, "initial": 12, "stages": [2, 5]},
                                 {}, {"noise_generations": 2, "stages": [4, 8]}])
 def test_evosearch_costs_what_its_plan_says_and_answers_the_best_ever_seen(kw):
     p = GMMDiffusion(MIX, 10, sampler="ddim", eta=0.0)
-    r = mmtts.search(p, REWARD, "evosearch", population=6, budget=300, seed=1, **kw)
+    r = mmtts.search(p, REWARD, "evosearch", n=6, budget=300, seed=1, **kw)
     x = r.extra
     first = x["stages"][0]
     P, kids = 6, 6 - 6 // 4
@@ -212,7 +212,7 @@ def test_evosearch_trajectory_mutation_is_applied_before_the_step():
     assert float(d.std()) == pytest.approx(0.5 * float(p.ancestral_sigma(st.stage[:1])), rel=0.03)
     # scale 0: the trajectory phase only selects, so with a deterministic sampler every final output is one
     # of the candidates that reached the first evolution stage, carried on unchanged
-    r = mmtts.search(p, REWARD, EvoSearch(population=5, noise_generations=0, latent_scale=0.0, stages=[3, 6]),
+    r = mmtts.search(p, REWARD, EvoSearch(n=5, noise_generations=0, latent_scale=0.0, stages=[3, 6]),
                      budget=60, seed=2)
     plain = run_to_end(p, 5, seed=2)
     assert any(torch.allclose(r.outputs[0], y) for y in plain)
@@ -228,3 +228,11 @@ def test_zero_order_resamples_the_pivot_when_no_neighbour_improves():
     assert r.extra == {"moves": 0, "restarts": 2} and r.budget["nfe"] == budget
     stay = mmtts.search(p, flat, "zero-order", neighbours=3, restart=False, budget=budget, seed=0)
     assert stay.extra == {"moves": 0, "restarts": 0}
+
+
+def test_evosearch_population_is_the_deprecated_name_of_n():
+    p = GMMDiffusion(MIX, 10, sampler="exact")
+    with pytest.warns(DeprecationWarning, match="pass n="):
+        old = mmtts.search(p, REWARD, "evosearch", population=4, budget=120, seed=2)
+    new = mmtts.search(p, REWARD, "evosearch", n=4, budget=120, seed=2)
+    assert torch.equal(old.outputs, new.outputs) and old.settings == new.settings and new.settings["n"] == 4

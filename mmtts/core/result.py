@@ -26,7 +26,9 @@ class Result:
     its scores of the same outputs (computed after the search, never used to
     select). ``trace`` has one entry per scoring of finished candidates: the
     budget spent so far, the best score so far and all scores of that batch,
-    which is what a scaling curve is drawn from.
+    which is what a scaling curve is drawn from. ``deadline_hit`` says that
+    the budget's ``max_seconds`` stopped the search: the outputs are then the
+    best candidates finished before the deadline.
     """
 
     outputs: Any
@@ -42,6 +44,7 @@ class Result:
     population_scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     votes: torch.Tensor | None = None
+    deadline_hit: bool = False
 
     @property
     def best_score(self) -> float:
@@ -69,6 +72,7 @@ class Result:
             "budget": self.budget,
             "trace": [{k: v for k, v in e.items() if k != "scores"} for e in self.trace],
             "extra": self.extra,
+            "deadline_hit": self.deadline_hit,
         }
 
 

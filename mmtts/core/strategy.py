@@ -5,6 +5,10 @@ door to the process and the verifier: every model forward, decode and
 verifier evaluation goes through it, so the budget is counted and enforced in
 one place, scores are validated, the trace is recorded, and held-out verifiers
 stay out of the strategy's reach.
+
+The deadline (``Budget.max_seconds``) is enforced here too, for every strategy
+alike: the context refuses the first model step past it and the search ends
+with the best candidate finished so far (see :func:`run_strategy`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
-from .batch import batch_size, to_cpu
-from .budget import Budget
+from .batch import batch_size, concat, take, to_cpu
+from .budget import Budget, Meter
 from .errors import BudgetError, MmttsError
 from .process import Process
 from .result import Result, load_checkpoint, save_checkpoint
@@ -41,8 +45,41 @@ class Selection:
     votes: torch.Tensor | None = None
 
 
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best scores, best first; ties keep the earlier candidate (stable)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k]
+
+
+def merge_top(best: dict | None, out, s: torch.Tensor, state: State | None, keep: int) -> dict:
+    """The top ``keep`` of the finished candidates kept so far (``best``) and a new finished batch."""
+    if best is not None:
+        out = concat([best["outputs"], out])
+        s = torch.cat([best["scores"], s])
+        state = None if state is None or best["state"] is None else State.cat([best["state"], state])
+    idx = top_k(s, keep)
+    return {"outputs": take(out, idx), "scores": s[idx], "state": None if state is None else state.select(idx)}
+
+
+class _DeadlineReached(Exception):
+    """Raised by the context instead of a model step past the deadline; :func:`run_strategy` catches it."""
+
+
 class SearchContext:
-    """The process, verifier (None when a strategy votes), budget, random stream, trace and checkpoints of one run."""
+    """The process, verifier, budget meter, random stream, trace and checkpoints of one run.
+
+    Args:
+        process: the generative process searched.
+        verifier: the search verifier (None when a strategy votes and scores nothing).
+        budget: the caps; the context counts against them with its own :class:`~mmtts.core.budget.Meter`
+            (``ctx.meter``), so the Budget object itself is never changed.
+        seed: the root seed of every candidate stream and of the strategy's own stream.
+        strategy: the strategy's registry name (checkpoint identity).
+        settings: the strategy's settings (checkpoint identity; ``keep`` sizes what the deadline returns).
+        checkpoint: a file to write resumable points to.
+        resume: continue from ``checkpoint`` when it exists.
+        on_checkpoint: called with the number of checkpoints written after each one.
+    """
 
     def __init__(self, process: Process, verifier: Verifier | None, budget: Budget, seed: int,
                  strategy: str = "", settings: Mapping | None = None,
@@ -50,7 +87,8 @@ class SearchContext:
                  on_checkpoint: Callable[[int], None] | None = None):
         self.process = process
         self.verifier = verifier
-        self.budget = budget
+        self.budget = Budget.coerce(budget)
+        self.meter = Meter(self.budget)
         self.seed = int(seed)
         self.rng = StrategyRNG(self.seed)
         self.trace: list[dict] = []
@@ -61,13 +99,20 @@ class SearchContext:
         self.checkpoints_written = 0
         self.restored: dict | None = None
         self._identity = {"strategy": strategy, "settings": dict(settings or {}), "seed": self.seed,
-                          "caps": list(budget.caps())}
+                          "caps": list(self.budget.caps())}
+        # with a deadline the context keeps what the search would return if it struck: the best finished
+        # candidates, and the latest preview score of each candidate id (to pick one to finish if none has)
+        self._deadline = self.budget.max_seconds
+        self._keep = int((settings or {}).get("keep") or 1)
+        self._finished: dict | None = None
+        self._preview_scores: dict[int, float] = {}
+        self._stepping: State | None = None
         if resume:
             if self.checkpoint_path is None:
                 raise MmttsError("resume=True needs checkpoint=PATH, the file to resume from")
             if self.checkpoint_path.exists():
                 self._restore(load_checkpoint(self.checkpoint_path, device="cpu"))
-        self.budget.start()
+        self.meter.start()
 
     # -- checkpoints ---------------------------------------------------------------
     def _restore(self, ck: dict) -> None:
@@ -76,8 +121,7 @@ class SearchContext:
                 f"checkpoint {self.checkpoint_path} was written by a different run "
                 f"({ck['identity']}), not {self._identity}; delete it or pass the same settings"
             )
-        b = Budget.from_state_dict(ck["budget"])
-        self.budget.__dict__.update(b.__dict__)
+        self.meter.load_state_dict(ck["budget"])
         self.rng = StrategyRNG.from_state_dict(ck["rng"])
         self.trace = ck["trace"]
         self.next_index = ck["next_index"]
@@ -90,7 +134,7 @@ class SearchContext:
             return
         save_checkpoint(self.checkpoint_path, {
             "identity": _jsonable(self._identity),
-            "budget": self.budget.state_dict(),
+            "budget": self.meter.state_dict(),
             "rng": self.rng.state_dict(),
             "trace": self.trace,
             "next_index": self.next_index,
@@ -109,7 +153,7 @@ class SearchContext:
         streams = Streams.spawn(self.seed, n, start=self.next_index)
         first = self.next_index
         self.next_index += n
-        with self.budget.timer("model"):
+        with self.meter.timer("model"):
             return self.process.init(streams, first_index=first)
 
     def step(self, state: State) -> State:
@@ -123,12 +167,15 @@ class SearchContext:
         # a process with one cost for every stage (the default stage_nfe) costs that per candidate
         cost = int(p.nfe_per_stage) * len(state) if type(p).stage_nfe is Process.stage_nfe \
             else int(p.stage_nfe(state.stage).sum())
-        b = self.budget
-        if not b.can_afford(nfe=cost):
-            b.check_affordable(f"stepping {len(state)} candidates", nfe=cost)
-        with b.timer("model"):
+        m = self.meter
+        if not m.can_afford(nfe=cost):
+            m.check_affordable(f"stepping {len(state)} candidates", nfe=cost)
+        if self._deadline is not None and not m.deadline_hit and m.elapsed >= self._deadline:
+            self._stepping = state
+            raise _DeadlineReached
+        with m.timer("model"):
             new = p.step(state)
-        b.charge(nfe=cost)
+        m.charge(nfe=cost)
         return new
 
     def advance(self, state: State, stages: int | None = None) -> State:
@@ -152,19 +199,19 @@ class SearchContext:
         return state
 
     def preview(self, state: State) -> Any:
-        with self.budget.timer("decode"):
+        with self.meter.timer("decode"):
             out = self.process.preview(state)
         if self.process.decodes_on_preview:
-            self.budget.charge(decodes=len(state))
+            self.meter.charge(decodes=len(state))
         return out
 
     def finish(self, state: State) -> Any:
         if not bool(self.process.is_done(state).all()):
             raise MmttsError("finish() needs every candidate to have completed all stages")
-        with self.budget.timer("decode"):
+        with self.meter.timer("decode"):
             out = self.process.finish(state)
         if self.process.decodes_on_finish:
-            self.budget.charge(decodes=len(state))
+            self.meter.charge(decodes=len(state))
         return out
 
     def score(self, outputs: Any, state: State | None = None, final: bool = True) -> torch.Tensor:
@@ -173,23 +220,54 @@ class SearchContext:
             raise MmttsError(f"strategy {self._identity['strategy']!r} scores candidates with a verifier, and none "
                              "was given; pass one (a Verifier or a scoring function) as the verifier argument")
         n = batch_size(outputs)
-        if not self.budget.can_afford(verifier_calls=n):
-            self.budget.check_affordable(f"scoring {n} candidates", verifier_calls=n)
+        m = self.meter
+        if not m.can_afford(verifier_calls=n):
+            m.check_affordable(f"scoring {n} candidates", verifier_calls=n)
         context = self.process.context(state) if state is not None else None
         before = self.verifier.evaluations
-        with self.budget.timer("verifier"):
+        with m.timer("verifier"):
             s = self.verifier(outputs, context)
-        self.budget.charge(verifier_calls=self.verifier.evaluations - before)
+        m.charge(verifier_calls=self.verifier.evaluations - before)
         if final and n:
             self.best_so_far = max(self.best_so_far, float(s.max()))
-            self.trace.append({"nfe": self.budget.nfe, "verifier_calls": self.budget.verifier_calls,
-                               "seconds": round(self.budget.elapsed, 6), "best": self.best_so_far,
+            self.trace.append({"nfe": m.nfe, "verifier_calls": m.verifier_calls,
+                               "seconds": round(m.elapsed, 6), "best": self.best_so_far,
                                "scores": s.tolist()})
+        if self._deadline is not None and n:
+            if final:
+                self._finished = merge_top(self._finished, outputs, s, state, self._keep)
+            elif state is not None:
+                self._preview_scores = dict(zip(state.ids.tolist(), s.tolist()))
         return s
 
     def candidates_affordable(self, verifier_calls_per_candidate: int = 1) -> int:
         """Complete candidates the remaining budget pays for (-1: no count cap, only time)."""
-        return self.budget.capacity(self.process.nfe_per_candidate(), verifier_calls_per_candidate)
+        return self.meter.capacity(self.process.nfe_per_candidate(), verifier_calls_per_candidate)
+
+    def require_candidates(self, n: int, verifier_calls_per_candidate: int = 1) -> None:
+        """Raise a clear error when the remaining budget cannot pay for ``n`` complete candidates."""
+        self.meter.require_candidates(n, self.process.nfe_per_candidate(), verifier_calls_per_candidate)
+
+    # -- the deadline ----------------------------------------------------------------
+    def deadline_selection(self) -> Selection:
+        """What the search returns when the deadline stopped it.
+
+        The best ``keep`` candidates finished so far. When none has finished,
+        the cheapest way to an answer: the candidate with the best latest
+        preview score (the first one when none was scored) of the batch the
+        deadline stopped is run alone to the end past the deadline, scored
+        and returned.
+        """
+        self.meter.deadline_hit = True
+        if self._finished is None:
+            state = self._stepping
+            ranked = torch.tensor([self._preview_scores.get(i, float("-inf")) for i in state.ids.tolist()],
+                                  dtype=torch.float64)
+            one = self.advance(state.select(top_k(ranked, 1)))
+            out = self.finish(one)
+            self.score(out, one)
+        best = self._finished
+        return Selection(outputs=best["outputs"], scores=best["scores"], state=best["state"])
 
 
 class Strategy(ABC):
@@ -206,7 +284,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def run(self, ctx: SearchContext) -> Selection:
-        """Search within ``ctx.budget`` and return the chosen candidates."""
+        """Search within ``ctx.budget`` (counted by ``ctx.meter``) and return the chosen candidates."""
 
 
 def _jsonable(x):
@@ -223,7 +301,14 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
                  seed: int = 0, heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
                  on_checkpoint: Callable[[int], None] | None = None) -> Result:
-    """Run one strategy and score its choice with the held-out verifiers (``verifier`` None: a vote needs none)."""
+    """Run one strategy and score its choice with the held-out verifiers (``verifier`` None: a vote needs none).
+
+    With ``Budget.max_seconds``, the first model step past the deadline is not
+    taken: the search stops and returns the best candidates finished so far
+    (or, when none has finished, one candidate run to the end, see
+    :meth:`SearchContext.deadline_selection`), with ``Result.deadline_hit``
+    and ``budget["deadline_hit"]`` set; the strategy's ``extra`` is then empty.
+    """
     if not isinstance(process, Process):
         raise TypeError(f"process must be an mmtts Process, not {type(process).__name__}")
     verifier = as_verifier(verifier) if verifier is not None else None
@@ -239,8 +324,11 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
         raise MmttsError("a held-out verifier must not be the search verifier itself")
     ctx = SearchContext(process, verifier, budget, seed, strategy=strategy.name, settings=strategy.settings,
                         checkpoint=checkpoint, resume=resume, on_checkpoint=on_checkpoint)
-    sel = strategy.run(ctx)
-    report = budget.report()  # the search ends here: held-out scoring below evaluates it, it is not part of it
+    try:
+        sel = strategy.run(ctx)
+    except _DeadlineReached:
+        sel = ctx.deadline_selection()
+    report = ctx.meter.report()  # the search ends here: held-out scoring below evaluates it, it is not part of it
     held_scores = {}
     for name, v in held.items():
         context = process.context(sel.state) if sel.state is not None else None
@@ -253,7 +341,7 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
         outputs=to_cpu(sel.outputs), scores=sel.scores, heldout=held_scores, trace=ctx.trace,
         budget=report, strategy=strategy.name, settings=strategy.settings, seed=int(seed),
         lineage=lineage, population=to_cpu(sel.population), population_scores=sel.population_scores,
-        extra=sel.extra, votes=sel.votes,
+        extra=sel.extra, votes=sel.votes, deadline_hit=ctx.meter.deadline_hit,
     )
 
 

@@ -7,8 +7,7 @@ import torch
 from ..core.batch import take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.strategy import SearchContext, Selection, Strategy
-from .best_of_n import top_k
+from ..core.strategy import SearchContext, Selection, Strategy, top_k
 
 
 @STRATEGIES.register("beam")
@@ -40,8 +39,7 @@ class Beam(Strategy):
                 raise BudgetError("beam with width=None needs an NFE or verifier-call cap to size its width")
             width = cap // self.beams
         if width < 1 or (cap != -1 and self.beams * width > cap):
-            ctx.budget.require_candidates(self.beams * max(width, 1), ctx.process.nfe_per_candidate(),
-                                          calls_per_candidate)
+            ctx.require_candidates(self.beams * max(width, 1), calls_per_candidate)
         return width, checkpoints
 
     def run(self, ctx: SearchContext) -> Selection:

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..core.batch import concat, take
-from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.state import State
-from ..core.strategy import SearchContext, Selection, Strategy
-
-
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k best scores, best first; ties keep the earlier candidate (stable)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:k]
+from ..core.strategy import SearchContext, Selection, Strategy, merge_top
 
 
 @STRATEGIES.register("best-of-n")
 class BestOfN(Strategy):
     """N fresh candidates, each run to the end and scored once; return the top ``keep``.
 
-    ``n=None`` spends the budget: N = floor(budget / cost of one candidate).
     Candidates run in chunks of ``batch_size``; the trace gets one point per
-    chunk, and a checkpoint is written after each chunk.
+    chunk, and a checkpoint is written after each chunk. Under a time-only
+    budget (``n=None`` and only ``max_seconds``) chunks run until the deadline.
+
+    Args:
+        n: the number of candidates; None spends the budget: floor(budget / cost of one candidate).
+        batch_size: candidates run together in one chunk.
+        keep: how many of the best candidates to return.
     """
 
     def __init__(self, n: int | None = None, batch_size: int = 64, keep: int = 1):
@@ -35,15 +29,16 @@ class BestOfN(Strategy):
         self.n, self.batch_size, self.keep = n, batch_size, keep
 
     def plan(self, ctx: SearchContext) -> int:
+        """The number of candidates, or -1 for as many as the deadline allows."""
         cap = ctx.candidates_affordable()
         if self.n is not None:
             if cap != -1 and self.n > cap:
-                ctx.budget.require_candidates(self.n, ctx.process.nfe_per_candidate())
+                ctx.require_candidates(self.n)
             return self.n
         if cap == -1:
-            return -1  # time-limited: run chunks until the clock says stop
+            return -1  # time-limited: run chunks until the deadline stops the search
         if cap < 1:
-            ctx.budget.require_candidates(1, ctx.process.nfe_per_candidate())
+            ctx.require_candidates(1)
         return cap
 
     def run(self, ctx: SearchContext) -> Selection:
@@ -51,8 +46,6 @@ class BestOfN(Strategy):
         best: dict | None = loop["best"]
         done, total = loop["done"], loop["total"]
         while total == -1 or done < total:
-            if total == -1 and done > 0 and ctx.budget.out_of_time():
-                break
             m = self.batch_size if total == -1 else min(self.batch_size, total - done)
             state = ctx.advance(ctx.fresh(m))
             out = ctx.finish(state)
@@ -60,17 +53,5 @@ class BestOfN(Strategy):
             best = merge_top(best, out, s, state, self.keep)
             done += m
             ctx.checkpoint({"done": done, "best": best, "total": total})
-        if best is None:
-            raise BudgetError("the time limit ran out before a single candidate finished")
         return Selection(outputs=best["outputs"], scores=best["scores"], state=best["state"],
                          extra={"n": done})
-
-
-def merge_top(best: dict | None, out, s: torch.Tensor, state: State, keep: int) -> dict:
-    """The top ``keep`` of the candidates kept so far and a new finished batch."""
-    if best is not None:
-        out = concat([best["outputs"], out])
-        s = torch.cat([best["scores"], s])
-        state = State.cat([best["state"], state])
-    idx = top_k(s, keep)
-    return {"outputs": take(out, idx), "scores": s[idx], "state": state.select(idx)}

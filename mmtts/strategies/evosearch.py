@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -10,10 +11,9 @@ import torch
 from ..core.batch import concat, take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.rng import Streams, StrategyRNG, fork_keys
+from ..core.rng import StrategyRNG
 from ..core.state import State
-from ..core.strategy import SearchContext, Selection, Strategy
-from .best_of_n import top_k
+from ..core.strategy import SearchContext, Selection, Strategy, top_k
 
 
 def default_evolution_stages(T: int) -> list[int]:
@@ -27,7 +27,7 @@ class EvoSearch(Strategy):
 
     **Noise generations.** Generation 0 runs ``initial`` fresh noises to the end
     and scores them (best-of-``initial``). Each further noise generation breeds
-    ``population - elites`` children: a parent is the best of ``tournament``
+    ``n - elites`` children: a parent is the best of ``tournament``
     members drawn from the top ``archive_fraction`` of the archive (every
     candidate finished so far; the archive's best, the elites, survive in it
     unchanged and are not paid for again), its noise is mutated as
@@ -35,7 +35,7 @@ class EvoSearch(Strategy):
     the child runs to the end and is scored.
 
     **Trajectory generations** at the evolution ``stages`` e_1 < e_2 < ...:
-    the population at e_1 is ``population`` children of tournament parents from
+    the population at e_1 is ``n`` children of tournament parents from
     the archive, taken from the parents' latents saved at e_1 (no forwards
     repeated); at each later e_k it is the generation that reached e_k, scored by
     the verifier on its x0-hat preview, whose ``elites`` best go on unchanged
@@ -44,7 +44,7 @@ class EvoSearch(Strategy):
     taken, x + ``latent_scale`` * sigma_t * eps, with sigma_t the sampler's
     stochastic std at that step (the posterior std for a deterministic sampler).
     The last generation is run to the end and scored on its final outputs. A
-    preview costs no forward, so the trajectory phase costs ``population``
+    preview costs no forward, so the trajectory phase costs ``n``
     candidates from e_1 on; the noise generations are as many as the rest of the
     budget pays for, unless ``noise_generations`` is given. With
     ``noise_generations=0`` nothing is fully denoised before the trajectory
@@ -57,19 +57,37 @@ class EvoSearch(Strategy):
     The answer is the best finished candidate ever seen. With no evolution stage
     and one noise generation (no mutation) this is best-of-``initial``. A
     population of one has no trajectory generations (nothing to select from);
-    with ``noise_generations=0`` as well it is best-of-``initial``.
+    with ``noise_generations=0`` as well it is best-of-``initial``. Under a
+    time-only budget (no NFE or verifier-call cap) and without
+    ``noise_generations``, noise generations run until the deadline, with no
+    trajectory phase.
+
+    Args:
+        n: the population (candidates per generation); ``population`` is its deprecated name.
+        initial: fresh candidates of generation 0 (default ``n``).
+        elites: the best kept unchanged in each generation (default ``max(1, n // 4)``).
+        tournament: members drawn per tournament; the best of them is a parent.
+        archive_fraction: the top fraction of the archive (or generation) parents are drawn from.
+        noise_beta: b of the initial-noise mutation sqrt(1 - b^2) x + b eps.
+        latent_scale: the factor on sigma_t of the intermediate-latent mutation.
+        noise_generations: generations over the initial noise (default: as many as the budget pays for).
+        stages: the evolution stages e_1 < e_2 < ... (default: every stage after the first).
+        keep: how many of the best finished candidates to return.
     """
 
-    def __init__(self, population: int = 8, initial: int | None = None, elites: int | None = None,
+    def __init__(self, n: int = 8, initial: int | None = None, elites: int | None = None,
                  tournament: int = 2, archive_fraction: float = 0.9, noise_beta: float = 0.2,
                  latent_scale: float = 1.0, noise_generations: int | None = None, stages: list[int] | None = None,
-                 keep: int = 1):
-        if population < 1 or tournament < 1 or keep < 1 or (initial is not None and initial < 1):
-            raise ValueError(f"evosearch needs population, initial, tournament and keep >= 1; got "
-                             f"{population}, {initial}, {tournament}, {keep}")
-        elites = max(1, population // 4) if elites is None else elites
-        if not 0 <= elites < population and population > 1:
-            raise ValueError(f"elites={elites} must be in [0, population={population})")
+                 keep: int = 1, population: int | None = None):
+        if population is not None:
+            warnings.warn("evosearch's population is now called n; pass n=", DeprecationWarning, stacklevel=2)
+            n = population
+        if n < 1 or tournament < 1 or keep < 1 or (initial is not None and initial < 1):
+            raise ValueError(f"evosearch needs n, initial, tournament and keep >= 1; got "
+                             f"{n}, {initial}, {tournament}, {keep}")
+        elites = max(1, n // 4) if elites is None else elites
+        if not 0 <= elites < n and n > 1:
+            raise ValueError(f"elites={elites} must be in [0, n={n})")
         if not 0 < archive_fraction <= 1:
             raise ValueError(f"archive_fraction={archive_fraction} must be in (0, 1]")
         if not 0 <= noise_beta <= 1:
@@ -79,11 +97,11 @@ class EvoSearch(Strategy):
         if stages is not None and (list(stages) != sorted(set(stages)) or any(e < 1 for e in stages)):
             raise ValueError(f"evolution stages {stages} must be strictly increasing and >= 1 (the initial noise "
                              "evolves in the noise generations)")
-        super().__init__(population=population, initial=initial, elites=elites, tournament=tournament,
+        super().__init__(n=n, initial=initial, elites=elites, tournament=tournament,
                          archive_fraction=archive_fraction, noise_beta=noise_beta, latent_scale=latent_scale,
                          noise_generations=noise_generations, stages=stages, keep=keep)
         self.P, self.initial, self.elites, self.tournament, self.frac = (
-            population, population if initial is None else initial, elites, tournament, archive_fraction)
+            n, n if initial is None else initial, elites, tournament, archive_fraction)
         self.beta, self.latent_scale, self.noise_generations, self.stages, self.keep = (
             noise_beta, latent_scale, noise_generations, stages, keep)
         self._drawn: dict = {}  # tournament draws made ahead, by (seed, counter, pool size, k, tournament)
@@ -96,17 +114,22 @@ class EvoSearch(Strategy):
     # -- schedule --------------------------------------------------------------------
     def plan(self, ctx: SearchContext) -> dict:
         """Size the run from the budget: initial candidates, noise generations, evolution stages."""
-        p, b = ctx.process, ctx.budget
+        p, b = ctx.process, ctx.meter
         T = p.num_stages
         nfe = lambda lo, hi=T: int(p.stage_nfe(torch.arange(lo, hi)).sum())  # noqa: E731
         stages = list(self.stages) if self.stages is not None else default_evolution_stages(T)
         if any(e >= T for e in stages):
             raise ValueError(f"evolution stages {stages} must lie in [1, {T})")
         n0, G = self.initial, self.noise_generations
+        if not b.counted and G is None:  # a time-only budget: noise generations until the deadline
+            if self.stages:
+                raise BudgetError(f"trajectory generations at stages {stages} under a time-only budget need "
+                                  "noise_generations= (otherwise the noise generations run until the deadline)")
+            return {"initial": n0, "noise_generations": None, "stages": []}
         if self.P == 1:  # a trajectory generation of one has nothing to select: mutation would be a random walk
             if self.stages:
-                raise ValueError(f"trajectory generations at stages {stages} need population >= 2 to select "
-                                 "from; use population >= 2 or no stages")
+                raise ValueError(f"trajectory generations at stages {stages} need n >= 2 to select "
+                                 "from; use n >= 2 or no stages")
             stages = []
             if G == 0:  # nothing evolves: the initial candidates, finished and scored
                 b.require_candidates(n0, p.nfe_per_candidate())
@@ -116,7 +139,7 @@ class EvoSearch(Strategy):
                 raise ValueError("noise_generations=0 needs at least one evolution stage")
             need = (n0 * nfe(0, stages[0]) + self.P * nfe(stages[0]), n0 + self.P * len(stages))
             if need[0] > b.remaining_nfe or need[1] > b.remaining_verifier_calls:
-                raise BudgetError(f"{n0} initial candidates to stage {stages[0]} and a population of {self.P} "
+                raise BudgetError(f"{n0} initial candidates to stage {stages[0]} and a population of n={self.P} "
                                   f"from there cost {need[0]} NFE and {need[1]} verifier calls; the budget has "
                                   f"{b.remaining_nfe} NFE and {b.remaining_verifier_calls} calls")
             return {"initial": n0, "noise_generations": 0, "stages": stages}
@@ -136,10 +159,11 @@ class EvoSearch(Strategy):
                                   f"leaves {nfe_left} NFE and {calls_left} calls")
             stages, trajectory = [], (0, 0)
         nfe_left, calls_left = nfe_left - trajectory[0], calls_left - trajectory[1]
-        affordable = 1 + int(min(nfe_left / (self.kids * nfe(0)), calls_left / self.kids))
+        more = min(nfe_left / (self.kids * nfe(0)), calls_left / self.kids)
+        affordable = 1 + int(more) if math.isfinite(more) else None  # None: only the deadline bounds them
         if G is None:
             G = affordable
-        elif G > affordable:
+        elif affordable is not None and G > affordable:
             raise BudgetError(f"{G} noise generation(s) ({n0} candidates, then {self.kids} children each) do not "
                               f"fit the budget with the trajectory generations; at most {affordable} do")
         return {"initial": n0, "noise_generations": G, "stages": stages}
@@ -173,7 +197,7 @@ class EvoSearch(Strategy):
         plan, arch = loop["plan"], loop["archive"]
         stages = plan["stages"]
         first = stages[0] if stages else None
-        while loop["gen"] < plan["noise_generations"]:
+        while plan["noise_generations"] is None or loop["gen"] < plan["noise_generations"]:
             parents = self._tournament(ctx, arch["scores"], self.kids)
             kids = ctx.process.perturb(arch["noise"].resample(parents, fork_all=True), self.beta)
             out, s, final, snap = self._finish(ctx, kids, first)
@@ -201,7 +225,7 @@ class EvoSearch(Strategy):
         order = top_k(arch["scores"], self.keep)
         return Selection(outputs=take(arch["outputs"], order), scores=arch["scores"][order],
                          state=arch["final"].select(order),
-                         extra={"population": self.P, "initial": plan["initial"],
+                         extra={"n": self.P, "initial": plan["initial"],
                                 "noise_generations": plan["noise_generations"], "stages": stages,
                                 "generations": plan["noise_generations"] + len(stages),
                                 "archive": len(arch["scores"])})
@@ -209,36 +233,16 @@ class EvoSearch(Strategy):
     def _next_generation(self, ctx: SearchContext, pop: State, scores: torch.Tensor, ahead: int) -> State:
         """The ``elites`` best of ``pop`` unchanged, then children of tournament parents over its top fraction.
 
-        The same as ranking with ``top_k``, ``State.cat([pop.select(elites), perturb(pop.resample(parents,
-        fork_all=True))])`` with the parents from :meth:`_tournament`, over plain integers for the ranking and the
-        tournament (a population is small) and gathered in one pass: the children are perturbed as the tail of
-        the gathered batch and written into it.
+        The ranking and the tournament run over plain integers (a population is small); the result is
+        ``State.cat([pop.select(elites), perturb(pop.resample(parents, fork_all=True))])``.
         """
         s = scores.tolist()
         ranked = sorted(range(len(s)), key=s.__getitem__, reverse=True)  # stable: ties keep the earlier, as top_k
         e = min(self.elites, self.P - 1, len(s)) if self.P > 1 else 0
         pool = ranked[: max(1, math.ceil(self.frac * len(s)))]
         parents = [pool[w] for w in self._winners(ctx, len(pool), self.P - e, ahead).tolist()]
-        if not e:
-            return ctx.process.perturb(pop.resample(parents, fork_all=True), self.latent_scale)
-        new = pop._gather(None, fork=True, keys=[None] * e + fork_keys(parents, True), positions=ranked[:e] + parents)
-        st = new.streams
-        kids = State._of({name: v[e:] for name, v in new.data.items()}, new.stage[e:],
-                         Streams._of(st.seeds[e:], st.counters[e:]), new.ids[e:], new.parents[e:], new.origin[e:],
-                         new.meta)
-        done = ctx.process.perturb(kids, self.latent_scale)
-        same = (done.streams is kids.streams and done.stage is kids.stage and done.ids is kids.ids
-                and done.parents is kids.parents and done.origin is kids.origin and done.meta is kids.meta
-                and done.data.keys() == kids.data.keys()
-                and all(v is kids.data[name] or (v.shape == kids.data[name].shape and v.dtype == kids.data[name].dtype
-                                                 and v.device == kids.data[name].device)
-                        for name, v in done.data.items()))
-        if not same:  # the process built its own state: join the two batches
-            return State.cat([new.select(torch.arange(e)), done])
-        for name, v in done.data.items():  # the gathered tensors are fresh copies: write the children in place
-            if v is not kids.data[name]:
-                new.data[name][e:] = v
-        return new
+        kids = ctx.process.perturb(pop.resample(parents, fork_all=True), self.latent_scale)
+        return State.cat([pop.select(ranked[:e]), kids]) if e else kids
 
     def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int,
                     ranked: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:

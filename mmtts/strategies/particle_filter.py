@@ -7,8 +7,7 @@ import torch
 from ..core.batch import take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.strategy import SearchContext, Selection, Strategy
-from .best_of_n import top_k
+from ..core.strategy import SearchContext, Selection, Strategy, top_k
 from .resampling import SCHEMES, effective_sample_size, resample
 
 POTENTIALS = ("diff", "max", "add", "rt")
@@ -59,7 +58,7 @@ class ParticleFilter(Strategy):
                 raise BudgetError("particle-filter with n=None needs an NFE or verifier-call cap to size n")
             n = cap
         if n < 1 or (cap != -1 and n > cap):
-            ctx.budget.require_candidates(max(n, 1), ctx.process.nfe_per_candidate(), calls)
+            ctx.require_candidates(max(n, 1), calls)
         return n
 
     def run(self, ctx: SearchContext) -> Selection:

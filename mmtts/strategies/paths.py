@@ -7,8 +7,7 @@ import torch
 from ..core.batch import take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.strategy import SearchContext, Selection, Strategy
-from .best_of_n import top_k
+from ..core.strategy import SearchContext, Selection, Strategy, top_k
 
 
 @STRATEGIES.register("paths")
@@ -52,12 +51,13 @@ class PathSearch(Strategy):
         cost = lambda a, b: int(p.stage_nfe(torch.arange(a, b)).sum())  # noqa: E731
         nfe_per_path = cost(0, s0) + sum(self.width * cost(lo, hi) for lo, hi in rounds)
         calls_per_path = self.width * len(rounds) if rounds else 1
-        b = ctx.budget
-        cap = min(b.remaining_nfe / nfe_per_path, b.remaining_verifier_calls / calls_per_path)
+        m = ctx.meter
+        cap = min(m.remaining_nfe / nfe_per_path, m.remaining_verifier_calls / calls_per_path)
         n = self.n
         if n is None:
             if cap == float("inf"):
-                raise BudgetError("paths with n=None needs an NFE or verifier-call cap to size n")
+                raise BudgetError("paths with n=None needs an NFE or verifier-call cap to size n; pass n= to "
+                                  "search under a time limit only")
             n = int(cap)
         if n < 1 or n > cap:
             raise BudgetError(f"the budget pays for {int(cap)} path(s) but paths needs {max(n, 1)}; one path costs "

@@ -6,10 +6,8 @@ import math
 
 import torch
 
-from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
-from ..core.strategy import SearchContext, Selection, Strategy
-from .best_of_n import merge_top, top_k
+from ..core.strategy import SearchContext, Selection, Strategy, merge_top, top_k
 
 
 def sphere_neighbours(pivot: torch.Tensor, directions: torch.Tensor, radius: float) -> torch.Tensor:
@@ -47,7 +45,8 @@ class ZeroOrder(Strategy):
     is drawn around it. The best candidate ever seen is returned. Each
     neighbour's direction is its own stream's first draw, and it keeps that
     stream for the rest of its trajectory. Iterations are sized from the budget
-    (1 + neighbours * iterations candidates, the last iteration possibly smaller).
+    (1 + neighbours * iterations candidates, the last iteration possibly smaller);
+    under a time-only budget they run until the deadline.
     """
 
     def __init__(self, neighbours: int = 8, radius: float = 0.2, restart: bool = True, keep: int = 1):
@@ -61,14 +60,13 @@ class ZeroOrder(Strategy):
         loop = ctx.restored
         if loop is None:
             cap = ctx.candidates_affordable()
-            if cap == -1:
-                raise BudgetError("zero-order needs an NFE or verifier-call cap to size its iterations")
-            ctx.budget.require_candidates(1, ctx.process.nfe_per_candidate())
+            ctx.require_candidates(1)
             pivot = ctx.fresh(1)
             final = ctx.advance(pivot)
             out = ctx.finish(final)
             score = ctx.score(out, final)
-            loop = {"left": cap - 1, "pivot": pivot, "pivot_score": float(score[0]), "moves": 0,
+            left = cap - 1 if cap != -1 else math.inf  # a time-only budget: until the deadline
+            loop = {"left": left, "pivot": pivot, "pivot_score": float(score[0]), "moves": 0,
                     "restart": False, "restarts": 0,
                     "best": {"outputs": out, "scores": score, "state": final.select([0])}}
             ctx.checkpoint(loop)

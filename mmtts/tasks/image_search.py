@@ -238,7 +238,7 @@ class ImageSearch(Task):
         return {"best-of-n": {"batch_size": 64},
                 "zero-order": {"neighbours": max(2, min(4, n // 4)), "radius": 0.6},
                 "paths": self.path_settings(budget),
-                "evosearch": {"population": n, "noise_generations": 0, "latent_scale": 0.5},
+                "evosearch": {"n": n, "noise_generations": 0, "latent_scale": 0.5},
                 "particle-filter": {"lmbda": 1.0, "potential": "max"},
                 "beam": {"beams": max(1, n // 4)},
                 }[method] | {"keep": keep}
