@@ -1,0 +1,86 @@
+"""Budget.max_seconds: every strategy stops at the deadline and returns the best finished candidate, flagged."""
+
+import time
+
+import pytest
+import torch
+
+import mmtts
+from mmtts.core import Budget, Verifier
+from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, QuadraticReward
+
+REWARD = QuadraticReward(DEFAULT_TARGET)
+
+
+class SlowReward(Verifier):
+    """The toy reward, ``delay`` seconds per call."""
+
+    name = "slow"
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    def score(self, outputs, context=None):
+        time.sleep(self.delay)
+        return REWARD.score(outputs)
+
+
+STRATEGIES = [("best-of-n", {}), ("beam", {"beams": 2}), ("particle-filter", {}), ("zero-order", {}),
+              ("paths", {"width": 2}), ("evosearch", {"n": 4})]
+
+
+@pytest.mark.parametrize("strategy, kw", STRATEGIES)
+def test_every_strategy_returns_at_the_deadline_with_the_best_finished_candidate(strategy, kw):
+    p = GMMDiffusion(DEFAULT_MIXTURE, 10, sampler="exact")
+    t0 = time.perf_counter()
+    r = mmtts.search(p, SlowReward(0.02), strategy, budget=Budget(max_nfe=100_000, max_seconds=0.5), seed=1,
+                     keep=2, **kw)
+    wall = time.perf_counter() - t0
+    assert r.deadline_hit and r.budget["deadline_hit"] and r.summary()["deadline_hit"]
+    assert wall < 0.5 + 1.0  # the deadline, then at most one stage, one verifier call and one candidate's finish
+    assert r.budget["nfe"] < 100_000 and r.budget["seconds"]["wall"] >= 0.5
+    assert r.outputs.shape[1] == 2 and 1 <= len(r.outputs) <= 2
+    assert torch.equal(r.scores, REWARD(r.outputs))  # finished outputs, with their own scores
+    finished = torch.tensor([s for e in r.trace for s in e["scores"]], dtype=torch.float64)
+    assert float(r.scores[0]) == float(finished.max())  # the best candidate finished before the deadline
+
+
+@pytest.mark.parametrize("strategy, kw", STRATEGIES)
+def test_a_deadline_that_never_strikes_changes_nothing(strategy, kw):
+    p = GMMDiffusion(DEFAULT_MIXTURE, 10, sampler="exact")
+    a = mmtts.search(p, REWARD, strategy, budget=Budget(max_nfe=200), seed=2, **kw)
+    b = mmtts.search(p, REWARD, strategy, budget=Budget(max_nfe=200, max_seconds=600.0), seed=2, **kw)
+    assert not b.deadline_hit and not b.budget["deadline_hit"]
+    assert torch.equal(a.outputs, b.outputs) and torch.equal(a.scores, b.scores) and a.extra == b.extra
+    assert all(torch.equal(a.lineage[k], b.lineage[k]) for k in a.lineage)
+
+
+def test_with_nothing_finished_one_candidate_runs_to_the_end():
+    """A particle filter stopped mid-way finishes only the particle with the best latest preview score."""
+    p = GMMDiffusion(DEFAULT_MIXTURE, 40, sampler="exact")
+    runs = [mmtts.search(p, SlowReward(0.01), "particle-filter", n=8, budget=Budget(max_seconds=0.1), seed=3)
+            for _ in range(2)]
+    for r in runs:
+        assert r.deadline_hit and len(r.outputs) == 1 and len(r.trace) == 1 and len(r.trace[0]["scores"]) == 1
+        steps = (r.budget["nfe"] - 40) // 7  # 8 particles per stage until the deadline, then one to the end
+        assert 0 < steps < 40 and r.budget["nfe"] == 8 * steps + (40 - steps)
+        assert torch.equal(r.scores, REWARD(r.outputs))
+    assert runs[0].budget["nfe"] != 8 * 40
+
+
+def test_time_only_budgets():
+    p = GMMDiffusion(DEFAULT_MIXTURE, 6, sampler="exact")
+    for strategy, kw in [("evosearch", {"n": 4}), ("zero-order", {}), ("best-of-n", {"batch_size": 8}),
+                         ("paths", {"n": 2}), ("particle-filter", {"n": 4}), ("beam", {"beams": 2, "width": 2}),
+                         ("evosearch", {"n": 4, "noise_generations": 2, "stages": [2, 4]})]:
+        r = mmtts.search(p, SlowReward(0.001), strategy, budget=Budget(max_seconds=0.15), seed=0, **kw)
+        assert len(r.outputs) >= 1 and torch.equal(r.scores, REWARD(r.outputs))
+        if strategy in ("evosearch", "zero-order", "best-of-n") and "stages" not in kw:
+            assert r.deadline_hit  # they run until the deadline
+    with pytest.raises(mmtts.BudgetError, match="noise_generations="):
+        mmtts.search(p, REWARD, "evosearch", n=4, stages=[2], budget=Budget(max_seconds=1.0))
+    with pytest.raises(mmtts.BudgetError, match="pass n="):
+        mmtts.search(p, REWARD, "paths", budget=Budget(max_seconds=1.0))
+    with pytest.raises(mmtts.BudgetError, match="cap to size"):
+        mmtts.search(p, REWARD, "beam", budget=Budget(max_seconds=1.0))
