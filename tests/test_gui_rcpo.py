@@ -83,7 +83,7 @@ def test_rcpo_with_box_answers_passes_the_sampled_boxes():
     batch = _batch()
     start = {n: p.clone() for n, p in net.named_parameters()}
     head = {n: p.clone() for n, p in net.named_parameters() if n.startswith("boxes.")}
-    adapter = GUIRCPO(net, samples=8, lr=1e-3, answers="box", reward=reward)
+    adapter = GUIRCPO(net, n=8, lr=1e-3, answers="box", reward=reward)
     adapter(batch)
     b, p = seen["boxes"], seen["points"]
     assert b.shape == (32, 4) and (b[:, :2] <= b[:, 2:]).all()
@@ -121,7 +121,7 @@ def test_rcpo_adapts_resets_exactly_and_concentrates_the_policy():
     torch.manual_seed(0)
     net = GroundingNet(width=8)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    ad = ADAPTERS.create("gui-rcpo", net, samples=16, lr=1e-2, beta=0.0, seed=3)
+    ad = ADAPTERS.create("gui-rcpo", net, n=16, lr=1e-2, beta=0.0, seed=3)
     assert isinstance(ad, GUIRCPO)
     batch = _batch()
     h0 = _entropy(net, batch)
@@ -141,7 +141,7 @@ def test_rcpo_is_deterministic_and_kl_holds_the_policy_back():
     def run(beta):
         torch.manual_seed(0)
         net = GroundingNet(width=8)
-        ad = GUIRCPO(net, samples=8, lr=1e-2, beta=beta, seed=1)
+        ad = GUIRCPO(net, n=8, lr=1e-2, beta=beta, seed=1)
         for _ in range(5):
             ad(_batch())
         return net, ad
@@ -159,8 +159,12 @@ def test_rcpo_is_deterministic_and_kl_holds_the_policy_back():
 
 def test_rcpo_bad_input():
     net = GroundingNet(width=8)
-    with pytest.raises(MmttsError, match="samples >= 2"):
-        GUIRCPO(net, samples=1)
+    with pytest.raises(MmttsError, match="n >= 2"):
+        GUIRCPO(net, n=1)
+    with pytest.warns(DeprecationWarning, match="n="):
+        assert GUIRCPO(net, samples=8).n == 8       # the old keyword still works
+    with pytest.raises(MmttsError, match="twice"):
+        GUIRCPO(net, n=8, samples=8)
     with pytest.raises(MmttsError, match="matches no parameter"):
         GUIRCPO(net, include=["nothing.*"])
     ad = GUIRCPO(net, include=["head.*"])
@@ -194,7 +198,7 @@ def test_rcpo_update_with_a_labelled_reward_raises_the_target_mass():
                      .sum((1, 2)).mean())
 
     m0 = mass()
-    ad = GUIRCPO(net, samples=32, lr=3e-2, beta=0.0, seed=0, reward=inside)
+    ad = GUIRCPO(net, n=32, lr=3e-2, beta=0.0, seed=0, reward=inside)
     for _ in range(20):
         ad(batch)
     assert mass() > 3 * m0
@@ -202,9 +206,9 @@ def test_rcpo_update_with_a_labelled_reward_raises_the_target_mass():
 
 def test_rcpo_refuses_a_bad_reward():
     net = GroundingNet(width=8)
-    short = GUIRCPO(net, samples=4, reward=lambda p, g, s, a: np.zeros(len(p) - 1))
+    short = GUIRCPO(net, n=4, reward=lambda p, g, s, a: np.zeros(len(p) - 1))
     with pytest.raises(MmttsError, match="one finite number per click"):
         short(_batch())
-    nan = GUIRCPO(GroundingNet(width=8), samples=4, reward=lambda p, g, s, a: np.full(len(p), np.nan))
+    nan = GUIRCPO(GroundingNet(width=8), n=4, reward=lambda p, g, s, a: np.full(len(p), np.nan))
     with pytest.raises(MmttsError, match="non-finite"):
         nan(_batch())

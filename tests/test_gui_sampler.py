@@ -9,7 +9,8 @@ from mmtts.core.errors import BudgetError, MmttsError
 from mmtts.core.registry import STRATEGIES
 from mmtts.core.strategy import run_strategy
 from mmtts.modalities.gui import ClickProcess, ClickSampler, GroundingNet, HeatmapSampler, TransformersSampler
-from mmtts.modalities.gui.model import BoxGrounding, ElementBoxNet, boxes_at, sample_cells
+from mmtts.core.rng import Streams
+from mmtts.modalities.gui.model import BoxGrounding, ElementBoxNet, boxes_at, cells_at
 from mmtts.modalities.gui.parse import parse_answer, parse_answers
 from mmtts.strategies.region_vote import RegionConsistency, consensus, vote_boxes
 
@@ -28,38 +29,41 @@ IMAGE = Image.new("RGB", (640, 360), (120, 130, 140))
 
 def test_heatmap_sampler_is_seeded_and_greedy_at_zero(heatmap):
     assert isinstance(heatmap, ClickSampler)
-    a = heatmap.sample(IMAGE, "close the window", 16, 1.0, seed=5)
-    assert a == heatmap.sample(IMAGE, "close the window", 16, 1.0, seed=5)
-    assert a != heatmap.sample(IMAGE, "close the window", 16, 1.0, seed=6)
-    g = heatmap.sample(IMAGE, "close the window", 3, 0.0, seed=1)
-    assert len(set(g)) == 1 and g == heatmap.sample(IMAGE, "close the window", 3, 0.0, seed=2)
+    a = heatmap.sample(IMAGE, "close the window", range(5, 21), 1.0)
+    assert a == heatmap.sample(IMAGE, "close the window", range(5, 21), 1.0)
+    assert a != heatmap.sample(IMAGE, "close the window", range(6, 22), 1.0)
+    g = heatmap.sample(IMAGE, "close the window", [1, 2, 3], 0.0)
+    assert len(set(g)) == 1 and g == heatmap.sample(IMAGE, "close the window", [4, 5, 6], 0.0)
     p = parse_answers(a, heatmap.space, (1920, 1080))
     assert str(heatmap.space) == "permille"
     assert p.ok.all() and (p.points >= 0).all() and (p.points <= [1920, 1080]).all()
     # greedy decoding is digit by digit; "argmax" is the most likely cell, and both are deterministic
-    top = HeatmapSampler(heatmap.model, greedy="argmax").sample(IMAGE, "close the window", 2, 0.0, seed=0)
+    top = HeatmapSampler(heatmap.model, greedy="argmax").sample(IMAGE, "close the window", [0, 1], 0.0)
     assert len(set(top)) == 1 and parse_answer(top[0])[0] == "point"
     with pytest.raises(MmttsError, match="greedy="):
         HeatmapSampler(heatmap.model, greedy="beam")
-    with pytest.raises(MmttsError, match="k=0"):
-        heatmap.sample(IMAGE, "x", 0, 1.0, seed=0)
+    with pytest.raises(MmttsError, match="0 answers"):
+        heatmap.sample(IMAGE, "x", [], 1.0)
+    with pytest.raises(MmttsError, match="one integer seed per answer"):
+        heatmap.sample(IMAGE, "x", 16, 1.0)
     with pytest.raises(MmttsError, match="temperature"):
-        heatmap.sample(IMAGE, "x", 2, -1.0, seed=0)
+        heatmap.sample(IMAGE, "x", [0, 1], -1.0)
 
 
 def test_box_answers_are_the_box_head_under_the_same_cells():
     torch.manual_seed(0)
     net = BoxGrounding(GroundingNet(width=8), ElementBoxNet(width=8))
-    points = HeatmapSampler(net).sample(IMAGE, "click 'Save' button", 32, 1.0, seed=4)
-    boxes = HeatmapSampler(net, answer="box").sample(IMAGE, "click 'Save' button", 32, 1.0, seed=4)
-    assert boxes == HeatmapSampler(net, answer="box").sample(IMAGE, "click 'Save' button", 32, 1.0, seed=4)
+    seeds = list(range(4, 36))
+    points = HeatmapSampler(net).sample(IMAGE, "click 'Save' button", seeds, 1.0)
+    boxes = HeatmapSampler(net, answer="box").sample(IMAGE, "click 'Save' button", seeds, 1.0)
+    assert boxes == HeatmapSampler(net, answer="box").sample(IMAGE, "click 'Save' button", seeds, 1.0)
     size = (1920, 1080)
     pp, pb = parse_answers(points, "permille", size), parse_answers(boxes, "permille", size)
     assert pb.ok.all() and all(parse_answer(t)[0] == "box" for t in boxes)
     # the boxes are the box head's, under the cells the point answers were drawn from
     with torch.no_grad():
         logits, extents = net.forward_with_boxes(*_inputs(IMAGE, "click 'Save' button"))
-    cells = sample_cells(logits.flatten(1), 32, 1.0, torch.Generator().manual_seed(4))
+    cells = cells_at(logits.flatten(1), Streams(torch.tensor(seeds)).rand((3,))[None, :, 0], 1.0)
     expect = (boxes_at(extents, cells)[0] * 1000).round().long().tolist()
     assert boxes == [f"[{a}, {b}, {c}, {d}]" for a, b, c, d in expect]
     cols, rows = net.cells
@@ -68,7 +72,7 @@ def test_box_answers_are_the_box_head_under_the_same_cells():
     assert ((unit * torch.tensor([cols, rows]) - centre).abs() <= 0.5 + 0.2).all()   # 0.2: a thousandth, floored
     assert ((pb.boxes[:, :2] <= pb.boxes[:, 2:])).all()
     # greedy: the box under the greedy click
-    g = HeatmapSampler(net, greedy="argmax", answer="box").sample(IMAGE, "click 'Save' button", 1, 0.0, seed=0)
+    g = HeatmapSampler(net, greedy="argmax", answer="box").sample(IMAGE, "click 'Save' button", [0], 0.0)
     expect = boxes_at(extents, logits.flatten(1).argmax(1, keepdim=True))[0, 0]
     assert g[0] == "[" + ", ".join(str(v) for v in (expect * 1000).round().long().tolist()) + "]"
     with pytest.raises(MmttsError, match="boxes"):
@@ -100,28 +104,35 @@ def _inputs(image, text):
 
 def test_region_vote_strategy_answers_the_consensus(heatmap):
     proc = ClickProcess(heatmap, IMAGE, "click the red star icon", (1920, 1080), temperature=1.0)
-    res = run_strategy(STRATEGIES.create("region-vote", samples=32, alpha=50), proc,
-                       RegionConsistency(1920, 1080), budget=32, seed=7)
+    res = run_strategy(STRATEGIES.create("region-vote", n=32, alpha=50), proc, None, budget=32, seed=7)
     pop = res.population
     c = consensus(vote_boxes(pop["points"].numpy(), pop["boxes"].numpy(), 50), 1920, 1080)
     assert tuple(res.outputs[0].tolist()) == c.point
-    assert res.budget["nfe"] == 32 and res.extra["missing"] == 0 and len(proc.texts) == 32
-    again = run_strategy(STRATEGIES.create("region-vote", samples=32), proc, RegionConsistency(1920, 1080),
+    assert res.budget["nfe"] == 32 and res.budget["verifier_calls"] == 0 and res.extra["missing"] == 0
+    assert len(pop["texts"]) == 32 and parse_answers(pop["texts"], heatmap.space, (1920, 1080)).points.tolist() \
+        == pop["points"].tolist()                      # the texts travel with their candidates
+    # the vote share has its own field; scores are the verifier's only, and no verifier ran
+    assert res.votes.tolist() == [c.max_vote / 32] and torch.isnan(res.scores).all()
+    assert res.population_scores is None and res.trace == []
+    # a verifier, when given, scores the samples and leaves the answer as it was
+    again = run_strategy(STRATEGIES.create("region-vote", n=32), proc, RegionConsistency(1920, 1080),
                          budget=32, seed=7)
-    assert torch.equal(again.outputs, res.outputs)
-    # K from the budget when samples is not given
-    res = run_strategy(STRATEGIES.create("region-vote"), proc, RegionConsistency(1920, 1080), budget=8, seed=0)
-    assert res.extra["samples"] == 8
+    assert torch.equal(again.outputs, res.outputs) and torch.equal(again.votes, res.votes)
+    assert again.population_scores.shape == (32,) and again.budget["verifier_calls"] == 32
+    assert torch.isnan(again.scores).all()
+    # n from the budget when it is not given
+    res = run_strategy(STRATEGIES.create("region-vote"), proc, None, budget=8, seed=0)
+    assert res.extra["n"] == 8
 
 
 def test_region_vote_bad_input(heatmap):
     proc = ClickProcess(heatmap, IMAGE, "x", (100, 100))
-    with pytest.raises(MmttsError, match="K = 0"):
-        STRATEGIES.create("region-vote", samples=0)
+    with pytest.raises(MmttsError, match="n = 0"):
+        STRATEGIES.create("region-vote", n=0)
     with pytest.raises(MmttsError, match="alpha"):
         STRATEGIES.create("region-vote", alpha=-1)
     with pytest.raises(BudgetError):
-        run_strategy(STRATEGIES.create("region-vote", samples=16), proc, RegionConsistency(100, 100), budget=8)
+        run_strategy(STRATEGIES.create("region-vote", n=16), proc, None, budget=8)
 
 
 class GarbageSampler:
@@ -129,8 +140,8 @@ class GarbageSampler:
 
     space = "pixel"
 
-    def sample(self, image, instruction, k, temperature, seed):
-        return ["I think it is the blue one"] * k
+    def sample(self, image, instruction, seeds, temperature):
+        return ["I think it is the blue one"] * len(seeds)
 
 
 def test_digit_greedy_is_not_the_argmax():
@@ -147,7 +158,7 @@ def test_digit_greedy_is_not_the_argmax():
 
 def test_all_missing_votes_give_no_answer_not_a_crash():
     proc = ClickProcess(GarbageSampler(), IMAGE, "x", (640, 360))
-    res = run_strategy(STRATEGIES.create("region-vote", samples=8), proc, RegionConsistency(640, 360),
+    res = run_strategy(STRATEGIES.create("region-vote", n=8), proc, RegionConsistency(640, 360),
                        budget=8, seed=0)
     assert torch.isnan(res.outputs).all() and res.extra["missing"] == 8
     assert res.population["parsed"].sum() == 0 and (res.population_scores == 0).all()
@@ -185,17 +196,22 @@ def test_transformers_sampler_on_a_tiny_random_vlm():
     model, proc = tiny_llava()
     s = TransformersSampler(model, proc, space="permille", prompt="<image>{instruction}", max_new_tokens=10)
     assert isinstance(s, ClickSampler) and str(s.space) == "permille"
-    a = s.sample(IMAGE, "click the button", 6, 1.0, seed=3)
+    seeds = [3, 14, 15, 92, 65, 35]
+    a = s.sample(IMAGE, "click the button", seeds, 1.0)
     assert len(a) == 6 and all(isinstance(t, str) for t in a)
-    assert a == s.sample(IMAGE, "click the button", 6, 1.0, seed=3)
-    g = s.sample(IMAGE, "click the button", 4, 0.0, seed=0)
+    assert a == s.sample(IMAGE, "click the button", seeds, 1.0)
+    # each answer comes from its own seed: the same answers drawn in other batches, in another order
+    assert s.sample(IMAGE, "click the button", seeds[:2], 1.0) + s.sample(IMAGE, "click the button", seeds[2:], 1.0) \
+        == a
+    assert s.sample(IMAGE, "click the button", seeds[::-1], 1.0) == a[::-1]
+    assert len(set(a)) > 1
+    g = s.sample(IMAGE, "click the button", [0, 1, 2, 3], 0.0)
     assert len(g) == 4 and len(set(g)) == 1
     # whatever random weights write goes through parsing and voting without raising
     proc_ = ClickProcess(s, IMAGE, "click the button", IMAGE.size)
-    res = run_strategy(STRATEGIES.create("region-vote", samples=6), proc_, RegionConsistency(*IMAGE.size),
-                       budget=6, seed=0)
-    assert res.extra["votes"] + res.extra["missing"] == 6
-    assert res.extra["votes"] <= int(res.population["parsed"].sum())  # parsed clicks may land off-screen
+    res = run_strategy(STRATEGIES.create("region-vote", n=6), proc_, None, budget=6, seed=0)
+    assert res.extra["voted"] + res.extra["missing"] == 6
+    assert res.extra["voted"] <= int(res.population["parsed"].sum())  # parsed clicks may land off-screen
     with pytest.raises(MmttsError, match="generate"):
         TransformersSampler(torch.nn.Linear(2, 2), proc)
 
@@ -204,9 +220,9 @@ def test_click_process_checks_the_sampler_count():
     class Short:
         space = "pixel"
 
-        def sample(self, image, instruction, k, temperature, seed):
+        def sample(self, image, instruction, seeds, temperature):
             return ["(1, 2)"]
 
     with pytest.raises(RuntimeError, match="returned 1 answers for 4"):
-        run_strategy(STRATEGIES.create("region-vote", samples=4), ClickProcess(Short(), IMAGE, "x", (10, 10)),
-                     RegionConsistency(10, 10), budget=4)
+        run_strategy(STRATEGIES.create("region-vote", n=4), ClickProcess(Short(), IMAGE, "x", (10, 10)),
+                     None, budget=4)

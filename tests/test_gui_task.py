@@ -112,5 +112,5 @@ def test_box_settings_answer_with_boxes_of_the_same_model(cache):
     assert cache.has("gui-element-boxes", QUICK_BOX_CONFIG) and not cache.has("gui-element-boxes", BOX_CONFIG)
     examples, thumbs = task.data(0)
     ex = examples[0]
-    answer = HeatmapSampler(task.model("boxes"), answer="box").sample(thumbs[0], ex.instruction, 4, 1.0, 3)
+    answer = HeatmapSampler(task.model("boxes"), answer="box").sample(thumbs[0], ex.instruction, [3, 4, 5, 6], 1.0)
     assert all(parse_answer(t)[0] == "box" for t in answer)

@@ -1,7 +1,7 @@
 """GUI-RCPO: test-time reinforcement learning of a grounding policy from its own region consistency.
 
 For every unlabeled prompt (a screenshot and an instruction) the policy
-samples K clicks; each click's reward is its region consistency with the
+samples n clicks; each click's reward is its region consistency with the
 group it was sampled in (votes inside its alpha-box over max vote times the
 box area, :func:`mmtts.strategies.region_vote.region_rewards`). Advantages are
 normalised within each prompt's group, GRPO style, and the update adds
@@ -31,7 +31,7 @@ from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
 from ..core.rng import derive_seed
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..strategies.region_vote import point_boxes, region_rewards
+from ..strategies.region_vote import point_boxes, region_rewards, renamed_n
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -68,36 +68,44 @@ class GUIRCPO(Adapter):
     ``adapter(batch)`` takes ``{"images": (B, 3, H, W), "tokens": (B, L),
     "sizes": (B, 2) original (width, height), "ids": (B,) prompt ids}``,
     returns the greedy clicks of the policy before the update, (B, 2) in
-    pixels, and takes one GRPO step. ``include`` (parameter-name globs)
-    chooses what adapts (default: every parameter); only those are
-    snapshotted and restored by ``reset()``.
+    pixels, and takes one GRPO step.
 
-    ``answers="box"`` is for a policy that gives boxes
-    (``model.forward_with_boxes``, as :class:`~mmtts.modalities.gui.model.BoxGrounding`): each
-    sampled click answers with the box under it, and the boxes vote (the
-    box network gets no gradient from the update).
-
-    ``reward(points, groups, sizes, alpha) -> (n,)`` replaces the
-    region-consistency reward (default :func:`grouped_region_rewards`):
-    ``points`` (n, 2) pixels, ``groups`` (n,) prompt ids, ``sizes`` a dict
-    id -> (width, height); with box answers it is also passed
-    ``boxes=`` (n, 4) pixels. It must give one finite number per click; a
-    reward that reads labels makes this supervised RL, which is how the
-    update itself is checked.
+    Args:
+        model: the policy, ``model(images, tokens) -> logits (B, rows, cols)`` with ``model.cells``.
+        n: clicks sampled per prompt (a group; at least 2).
+        temperature: sampling temperature of the clicks and of the KL's distributions.
+        alpha: side in pixels of the square a click votes with.
+        beta: weight of the KL divergence to the starting policy.
+        lr: Adam learning rate.
+        include: parameter-name globs that adapt (default: every parameter); only those are snapshotted and
+            restored by ``reset()``.
+        seed: root of the sampling seeds (one generator per update).
+        episodic: reset after every batch.
+        answers: "point", or "box" for a policy that gives boxes (``model.forward_with_boxes``, as
+            :class:`~mmtts.modalities.gui.model.BoxGrounding`): each sampled click answers with the box under
+            it, and the boxes vote (the box network gets no gradient from the update).
+        reward: ``reward(points, groups, sizes, alpha) -> (N,)`` replaces the region-consistency reward
+            (default :func:`grouped_region_rewards`): ``points`` (N, 2) pixels, ``groups`` (N,) prompt ids,
+            ``sizes`` a dict id -> (width, height); with box answers it is also passed ``boxes=`` (N, 4)
+            pixels. It must give one finite number per click; a reward that reads labels makes this
+            supervised RL, which is how the update itself is checked.
+        samples: deprecated spelling of ``n``.
     """
 
     needs_norm_layers = False
 
-    def __init__(self, model: torch.nn.Module, *, samples: int = 16, temperature: float = 1.0,
+    def __init__(self, model: torch.nn.Module, *, n: int | None = None, temperature: float = 1.0,
                  alpha: float = 50.0, beta: float = 0.04, lr: float = 1e-4, include: Sequence[str] | None = None,
                  seed: int = 0, episodic: bool = False, answers: str = "point",
-                 reward: Callable[..., np.ndarray] | None = None):
-        if samples < 2:
-            raise MmttsError(f"GUI-RCPO needs samples >= 2 per prompt to form a group (got {samples})")
+                 reward: Callable[..., np.ndarray] | None = None, samples: int | None = None):
+        n = renamed_n(n, "gui-rcpo", samples=samples)
+        n = 16 if n is None else n
+        if int(n) != n or n < 2:
+            raise MmttsError(f"GUI-RCPO needs n >= 2 clicks per prompt to form a group (got n = {n})")
         if not temperature > 0 or not alpha > 0 or beta < 0 or not lr > 0:
             raise MmttsError(f"need temperature > 0, alpha > 0, beta >= 0 and lr > 0; got temperature={temperature}, "
                              f"alpha={alpha}, beta={beta}, lr={lr}")
-        self.samples, self.temperature, self.alpha, self.beta, self.lr = int(samples), float(temperature), \
+        self.n, self.temperature, self.alpha, self.beta, self.lr = int(n), float(temperature), \
             float(alpha), float(beta), float(lr)
         if answers not in ("point", "box"):
             raise MmttsError(f"answers={answers!r}; choose 'point' or 'box'")
@@ -157,10 +165,10 @@ class GUIRCPO(Adapter):
         greedy = cells_to_unit(logits.argmax(1).detach(), None, grid) * sizes
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.updates))
         logp = torch.log_softmax(logits / self.temperature, 1)
-        cells = torch.multinomial(logp.detach().exp(), self.samples, replacement=True, generator=g)  # (B, K)
+        cells = torch.multinomial(logp.detach().exp(), self.n, replacement=True, generator=g)  # (B, K)
         jitter = torch.rand(*cells.shape, 2, generator=g, dtype=torch.float64)
         points = (cells_to_unit(cells, jitter, grid) * sizes[:, None]).reshape(-1, 2).numpy()
-        groups = ids.repeat_interleave(self.samples).numpy()
+        groups = ids.repeat_interleave(self.n).numpy()
         size_of = {int(i): tuple(int(v) for v in s) for i, s in zip(ids.tolist(), sizes.tolist())}
         extra = {}
         if extents is not None:

@@ -5,7 +5,14 @@ becomes a square of side ``alpha`` around it). Each box adds one vote to
 every grid cell it covers. The consensus region is the largest 4-connected
 region of cells holding the maximum vote, and the answer is the centre of
 its bounding box. Nothing here knows about screens, so the same strategy
-votes over any process whose outputs are points or boxes on a grid.
+votes over any process whose outputs are points or boxes on a grid (the
+grid is the process's ``extent``).
+
+Voting is an aggregation, not a search by score: :class:`RegionVote` draws
+n candidates and builds one answer from all of them, so it needs no
+verifier (``mmtts.search(process, None, "region-vote", ...)``), and what it
+returns beside the answer is the vote share (``Result.votes``), never a
+verifier score.
 
 Two constructions give identical answers:
 
@@ -27,19 +34,16 @@ lying entirely inside the consensus, smaller the more it strays.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
 from ..core.strategy import SearchContext, Selection, Strategy
 from ..core.verifier import Verifier
-
-#: 4-connectivity: cells touching by an edge, not by a corner
-FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,22 @@ def _no_vote(k: int) -> Consensus:
     return Consensus(point=None, region=None, area=0, max_vote=0, votes=0, samples=k)
 
 
+def largest_region(mask: np.ndarray, areas: np.ndarray | None = None) -> tuple[slice, slice, float]:
+    """The largest 4-connected region of a 2-D boolean mask: its (rows, cols) bounding slices and its size.
+
+    Each cell counts ``areas[i, j]`` (default 1); ties go to the region
+    labelled first, i.e. the first in row-major order.
+    """
+    from scipy import ndimage  # loaded on the first vote, not with mmtts
+
+    labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, 1))  # edges, not corners
+    weights = None if areas is None else areas.ravel()
+    sizes = np.bincount(labels.ravel(), weights=weights, minlength=count + 1)[1:]
+    best = int(np.argmax(sizes))
+    rows, cols = ndimage.find_objects(labels)[best]
+    return rows, cols, sizes[best]
+
+
 # -- the reference construction ----------------------------------------------------------
 
 def vote_grid_reference(boxes, width: int, height: int) -> np.ndarray:
@@ -131,13 +151,10 @@ def consensus_of_grid(grid: np.ndarray, samples: int | None = None, votes: int |
     k = int(samples if samples is not None else top)
     if top <= 0:
         return _no_vote(k)
-    labels, n = ndimage.label(grid == top, structure=FOUR_CONNECTED)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    best = int(np.argmax(sizes)) + 1
-    rows, cols = ndimage.find_objects(labels)[best - 1]
+    rows, cols, area = largest_region(grid == top)
     region = (cols.start, rows.start, cols.stop, rows.stop)
     point = ((region[0] + region[2]) / 2.0, (region[1] + region[3]) / 2.0)
-    return Consensus(point=point, region=region, area=int(sizes[best - 1]), max_vote=top,
+    return Consensus(point=point, region=region, area=int(area), max_vote=top,
                      votes=int(votes if votes is not None else top), samples=k)
 
 
@@ -192,14 +209,11 @@ def consensus_of_compressed(cv: CompressedVotes) -> Consensus:
     top = int(cv.votes.max()) if cv.votes.size else 0
     if top <= 0:
         return _no_vote(k)
-    labels, n = ndimage.label(cv.votes == top, structure=FOUR_CONNECTED)
-    sizes = np.bincount(labels.ravel(), weights=cv.areas.ravel().astype(np.float64), minlength=n + 1)[1:]
     # areas are whole numbers far below 2**53, so float sums are exact and ties compare exactly
-    best = int(np.argmax(sizes)) + 1
-    rows, cols = ndimage.find_objects(labels)[best - 1]
+    rows, cols, area = largest_region(cv.votes == top, cv.areas.astype(np.float64))
     region = (int(cv.xs[cols.start]), int(cv.ys[rows.start]), int(cv.xs[cols.stop]), int(cv.ys[rows.stop]))
     point = ((region[0] + region[2]) / 2.0, (region[1] + region[3]) / 2.0)
-    return Consensus(point=point, region=region, area=int(sizes[best - 1]), max_vote=top,
+    return Consensus(point=point, region=region, area=int(area), max_vote=top,
                      votes=int(cv.valid.sum()), samples=k)
 
 
@@ -246,49 +260,75 @@ def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
 
 # -- the strategy ------------------------------------------------------------------------------
 
+def renamed_n(n: int | None, owner: str, **old: int | None) -> int | None:
+    """``n`` or its one deprecated spelling (``samples=``, ``k=``), with a DeprecationWarning naming ``n``."""
+    given = {name: v for name, v in old.items() if v is not None}
+    if not given:
+        return n
+    if n is not None or len(given) > 1:
+        raise MmttsError(f"{owner} got the number of candidates twice ({', '.join(['n', *given][-2:])}); pass n only")
+    (name, value), = given.items()
+    warnings.warn(f"{owner}: {name}= is deprecated; the number of candidates is n=", DeprecationWarning, stacklevel=3)
+    return value
+
+
 @STRATEGIES.register("region-vote")
 class RegionVote(Strategy):
-    """Draw K candidates, let their points or boxes vote, answer with the consensus (GUI-RC).
+    """Draw n candidates and answer with the consensus of their votes (GUI-RC); no verifier is needed.
 
-    The process's outputs are a dict with ``points`` (K, 2) and/or ``boxes``
-    (K, 4) in grid coordinates, NaN where a sample gave no usable answer, and
-    the process says the grid size as ``extent = (width, height)``. K is
-    ``samples``, or as many candidates as the budget pays for. The verifier
-    scores every sample (for the trace and ``population_scores``); the answer
-    does not depend on it. ``outputs`` is the consensus as a (1, 2) point
-    (NaN when nothing voted); ``extra`` carries the vote's details.
+    Voting is an aggregation, not a selection by score: the answer is built
+    from all n samples and is usually none of them. So the result's
+    ``votes`` holds the vote share (the consensus's maximum vote over n) and
+    its ``scores`` are NaN; pass ``verifier=None``. A verifier, when given,
+    scores every sample (``population_scores`` and the trace) and never
+    changes the answer.
+
+    The process's outputs are a dict with ``points`` (n, 2) and/or
+    ``boxes`` (n, 4) in grid coordinates, NaN where a sample gave no usable
+    answer, and the process declares its grid as ``extent = (width,
+    height)``. ``outputs`` is the consensus as a (1, 2) point (NaN when
+    nothing voted); ``extra`` holds the :class:`Consensus`, ``n``, and how
+    many samples ``voted`` or are ``missing``.
+
+    Args:
+        n: samples to draw (GUI-RC uses 64); None draws as many as the NFE budget pays for.
+        alpha: side, in grid cells, of the square a point answer votes with (GUI-RC uses 50).
+        samples: deprecated spelling of ``n``.
+        k: deprecated spelling of ``n``.
     """
 
-    def __init__(self, samples: int | None = None, alpha: float = 50.0):
-        if samples is not None and samples < 1:
-            raise MmttsError(f"region-vote needs samples >= 1 (K = {samples}); GUI-RC uses K = 64")
+    def __init__(self, n: int | None = None, alpha: float = 50.0, *, samples: int | None = None,
+                 k: int | None = None):
+        n = renamed_n(n, "region-vote", samples=samples, k=k)
+        if n is not None and (int(n) != n or n < 1):
+            raise MmttsError(f"region-vote needs a whole number n >= 1 of samples (got n = {n}); GUI-RC uses 64")
         if not alpha > 0:
             raise MmttsError(f"alpha={alpha} must be a positive box side in grid cells (GUI-RC uses 50)")
-        super().__init__(samples=samples, alpha=alpha)
-        self.samples, self.alpha = samples, float(alpha)
+        n = None if n is None else int(n)
+        super().__init__(n=n, alpha=alpha)
+        self.n, self.alpha = n, float(alpha)
 
     def run(self, ctx: SearchContext) -> Selection:
-        extent = getattr(ctx.process, "extent", None)
-        if extent is None:
-            raise MmttsError(f"region-vote needs a process with extent = (width, height); "
-                             f"{type(ctx.process).__name__} has none")
-        cap = ctx.candidates_affordable()
-        k = self.samples if self.samples is not None else cap
-        if k == -1:
-            raise MmttsError("region-vote with samples=None sizes K from an NFE budget; pass samples=K "
-                             "or a budget with max_nfe")
-        if cap != -1 and k > cap or k < 1:
-            ctx.budget.require_candidates(max(k, 1), ctx.process.nfe_per_candidate())
-        state = ctx.advance(ctx.fresh(k))
+        process = ctx.process
+        if process.extent is None:
+            raise MmttsError(f"region-vote needs a process that declares extent = (width, height), the grid its "
+                             f"points and boxes live on; {type(process).__name__}.extent is None")
+        calls = 0 if ctx.verifier is None else 1
+        cap = ctx.candidates_affordable(calls)
+        n = self.n if self.n is not None else cap
+        if n == -1:
+            raise MmttsError("region-vote with n=None sizes n from an NFE budget; pass n or a budget with max_nfe")
+        if cap != -1 and n > cap or n < 1:
+            ctx.require_candidates(max(n, 1), calls)
+        state = ctx.advance(ctx.fresh(n))
         out = ctx.finish(state)
-        boxes = vote_boxes(_np(out.get("points")), _np(out.get("boxes")), self.alpha)
-        c = consensus(boxes, *extent)
-        scores = ctx.score(out, state)
+        c = consensus(vote_boxes(_np(out.get("points")), _np(out.get("boxes")), self.alpha), *process.extent)
+        population_scores = ctx.score(out, state) if ctx.verifier is not None else None
         point = torch.tensor([c.point if c.point is not None else (float("nan"),) * 2], dtype=torch.float64)
-        strength = c.max_vote / max(c.samples, 1)
-        return Selection(outputs=point, scores=torch.tensor([strength], dtype=torch.float64), state=None,
-                         population=out, population_scores=scores,
-                         extra={"consensus": c, "samples": k, "votes": c.votes, "missing": k - c.votes})
+        return Selection(outputs=point, scores=torch.full((1,), float("nan"), dtype=torch.float64), state=None,
+                         votes=torch.tensor([c.max_vote / n], dtype=torch.float64),
+                         population=out, population_scores=population_scores,
+                         extra={"consensus": c, "n": n, "voted": c.votes, "missing": n - c.votes})
 
 
 def _np(x):
@@ -301,7 +341,12 @@ class RegionConsistency(Verifier):
     """GUI-RCPO's region-consistency reward as a verifier: each sample scored against the batch it came in.
 
     The score of a sample depends on the other samples of its batch (as a
-    rank does), so score the K samples of one prompt together.
+    rank does), so score the n samples of one prompt together.
+
+    Args:
+        width: the grid's width in cells (the screenshot's pixels).
+        height: the grid's height in cells.
+        alpha: side, in cells, of the square a point answer votes with (GUI-RC uses 50).
     """
 
     name = "region-consistency"

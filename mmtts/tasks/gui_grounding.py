@@ -29,9 +29,10 @@ Methods, at a budget of K samples:
   vision-language model writes it (K is not used);
 - ``argmax``: the model's single most likely click, which a VLM cannot
   compute; shown so that what voting recovers can be read against it;
-- ``gui-rc``: K clicks at ``temperature``, region voting with boxes of
-  side ``alpha`` pixels (the ``region-vote`` strategy through
-  ``run_strategy``), the baseline;
+- ``gui-rc``: K clicks at ``temperature``, each from its own random
+  stream, region voting with boxes of side ``alpha`` pixels (the
+  ``region-vote`` strategy through ``run_strategy``, no verifier), the
+  baseline;
 - ``gui-rcpo``: the model after GUI-RCPO on the seed's unlabeled test
   prompts (``rcpo_epochs`` passes, ``rcpo_samples`` clicks per prompt),
   then greedy;
@@ -67,7 +68,7 @@ from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler
 from ..modalities.gui.train import train_element_boxes, train_grounding
-from ..strategies.region_vote import RegionConsistency, RegionVote
+from ..strategies.region_vote import RegionVote
 from .base import Task
 from .cache import config_hash
 
@@ -204,7 +205,7 @@ class GUIGrounding(Task):
             examples, thumbs = self.data(seed)
             o = self.options
             t0 = time.perf_counter()
-            adapter = GUIRCPO(copy.deepcopy(self.model(setting)), samples=o["rcpo_samples"],
+            adapter = GUIRCPO(copy.deepcopy(self.model(setting)), n=o["rcpo_samples"],
                               temperature=self.temperature(setting),
                               alpha=o["alpha"], beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed,
                               answers=SETTING_ANSWER[setting],
@@ -243,13 +244,12 @@ class GUIGrounding(Task):
                 rseed = derive_seed(seed, i)
                 if voting:
                     process = ClickProcess(sampler, thumb, ex.instruction, ex.image_size, temp)
-                    res = run_strategy(RegionVote(samples=k, alpha=alpha), process,
-                                       RegionConsistency(*ex.image_size, alpha), budget=k, seed=rseed)
+                    res = run_strategy(RegionVote(n=k, alpha=alpha), process, None, budget=k, seed=rseed)
                     points.append(res.outputs[0].numpy())
                     parsed += int(res.population["parsed"].sum())
                     answers += k
                 else:
-                    answer = sampler.sample(thumb, ex.instruction, 1, 0.0, rseed)
+                    answer = sampler.sample(thumb, ex.instruction, [rseed], 0.0)
                     p = parse_answers(answer, sampler.space, ex.image_size)
                     points.append(p.points[0])
                     parsed += int(p.ok.sum())

@@ -250,6 +250,22 @@ def sample_cells(logits: torch.Tensor, k: int, temperature: float, generator: to
     return torch.multinomial(probs, k, replacement=True, generator=generator)
 
 
+def cells_at(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cells (B, k) drawn from softmax(logits / T) by inverse CDF at ``uniforms`` (B, k) in [0, 1).
+
+    Draw j is a function of its own uniform alone, so a candidate with its
+    own random stream gets the same cell however many others are drawn
+    beside it. Temperature 0 is the argmax, repeated.
+    """
+    flat = logits.reshape(len(logits), -1)
+    if temperature == 0:
+        return flat.argmax(1, keepdim=True).expand(-1, uniforms.shape[1])
+    cdf = torch.softmax(flat.double() / temperature, dim=1).cumsum(1)
+    # the first cell whose cumulative mass exceeds u * total: cells of zero mass are never chosen
+    cells = torch.searchsorted(cdf, uniforms.double() * cdf[:, -1:], right=True)
+    return cells.clamp_(max=flat.shape[1] - 1)
+
+
 def cells_to_unit(cells: torch.Tensor, jitter: torch.Tensor | None = None,
                   grid: tuple[int, int] = CELLS) -> torch.Tensor:
     """Cell indices (...) of a (columns, rows) grid -> (..., 2) points as fractions of the image;

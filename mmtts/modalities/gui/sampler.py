@@ -1,23 +1,28 @@
-"""Click samplers: (screenshot, instruction) -> K answers at a temperature, as text.
+"""Click samplers: (screenshot, instruction) -> one answer per seed at a temperature, as text.
 
-Any model that can be asked for K answers is a :class:`ClickSampler`; it
+Any model that can be asked for answers is a :class:`ClickSampler`; it
 declares the coordinate space its answers are written in, and the parser
 takes it from there, so a real vision-language model and the project's
 small grounding model go through the same voting and metrics. Temperature 0
-means greedy decoding; ``seed`` makes sampling reproducible.
+means greedy decoding. Answer i is drawn from ``seeds[i]`` alone: the same
+seed gives the same answer whatever other seeds are drawn beside it, which
+is how :class:`~mmtts.modalities.gui.process.ClickProcess` gives every
+candidate its own random stream.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ...core.errors import MmttsError
+from ...core.rng import Streams
 from .coords import CoordSpace
-from .model import (INPUT_SIZE, GroundingNet, argmax_point, boxes_at, cells_to_unit, greedy_digits, image_tensor,
-                    sample_cells, tokenize)
+from .model import (INPUT_SIZE, GroundingNet, argmax_point, boxes_at, cells_at, cells_to_unit, greedy_digits,
+                    image_tensor, tokenize)
 
 
 @runtime_checkable
@@ -25,30 +30,42 @@ class ClickSampler(Protocol):
     #: the coordinate space of the answers
     space: CoordSpace
 
-    def sample(self, image: Image.Image, instruction: str, k: int, temperature: float, seed: int) -> list[str]:
-        """``k`` answers for one instruction on one screenshot."""
+    def sample(self, image: Image.Image, instruction: str, seeds: Sequence[int], temperature: float) -> list[str]:
+        """One answer per seed for one instruction on one screenshot; answer i depends on ``seeds[i]`` only."""
 
 
-def check_sampling(k: int, temperature: float) -> None:
-    if int(k) != k or k < 1:
-        raise MmttsError(f"asked for k={k} answers; K must be a whole number >= 1")
+def check_sampling(seeds: Sequence[int], temperature: float) -> torch.Tensor:
+    """The seeds as an int64 tensor (n,), after checking them and the temperature."""
+    if isinstance(seeds, (int, np.integer)) or (isinstance(seeds, torch.Tensor) and seeds.ndim == 0):
+        raise MmttsError(f"seeds={seeds} is one number; pass one integer seed per answer, e.g. "
+                         f"Streams.spawn({seeds}, n).draw_seeds() for n answers")
+    try:
+        out = torch.as_tensor(list(seeds) if not isinstance(seeds, torch.Tensor) else seeds, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        raise MmttsError(f"seeds must be a sequence of integers, one per answer; got {type(seeds).__name__}") \
+            from None
+    if out.ndim != 1 or len(out) == 0:
+        raise MmttsError(f"asked for {out.numel()} answers (seeds of shape {tuple(out.shape)}); pass a 1-D "
+                         "sequence with one seed per answer, at least one")
     if not temperature >= 0:
         raise MmttsError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
+    return out
 
 
 class HeatmapSampler:
     """The project's grounding model as a sampler, answering "(x, y)" in thousandths like Qwen-VL.
 
-    Samples are exact draws from softmax(logits / T). ``greedy`` says what
-    temperature 0 returns: "digits" decodes the answer text digit by digit as
-    a language model does (the default, what greedy means for a VLM);
-    "argmax" returns the most likely point, which a VLM cannot compute.
+    Samples are exact draws from softmax(logits / T): each seed gives three
+    uniforms, one picking the cell by inverse CDF, two placing the click
+    inside it. The model runs once per call, whatever the number of seeds.
 
-    ``answer="box"`` (a model with boxes, :class:`BoxGrounding`) answers
-    "[x1, y1, x2, y2]" in thousandths instead: the box its box network gives
-    under the chosen cell (the sampled one, or the cell of the greedy click).
-    The box's centre is the click the metric scores; region voting votes
-    with the boxes themselves.
+    Args:
+        model: a :class:`GroundingNet` (or a :class:`BoxGrounding` for box answers).
+        greedy: what temperature 0 returns: "digits" decodes the answer text digit by digit as a language
+            model does (what greedy means for a VLM); "argmax" is the most likely point, which a VLM cannot compute.
+        answer: "point" answers "(x, y)"; "box" (a model with boxes) answers "[x1, y1, x2, y2]" in thousandths,
+            the box its box network gives under the chosen cell (the sampled one, or the greedy click's). The
+            box's centre is the click the metric scores; region voting votes with the boxes themselves.
     """
 
     space = CoordSpace("permille")
@@ -71,9 +88,9 @@ class HeatmapSampler:
     def logits(self, image: Image.Image, instruction: str) -> torch.Tensor:
         return self.model(image_tensor([image]), tokenize([instruction]))
 
-    def sample(self, image: Image.Image, instruction: str, k: int, temperature: float, seed: int) -> list[str]:
-        check_sampling(k, temperature)
-        k = int(k)
+    def sample(self, image: Image.Image, instruction: str, seeds: Sequence[int], temperature: float) -> list[str]:
+        seeds = check_sampling(seeds, temperature)
+        k = len(seeds)
         if self.answer == "box":
             with torch.no_grad():
                 logits, extents = self.model.forward_with_boxes(image_tensor([image]), tokenize([instruction]))
@@ -89,12 +106,11 @@ class HeatmapSampler:
                 return [f"({x}, {y})"] * k
             cells = torch.tensor([[y * rows // 1000 * cols + x * cols // 1000]])
             return [_box_text(boxes_at(extents, cells)[0, 0])] * k
-        g = torch.Generator().manual_seed(int(seed))
-        cells = sample_cells(logits.flatten(1), k, float(temperature), g)[0]
+        u = Streams(seeds).rand((3,))  # per answer: the cell, then the click's place inside it
+        cells = cells_at(logits.flatten(1), u[None, :, 0], float(temperature))[0]
         if extents is not None:
             return [_box_text(b) for b in boxes_at(extents, cells[None])[0]]
-        jitter = torch.rand(k, 2, generator=g, dtype=torch.float64)
-        thousandths = (cells_to_unit(cells, jitter) * 1000).floor().long().clamp(0, 999)
+        thousandths = (cells_to_unit(cells, u[:, 1:]) * 1000).floor().long().clamp(0, 999)
         return [f"({x}, {y})" for x, y in thousandths.tolist()]
 
 
@@ -107,11 +123,19 @@ def _box_text(box: torch.Tensor) -> str:
 class TransformersSampler:
     """A Hugging Face vision-language model (``generate``) with its processor, as a click sampler.
 
-    ``prompt`` is formatted with ``{instruction}`` and must hold whatever
-    image placeholder the processor expects (or pass ``chat=True`` to build
-    it with the processor's chat template). ``space`` is the model's answer
-    space: 'permille' for Qwen-VL style, 'resized:WxH' for models that answer
-    in the pixels of their resized input, 'pixel' or 'unit'.
+    All answers of one call are generated as one batch. When sampling, each
+    row chooses its next token by the Gumbel-max trick with noise from its
+    own seed and the token position (:class:`SeededTokenChoice`), so an
+    answer does not depend on the other seeds of the call.
+
+    Args:
+        model: a transformers generative model (it has ``generate``).
+        processor: its processor (images and text in, model inputs out).
+        space: the model's answer space: 'permille' for Qwen-VL style, 'resized:WxH' for models that answer in
+            the pixels of their resized input, 'pixel' or 'unit'.
+        prompt: formatted with ``{instruction}``; it must hold whatever image placeholder the processor expects.
+        chat: build the prompt with the processor's chat template instead.
+        max_new_tokens: the longest answer generated.
     """
 
     def __init__(self, model, processor, space: CoordSpace | str = "pixel",
@@ -133,15 +157,47 @@ class TransformersSampler:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     @torch.no_grad()
-    def sample(self, image: Image.Image, instruction: str, k: int, temperature: float, seed: int) -> list[str]:
-        check_sampling(k, temperature)
+    def sample(self, image: Image.Image, instruction: str, seeds: Sequence[int], temperature: float) -> list[str]:
+        from transformers import LogitsProcessorList
+
+        seeds = check_sampling(seeds, temperature)
         inputs = self.processor(images=image, text=self._text(instruction), return_tensors="pt")
-        greedy = temperature == 0
-        kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": float(temperature),
-                                                       "top_k": 0, "top_p": 1.0}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                      num_return_sequences=1 if greedy else int(k), **kwargs)
+        if temperature == 0:
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        else:
+            # the processor leaves one finite logit per row, so the sampling step takes it whatever torch's RNG holds
+            choice = LogitsProcessorList([SeededTokenChoice(seeds, temperature)])
+            with torch.random.fork_rng(devices=[]):  # generate's own draw leaves the caller's CPU RNG as it was
+                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=True,
+                                          num_return_sequences=len(seeds), temperature=1.0, top_k=0, top_p=1.0,
+                                          logits_processor=choice)
         texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return texts * int(k) if greedy else texts
+        return texts * len(seeds) if temperature == 0 else texts
+
+
+class SeededTokenChoice:
+    """A logits processor that samples each row's next token from softmax(scores / T) with that row's own seed.
+
+    Gumbel-max: the token maximising scores / T + G, with G standard
+    Gumbel noise drawn from the stream (seed of the row, position of the
+    token). The returned logits are 0 at that token and -inf elsewhere.
+
+    Args:
+        seeds: one seed per row of the generated batch, int64 (rows,).
+        temperature: the sampling temperature, > 0.
+    """
+
+    def __init__(self, seeds: torch.Tensor, temperature: float):
+        self.seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if len(scores) != len(self.seeds):
+            raise MmttsError(f"{len(scores)} rows to sample for {len(self.seeds)} seeds; pass one seed per row")
+        position = torch.full_like(self.seeds, input_ids.shape[1])
+        u = Streams(self.seeds, position).rand((scores.shape[1],))
+        gumbel = -torch.log(-torch.log(u))      # u = 0 gives -inf: that token is never chosen
+        pick = (scores.detach().double().cpu() / self.temperature + gumbel).argmax(1)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(out)), pick.to(out.device)] = 0.0
+        return out
