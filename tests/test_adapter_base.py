@@ -92,12 +92,13 @@ def test_episodic_mode_does_not_leak():
 
 
 def test_release_restores_modes_and_flags():
-    net = small_net()
+    net = small_net().train()
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
     ad = EntropySGD(net)
-    assert net[1].training and not net[0].weight.requires_grad
+    assert not net[1].training and not net[0].weight.requires_grad and net[1].weight.requires_grad
+    assert net[1].track_running_stats and "forward" not in net[1].__dict__  # batch statistics only inside a call
     m = ad.release()
-    assert m is net and not net[1].training and net[1].track_running_stats
+    assert m is net and all(mod.training for mod in net.modules())
     assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
 
 

@@ -9,7 +9,6 @@ from torch import nn
 import mmtts
 from mmtts.adapters.deyo import patch_shuffle
 from mmtts.adapters.eata import redundancy_margin
-from mmtts.adapters.norm_math import batch_moments, mix_moments, online_batch_norm
 
 GRADIENT = ["tent", "eta", "deyo", "sar"]
 ALL = ["source", "bn", "alpha-bn", "tent", "eta", "eata", "deyo", "sar"]
@@ -44,58 +43,6 @@ def batches(n=10, size=8, seed=1):
 
 def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-# -- online normalization math ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 11), (2, 5, 3, 7), (1, 5, 4, 4)])
-def test_online_batch_norm_equals_pytorch_batchnorm_in_training_mode(shape):
-    torch.manual_seed(0)
-    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](5).train()
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
-    x = torch.randn(shape) * 3 + 2
-    ours = online_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, alpha=0.0)
-    assert torch.allclose(ours, bn(x), atol=1e-5)
-    bn.eval()
-    assert torch.allclose(online_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, 1.0),
-                          bn(x), atol=1e-6)
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("exact", [False, True])
-def test_the_kernels_route_computes_what_the_reference_computes(alpha, exact):
-    from mmtts.adapters.online_norm import kernel_batch_norm
-
-    torch.manual_seed(0)
-    bn = nn.BatchNorm2d(5).eval()
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
-    buffers = (bn.running_mean.clone(), bn.running_var.clone())
-    x = torch.randn(3, 5, 7, 6) * 2 + 1
-    ref = online_batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, alpha, exact)
-    with torch.no_grad():
-        assert torch.allclose(kernel_batch_norm(x, bn, alpha, exact), ref, atol=1e-5)
-    assert torch.equal(bn.running_mean, buffers[0]) and torch.equal(bn.running_var, buffers[1])
-
-
-def test_exact_mixture_variance_is_the_variance_of_pooled_samples():
-    torch.manual_seed(0)
-    a = torch.randn(300, 4) * 2 + 3  # "source" population
-    b = torch.randn(700, 4) * 0.5 - 1  # "batch"
-    alpha = 0.3  # the source's share of the pool
-    ma, va = batch_moments(a)
-    mb, vb = batch_moments(b)
-    mean, var = mix_moments(ma, va, mb, vb, alpha, exact_variance=True)
-    pm, pv = batch_moments(torch.cat([a, b]))
-    assert torch.allclose(mean, pm, atol=1e-5) and torch.allclose(var, pv, atol=1e-4)
-    _, linear = mix_moments(ma, va, mb, vb, alpha, exact_variance=False)
-    assert (linear < pv - 0.5).all()  # the linear mix understates the spread when means differ
 
 
 # -- reductions between methods -------------------------------------------------------------------------

@@ -442,19 +442,6 @@ def test_benchmark_script_dry_run(tmp_path):
         assert row["detail"]["agrees"], row
 
 
-@pytest.mark.parametrize("alpha,exact", [(0.0, False), (0.3, False), (0.3, True), (1.0, False)])
-def test_batch_norm_reproduces_the_adapters_online_norm(alpha, exact):
-    """The adapters' pure-torch online normalization and :func:`batch_norm` give the same tensor."""
-    norm_math = pytest.importorskip("mmtts.adapters.norm_math")
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(5, 4, 9, 11, generator=g) * 2 + 1
-    rm, rv, w, b = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5, torch.randn(4), torch.randn(4)
-    want = norm_math.online_batch_norm(x, rm, rv, w, b, 1e-5, alpha, exact)
-    got = K.batch_norm(x, rm, rv, w, b, training=alpha < 1, eps=1e-5, source_weight=alpha if alpha < 1 else 0.0,
-                       exact_mixture=exact, update_running=False)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_benchmark_goal_check_and_table():
     """The parts of the benchmark only a GPU run reaches: goals on large inputs and the table with peak fractions."""
     import importlib.util

@@ -165,3 +165,31 @@ def test_stats_kernel_is_stable_for_a_large_mean():
     got = K.batch_norm_stats(x.float())
     want = x.var(dim=(0, 2), unbiased=False)
     torch.testing.assert_close(got.var.double(), want, rtol=2e-3, atol=0)
+
+
+@inside_only
+@pytest.mark.parametrize("method", ["bn", "alpha-bn", "tent"])
+def test_the_adapters_normalize_with_the_kernels(method, monkeypatch):
+    """An adapter's BatchNorm layers take the kernels (never the reference) and match the reference's results."""
+    import mmtts
+    import mmtts.kernels.stats as kstats
+    from torch import nn
+
+    reference = kstats.batch_norm_stats_reference
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **kw: pytest.fail("took PyTorch's batch norm"))
+    x = torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(7)) * 2 + 1
+    results = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("MMTTS_KERNELS", backend)
+        if backend == "triton":
+            monkeypatch.setattr(kstats, "batch_norm_stats_reference", lambda t: pytest.fail("took the reference"))
+        else:
+            monkeypatch.setattr(kstats, "batch_norm_stats_reference", reference)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(100, 3)).eval()
+        ad = mmtts.adapt(model, method, **({"lr": 0.05} if method == "tent" else {}))
+        outs = [ad(x) for _ in range(2)]  # the second call sees tent's update
+        results.append((*outs, model[1].weight.detach().clone(), model[1].bias.detach().clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

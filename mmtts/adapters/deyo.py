@@ -60,6 +60,7 @@ class DeYO(EntropyAdapter):
         self.generator = torch.Generator().manual_seed(int(seed))
         super().__init__(model, **kw)
         if (self.filter_plpd or self.reweight_plpd) and self._ndim not in (None, 4):
+            self.release()
             raise MmttsError("deyo's patch shuffle works on images (N, C, H, W); for other inputs turn off "
                              "filter_plpd and reweight_plpd")
 

@@ -68,10 +68,16 @@ class EATA(EntropyAdapter):
         self.fisher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.fisher_alpha > 0:
             if fisher_data is None:
+                self.release()
                 raise MmttsError("eata's anti-forgetting penalty needs clean inputs to estimate the Fisher "
                                  "information: pass fisher_data=<tensor of clean samples>, or use 'eta' "
                                  "(EATA without the penalty), or fisher_alpha=0")
-            self.fisher = self.estimate_fisher(fisher_data, int(fisher_batch_size))
+            try:
+                with self.batch_norm_patch():
+                    self.fisher = self.estimate_fisher(fisher_data, int(fisher_batch_size))
+            except BaseException:
+                self.release()
+                raise
 
     def estimate_fisher(self, data, batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Diagonal Fisher of the adapted parameters, with pseudo-labels, and the anchor values."""

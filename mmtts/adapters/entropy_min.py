@@ -1,8 +1,9 @@
 """Shared machinery of the gradient methods that minimise prediction entropy (TENT, EATA, DeYO, SAR).
 
 They adapt the affine parameters of the selected normalization layers; BatchNorm
-layers normalize with the test batch's statistics (and leave their running
-buffers alone), GroupNorm and LayerNorm layers are per-sample anyway. The
+layers normalize with the test batch's statistics through
+:mod:`mmtts.kernels` while the adapter runs (and leave their running buffers
+alone), GroupNorm and LayerNorm layers are per-sample anyway. The
 prediction returned for a batch is the one made *before* that batch's update,
 as in the reference implementations.
 """
@@ -45,9 +46,10 @@ class EntropyAdapter(Adapter):
         self._ndim = expected_ndim(model)
         self._has_batchnorm = any(isinstance(m, BATCHNORM) for _, m in self.norm_modules)
         if not self.params:
+            self.release()
             names = ", ".join(n for n, _ in self.norm_modules[:3])
             raise MmttsError(f"{self.name} found norm layers ({names}, ...) but none has affine parameters to adapt "
-                             "(affine=False / elementwise_affine=False); use 'bn' or 'alpha_bn' instead")
+                             "(affine=False / elementwise_affine=False); use 'bn' or 'alpha-bn' instead")
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -67,7 +69,7 @@ class EntropyAdapter(Adapter):
             raise MmttsError(
                 f"{self.name} normalizes BatchNorm layers with the test batch, which a batch of 1 cannot estimate "
                 "(and one sample's gradient is too noisy to adapt on). Use a model with GroupNorm or LayerNorm "
-                "(they adapt at batch size 1), the 'alpha_bn' adapter, or batch inputs together.")
+                "(they adapt at batch size 1), the 'alpha-bn' adapter, or batch inputs together.")
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)

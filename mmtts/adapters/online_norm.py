@@ -1,45 +1,26 @@
 """Gradient-free adapters that re-normalize BatchNorm layers with test-batch statistics.
 
-The selected BatchNorm layers get a forward that calls
-:func:`mmtts.adapters.norm_math.online_batch_norm` (the one place where that
-math lives), or on CUDA tensors the fused kernels of :mod:`mmtts.kernels`,
-which compute the same thing. Running buffers are read, never written, so ``reset`` is exact and
-``release`` hands back the original layers. A ``window`` of past inputs lets
-these methods run at batch size 1: each call normalizes with the statistics of
-the current sample(s) and the most recent ones, up to ``window`` samples.
+While the adapter runs, the selected BatchNorm layers normalize through
+:func:`mmtts.kernels.batch_norm_layer` with ``alpha * source + (1 - alpha) *
+batch`` moments (the Triton kernels on CUDA, their pure-torch reference
+elsewhere; see :meth:`mmtts.core.adapter.Adapter.use_batch_statistics`).
+Running buffers are read, never written, so ``reset`` is exact. A ``window``
+of past inputs lets these methods run at batch size 1: each call normalizes
+with the statistics of the current sample(s) and the most recent ones, up to
+``window`` samples.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 
 from ..core.adapter import Adapter
 from ..core.errors import MmttsError
 from .common import CostCounter, check_batch, expected_ndim
-from .norm_math import online_batch_norm
-
-
-def kernel_batch_norm(x: torch.Tensor, module, alpha: float, exact_variance: bool) -> torch.Tensor:
-    """:func:`online_batch_norm` through :func:`mmtts.kernels.batch_norm` (fused Triton kernels on CUDA)."""
-    from .. import kernels
-
-    return kernels.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
-                              training=alpha < 1.0, eps=module.eps, source_weight=alpha if alpha < 1.0 else 0.0,
-                              exact_mixture=exact_variance, update_running=False)
-
-
-def _online_forward(module, alpha: float, exact_variance: bool, x: torch.Tensor) -> torch.Tensor:
-    """CUDA tensors take the kernels package; every other device the pure-torch reference (decided per call)."""
-    if x.is_cuda:
-        return kernel_batch_norm(x, module, alpha, exact_variance)
-    return online_batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias, module.eps,
-                             alpha, exact_variance)
 
 
 class OnlineNormAdapter(Adapter):
-    """Base of ``bn`` and ``alpha_bn``: BatchNorm with ``alpha * source + (1 - alpha) * batch`` moments."""
+    """Base of ``bn`` and ``alpha-bn``: BatchNorm with ``alpha * source + (1 - alpha) * batch`` moments."""
 
     norm_kinds = ("batchnorm",)
 
@@ -59,17 +40,11 @@ class OnlineNormAdapter(Adapter):
     def configure_model(self) -> None:
         super().configure_model()
         for name, m in self.norm_modules:
-            if m.running_mean is None or m.running_var is None:
+            if self.alpha > 0 and (m.running_mean is None or m.running_var is None):
                 raise MmttsError(f"BatchNorm layer {name!r} keeps no running statistics (track_running_stats=False), "
                                  "so there are no source statistics to mix; use the 'bn' adapter or a model trained "
                                  "with running statistics")
-            m.forward = partial(_online_forward, m, self.alpha, self.exact_variance)
-
-    def release(self):
-        for _, m in self.norm_modules:
-            if "forward" in m.__dict__:
-                del m.forward
-        return super().release()
+        self.use_batch_statistics(self.alpha, self.exact_variance)
 
     def extra_state(self) -> dict:
         return {"recent": self._recent}
@@ -84,7 +59,7 @@ class OnlineNormAdapter(Adapter):
         if n < 2 and self.alpha == 0.0 and not self.window:
             raise MmttsError(
                 f"{self.name} estimates statistics from the test batch and got a batch of {n}; pass window=K to "
-                "pool the last K samples, use 'alpha_bn' (mixes in the source statistics), or batch inputs together")
+                "pool the last K samples, use 'alpha-bn' (mixes in the source statistics), or batch inputs together")
         self.cost.add(samples=n, forward_samples=n)
         if not self.window:
             return self.model(x)

@@ -8,6 +8,12 @@ change (the adapted parameters, the buffers of the selected layers, the
 optimizer state and any method state) and restores it bit for bit on
 ``reset()``. ``release()`` hands the model back with its original modes and
 ``requires_grad`` flags.
+
+BatchNorm layers that a method normalizes with test-batch statistics get
+:func:`mmtts.kernels.batch_norm_layer` as their forward only while the adapter
+runs (inside ``adapter(x)``, or the ``batch_norm_patch()`` context): the patch
+is undone when the call returns or raises, so the caller's model is never left
+patched, and every device normalizes through :mod:`mmtts.kernels`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 from abc import abstractmethod
-from typing import ClassVar, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -107,13 +115,16 @@ class Adapter(nn.Module):
         self._original_flags = {
             "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
             "training": {n: m.training for n, m in model.named_modules()},
-            "track_running_stats": {n: m.track_running_stats for n, m in self.norm_modules
-                                    if isinstance(m, BATCHNORM)},
         }
-        self.configure_model()
-        self.params = self.collect_params()
-        self.optimizer = self.build_optimizer([p for _, p in self.params]) if self.params else None
-        self._snapshot = self.snapshot()
+        self._batch_norm_mix: tuple[float, bool] | None = None
+        try:
+            self.configure_model()
+            self.params = self.collect_params()
+            self.optimizer = self.build_optimizer([p for _, p in self.params]) if self.params else None
+            self._snapshot = self.snapshot()
+        except BaseException:
+            self.release()
+            raise
 
     # -- what a method defines -----------------------------------------------------
     def configure_model(self) -> None:
@@ -150,12 +161,42 @@ class Adapter(nn.Module):
                     out.append((f"{mname}.{pname}" if mname else pname, p))
         return out
 
-    def use_batch_statistics(self) -> None:
-        """Selected BatchNorm layers normalise with the test batch's statistics and leave their buffers alone."""
-        for _, m in self.norm_modules:
-            if isinstance(m, BATCHNORM):
-                m.train()
-                m.track_running_stats = False
+    def use_batch_statistics(self, source_weight: float = 0.0, exact_mixture: bool = False) -> None:
+        """Selected BatchNorm layers normalise with the test batch's statistics while the adapter runs.
+
+        ``source_weight`` mixes in the layers' running statistics (alpha-BN;
+        see :func:`mmtts.kernels.batch_norm_layer`). Buffers are read, never
+        written, and the layers' modes do not change.
+        """
+        self._batch_norm_mix = (float(source_weight), bool(exact_mixture))
+
+    @contextmanager
+    def batch_norm_patch(self) -> Iterator[None]:
+        """While inside, the BatchNorm layers chosen by :meth:`use_batch_statistics` run through the kernels.
+
+        Each layer's previous forward comes back on exit, whether the body
+        returned or raised; nothing happens for a method that never called
+        :meth:`use_batch_statistics`. ``adapter(x)`` runs inside it.
+        """
+        if self._batch_norm_mix is None:
+            yield
+            return
+        from ..kernels.batchnorm import batch_norm_layer
+
+        source_weight, exact = self._batch_norm_mix
+        saved = []
+        try:
+            for _, m in self.norm_modules:
+                if isinstance(m, BATCHNORM):
+                    saved.append((m, m.__dict__.get("forward")))
+                    m.forward = partial(batch_norm_layer, m, source_weight=source_weight, exact_mixture=exact)
+            yield
+        finally:
+            for m, previous in reversed(saved):
+                if previous is None:
+                    del m.forward
+                else:
+                    m.forward = previous
 
     # -- snapshot / reset ------------------------------------------------------------
     def _norm_buffers(self) -> dict[str, torch.Tensor]:
@@ -193,15 +234,13 @@ class Adapter(nn.Module):
             p.requires_grad_(flags["requires_grad"].get(n, p.requires_grad))
         for n, m in self.model.named_modules():
             m.train(flags["training"].get(n, m.training))
-        for n, m in self.norm_modules:
-            if n in flags["track_running_stats"]:
-                m.track_running_stats = flags["track_running_stats"][n]
         return self.model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.episodic:
             self.reset()
-        return self.forward_and_adapt(x)
+        with self.batch_norm_patch():
+            return self.forward_and_adapt(x)
 
     def adapted_names(self) -> list[str]:
         """Qualified names of what the method changes (parameters and buffers)."""

@@ -1,10 +1,13 @@
 """Normalize + affine, and a fused batch-norm forward with an exact backward.
 
 :func:`batch_norm` takes ``torch.nn.functional.batch_norm``'s arguments plus
-alpha-BN's source weight, so an adapter can swap it in for a BatchNorm
-layer's forward: batch statistics (BN-adapt, TENT, EATA, DeYO), source
-statistics (eval), or a mixture of both (alpha-BN), with gradients through
-the batch statistics to the input and to the affine parameters.
+alpha-BN's source weight: batch statistics (BN-adapt, TENT, ETA/EATA, SAR,
+DeYO), source statistics (eval), or a mixture of both (alpha-BN), with
+gradients through the batch statistics to the input and to the affine
+parameters. :func:`batch_norm_layer` is the forward that the adapters give
+their BatchNorm layers while they run, so every device normalizes with this
+module: the Triton kernels on CUDA, the pure-torch reference in ``_BatchNorm``
+elsewhere.
 """
 
 from __future__ import annotations
@@ -37,18 +40,19 @@ def _channel_affine(u, p, r, v=None, q=None):
         return channel_affine(u, p, r, v, q)
     shape = _channel_shape(u)
     acc = p.dtype
-    out = u.to(acc) * p.reshape(shape) + r.reshape(shape)
+    out = torch.addcmul(r.reshape(shape), u.to(acc), p.reshape(shape))
     if v is not None:
-        out = out + v.to(acc) * q.reshape(shape)
+        out.addcmul_(v.to(acc), q.reshape(shape))
     return out.to(u.dtype)
 
 
 def _grad_sums(dy, x, mean, rstd):
+    """``sum(dy)`` and ``sum(dy * xhat)`` per channel, with ``xhat = (x - mean) * rstd``."""
     dims = [0, *range(2, x.dim())]
     shape = _channel_shape(x)
     dyf = dy.to(mean.dtype)
-    xhat = (x.to(mean.dtype) - mean.reshape(shape)) * rstd.reshape(shape)
-    return dyf.sum(dim=dims), (dyf * xhat).sum(dim=dims)
+    centred = x.to(mean.dtype) - mean.reshape(shape)
+    return dyf.sum(dim=dims), (centred.mul_(dyf)).sum(dim=dims) * rstd
 
 
 def normalize_affine(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None = None,
@@ -187,3 +191,21 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None = None, runnin
         if running_mean is not None:
             update_running_stats(running_mean, running_var, batch_stats[0], momentum)
     return y
+
+
+def batch_norm_layer(layer: torch.nn.Module, x: torch.Tensor, *, source_weight: float = 0.0,
+                     exact_mixture: bool = False) -> torch.Tensor:
+    """A BatchNorm layer's forward through :func:`batch_norm`, reading (never writing) its running buffers.
+
+    Args:
+        layer: a ``torch.nn.BatchNorm1d/2d/3d`` (its ``weight``, ``bias``, ``eps`` and running buffers are used).
+        x: the layer's input, (N, C, *spatial).
+        source_weight: weight of the layer's running statistics against the batch's (alpha-BN); 0 normalizes
+            with the batch statistics alone, 1 is the layer in eval mode.
+        exact_mixture: mix the variances as a two-component mixture (see :func:`mmtts.kernels.alpha_mix`).
+    """
+    if source_weight >= 1.0:
+        return batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, training=False,
+                          eps=layer.eps)
+    return batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, training=True,
+                      eps=layer.eps, source_weight=source_weight, exact_mixture=exact_mixture, update_running=False)

@@ -51,9 +51,18 @@ def kernel_eligible(*tensors: torch.Tensor) -> bool:
 
 
 def batch_norm_stats_reference(x: torch.Tensor) -> BatchStats:
+    """Per-channel mean and biased variance in pure torch: what every non-kernel call runs, and the kernel's yardstick.
+
+    Two passes, the mean and then the mean squared deviation from it, so a mean
+    far larger than the spread costs no precision (unlike ``E[x^2] - E[x]^2``);
+    on the CPU this is several times faster than ``torch.var_mean`` over the
+    same dimensions.
+    """
     dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x.detach().to(acc_dtype(x.dtype)), dim=dims, unbiased=False)
-    return BatchStats(mean, var, x.numel() // x.shape[1])
+    xf = x.detach().to(acc_dtype(x.dtype))
+    mean = xf.mean(dim=dims, keepdim=True)
+    var = (xf - mean).square_().mean(dim=dims)
+    return BatchStats(mean.reshape(-1), var, x.numel() // x.shape[1])
 
 
 def batch_norm_stats(x: torch.Tensor) -> BatchStats:

@@ -12,7 +12,7 @@ drawn afresh for every seed. Settings:
 - ``continual/bs64/sev3``: as continual, at severity 3;
 - ``continual/bs1``: severity 5, one image at a time. Gradient methods and the
   source run on the GroupNorm twin; ``bn`` (a window of 64 recent images) and
-  ``alpha_bn`` run on the BatchNorm model.
+  ``alpha-bn`` run on the BatchNorm model.
 
 Metrics: ``error``, ``ece`` (15 bins), ``ms_per_batch`` (wall time of one adapter
 call), ``backward_per_sample`` and ``forward_per_sample`` (samples
