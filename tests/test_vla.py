@@ -1,4 +1,4 @@
-"""RoboMonkey pieces: augmenter, selector, proposer, verifier training and the policy wrapper."""
+"""RoboMonkey pieces: augmenter, selector, action process, verifier training and the policy wrapper."""
 
 import math
 import time
@@ -10,10 +10,11 @@ from scipy import stats
 from torch import nn
 
 from mmtts.core.errors import MmttsError
+from mmtts.core.rng import Streams, derive_seed
 from mmtts.core.verifier import Cached, FunctionVerifier, MeanRank
 from mmtts.modalities.vla import (ActionSpace, ActionVerifier, DeadlineMissed, GaussianAugmenter, GaussianPolicy,
                                   MLPActionScorer, NoisePolicy, NoValidActionError, QuadraticFeatures, RoboMonkeyPolicy,
-                                  SampleSet, Selector, bradley_terry_margin_loss, synthetic_pairs,
+                                  Selector, bradley_terry_margin_loss, synthetic_pairs,
                                   train_action_verifier)
 from mmtts.modalities.vla.augment import distinct_rows, first_unique, first_unique_mask
 from mmtts.modalities.vla.policy import all_finite
@@ -26,15 +27,24 @@ def gen(seed=0):
 
 
 class FixedPolicy:
-    """Returns preset samples, (B, N, D), whatever the generator; counts its calls."""
+    """Returns preset samples (B, N, D) whatever the noise; counts its calls.
+
+    The action process asks for all B x N candidates of a step in one call, round by round (candidate
+    r * B + b is sample r of observation b), so the row at position p gets ``samples[p % B, p // B]``.
+    """
 
     def __init__(self, samples, state_dim=3):
         self.samples, self.calls = samples, 0
         self.input_shapes = {STATE: (state_dim,)}
 
-    def sample_actions(self, batch, num_samples, generator):
+    def draw_noise(self, streams, space):
+        return streams.randn((space.dim,))
+
+    def actions_from_noise(self, batch, noise):
         self.calls += 1
-        return self.samples[:, :num_samples].clone()
+        b = self.samples.shape[0]
+        p = torch.arange(noise.shape[0])
+        return self.samples[p % b, p // b].clone()
 
 
 class CountingVerifier(FunctionVerifier):
@@ -61,8 +71,8 @@ def test_candidates_follow_the_fitted_gaussian():
     g = gen(1)
     samples = torch.randn(1, 6, 1, 3, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0]) + 2.0
     space = ActionSpace.box(-1e6, 1e6, dim=3)
-    aug = GaussianAugmenter(20000, space)
-    cands = aug(samples, gen(2))
+    aug = GaussianAugmenter(space)
+    cands = aug(samples, torch.randn(1, 20000, 1, 3, generator=gen(2), dtype=torch.float64))
     mean, var = cands.mean[0, 0], cands.var[0, 0]
     assert torch.allclose(mean, samples[0, :, 0].mean(0))
     assert torch.allclose(var, samples[0, :, 0].var(0, unbiased=True))
@@ -83,7 +93,7 @@ def test_gripper_by_majority_and_clipping_to_bounds():
     cont = torch.tensor([[3.0, 0.0], [2.5, -0.2], [3.5, 0.2]])  # first dim far above its bound
     samples = torch.cat([cont[None].expand(3, 3, 2), grip[..., None]], -1)[:, :, None]
     valid = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
-    cands = GaussianAugmenter(64, space)(samples, gen(), valid)
+    cands = GaussianAugmenter(space)(samples, torch.randn(3, 64, 1, 3, generator=gen()), valid)
     assert [float(a[:, 0, 2].unique()) for a in cands.actions] == [1.0, 0.0, 1.0]  # a 1-1 tie goes to 1
     for a in cands.actions:
         assert (a[..., :2] <= 1).all() and (a[..., :2] >= -1).all()
@@ -113,7 +123,7 @@ def test_clipped_duplicates_collapse_and_exit_early():
     space = ActionSpace.box(-1, 1, dim=2)
     # every sample far outside the box with tiny spread: every candidate clips to the same corner
     samples = torch.tensor([[[5.0, -5.0], [5.01, -5.02], [4.99, -4.98]]])[:, :, None]
-    cands = GaussianAugmenter(32, space)(samples, gen())
+    cands = GaussianAugmenter(space)(samples, torch.randn(1, 32, 1, 2, generator=gen()))
     assert cands.counts == [1] and cands.early_exit == [True]
     assert cands.actions[0].tolist() == [[[1.0, -1.0]]]
 
@@ -121,8 +131,7 @@ def test_clipped_duplicates_collapse_and_exit_early():
 def test_early_exit_skips_the_verifier():
     same = torch.full((2, 5, 2), 0.3)
     verifier = CountingVerifier([0.0, 0.0])
-    w = RoboMonkeyPolicy(FixedPolicy(same), verifier, ActionSpace.box(-1, 1, dim=2), num_samples=5,
-                         num_candidates=16)
+    w = RoboMonkeyPolicy(FixedPolicy(same), verifier, ActionSpace.box(-1, 1, dim=2), n=16, policy_samples=5)
     a = w.select_action(obs(2))
     assert torch.allclose(a, torch.full((2, 2), 0.3))
     assert verifier.seen == 0 and w.diagnostics[-1].early_exit == [True, True]
@@ -131,7 +140,7 @@ def test_early_exit_skips_the_verifier():
 def test_sample_set_verifies_the_policy_samples_themselves():
     samples = torch.tensor([[[0.5, 0.5], [0.1, 0.0], [0.5, 0.5], [2.0, 0.0]]])
     w = RoboMonkeyPolicy(FixedPolicy(samples), CountingVerifier([1.0, 0.0]), ActionSpace.box(-1, 1, dim=2),
-                         num_samples=4, augmenter=SampleSet(ActionSpace.box(-1, 1, dim=2)))
+                         n=4, strategy="sample-verify")
     assert w.select_action(obs()).tolist() == [[1.0, 0.0]]  # 2.0 clipped to the bound, then chosen
     assert w.diagnostics[-1].candidates == [3]  # the duplicate (0.5, 0.5) is scored once
 
@@ -143,7 +152,7 @@ def test_single_sample_returns_the_base_policy_action_exactly():
     space = ActionSpace.box([-1, -1, 0], [1, 1, 1], discrete=[2])
     verifier = CountingVerifier([0.0, 0.0, 0.0])
     for k in (1, 16):
-        w = RoboMonkeyPolicy(FixedPolicy(raw), verifier, space, num_samples=1, num_candidates=k)
+        w = RoboMonkeyPolicy(FixedPolicy(raw), verifier, space, n=k, policy_samples=1)
         assert torch.equal(w.select_action(obs()), raw[:, 0])
     assert verifier.seen == 0
 
@@ -155,7 +164,7 @@ def test_single_sample_returns_the_base_policy_action_exactly():
             out = net(s) * 10
             return out[:, :2], out[:, 2:]
     base = GaussianPolicy(Head(), 3, temperature=0.0)
-    w = RoboMonkeyPolicy(base, verifier, ActionSpace.box(-1, 1, dim=2), num_samples=1, num_candidates=1)
+    w = RoboMonkeyPolicy(base, verifier, ActionSpace.box(-1, 1, dim=2), n=1, policy_samples=1)
     b = {STATE: torch.randn(4, 3)}
     assert torch.equal(w.select_action(b), base.select_action(b))
 
@@ -176,7 +185,7 @@ def test_verifier_picks_the_best_candidate_and_same_seed_same_actions():
     runs = []
     for _ in range(2):
         v = CountingVerifier([0.2, -0.1])
-        w = RoboMonkeyPolicy(FixedPolicy(samples), v, space, num_samples=8, num_candidates=16, seed=7)
+        w = RoboMonkeyPolicy(FixedPolicy(samples), v, space, n=16, policy_samples=8, seed=7)
         runs.append(torch.stack([w.select_action(obs(3)) for _ in range(3)]))
         d = w.diagnostics[-1]
         assert v.seen == 3 * sum(d.candidates) and d.candidates == [16, 16, 16]
@@ -196,8 +205,8 @@ def test_chunk_policies_are_queued_and_reset_clears_the_queue():
         return torch.tanh(noise) * 0.5 + torch.arange(3.0)[None, :, None] * 0.1
 
     policy = NoisePolicy(flow, noise_shape=(3, 2), input_shapes={STATE: (3,)})
-    w = RoboMonkeyPolicy(policy, CountingVerifier([0.0, 0.0]), ActionSpace.box(-1, 1, dim=2), num_samples=4,
-                         num_candidates=8)
+    w = RoboMonkeyPolicy(policy, CountingVerifier([0.0, 0.0]), ActionSpace.box(-1, 1, dim=2), n=8,
+                         policy_samples=4)
     first = w.select_action(obs(2))
     assert first.shape == (2, 2) and calls == [(8, 3, 2)]  # B*N noise rows in one call
     w.select_action(obs(2))
@@ -228,7 +237,7 @@ def test_softmax_selector_is_seeded_and_sharpens_to_argmax():
 
 def test_wrong_observation_shapes_name_the_expected_shape():
     w = RoboMonkeyPolicy(FixedPolicy(torch.zeros(1, 4, 2)), CountingVerifier([0, 0]), ActionSpace.box(-1, 1, dim=2),
-                         num_samples=4)
+                         policy_samples=4)
     with pytest.raises(MmttsError, match=r"expects \(B, 3\)"):
         w.select_action({STATE: torch.zeros(1, 7)})
     with pytest.raises(MmttsError, match="unsqueeze"):
@@ -246,7 +255,7 @@ def test_wrong_observation_shapes_name_the_expected_shape():
 def test_nan_samples_are_dropped_and_counted():
     samples = torch.tensor([[[float("nan"), 0.0], [0.2, 0.1], [0.3, float("inf")], [0.25, 0.12]]])
     w = RoboMonkeyPolicy(FixedPolicy(samples), CountingVerifier([0.2, 0.1]), ActionSpace.box(-1, 1, dim=2),
-                         num_samples=4, num_candidates=16)
+                         n=16, policy_samples=4)
     a = w.select_action(obs())
     assert torch.isfinite(a).all()
     d = w.diagnostics[-1]
@@ -259,18 +268,20 @@ def test_all_nan_samples_are_an_error():
     samples = torch.full((2, 3, 2), 0.1)
     samples[1] = float("nan")
     w = RoboMonkeyPolicy(FixedPolicy(samples), CountingVerifier([0, 0]), ActionSpace.box(-1, 1, dim=2),
-                         num_samples=3)
+                         policy_samples=3)
     with pytest.raises(NoValidActionError, match=r"observation\(s\) \[1\]"):
         w.select_action(obs(2))
 
 
 def test_wrong_action_shape_and_settings_are_errors():
     space = ActionSpace.box(-1, 1, dim=2)
-    w = RoboMonkeyPolicy(FixedPolicy(torch.zeros(1, 4, 3)), CountingVerifier([0, 0]), space, num_samples=4)
+    w = RoboMonkeyPolicy(FixedPolicy(torch.zeros(1, 4, 3)), CountingVerifier([0, 0]), space, policy_samples=4)
     with pytest.raises(MmttsError, match="action dimensions"):
         w.select_action(obs())
-    for kwargs, msg in [({"num_candidates": 0}, "num_candidates"), ({"num_samples": 0}, "num_samples"),
-                        ({"deadline_s": 0}, "deadline_s"), ({"on_deadline": "skip"}, "on_deadline")]:
+    for kwargs, msg in [({"n": 0}, "n=0"), ({"policy_samples": 0}, "policy_samples"),
+                        ({"deadline_s": 0}, "deadline_s"), ({"on_deadline": "skip"}, "on_deadline"),
+                        ({"strategy": "best-of-n"}, "strategy"),
+                        ({"strategy": "sample-verify", "n": 4, "policy_samples": 2}, "must equal n=4")]:
         with pytest.raises(MmttsError, match=msg):
             RoboMonkeyPolicy(FixedPolicy(torch.zeros(1, 4, 2)), CountingVerifier([0, 0]), space, **kwargs)
     with pytest.raises(MmttsError, match="high > low"):
@@ -283,7 +294,7 @@ def test_unmet_deadline_falls_back_to_the_first_sample_or_raises():
     samples = torch.tensor([[[0.9, 0.9], [0.0, 0.0], [0.1, -0.1], [-0.2, 0.1]]])
     space = ActionSpace.box(-1, 1, dim=2)
     slow = CountingVerifier([0.0, 0.0], delay=0.3)
-    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, space, num_samples=4, num_candidates=16, deadline_s=0.2,
+    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, space, n=16, policy_samples=4, deadline_s=0.2,
                          verifier_chunk=4)
     a = w.select_action(obs())
     d = w.diagnostics[-1]
@@ -292,13 +303,13 @@ def test_unmet_deadline_falls_back_to_the_first_sample_or_raises():
     assert 0 <= d.chosen[0] < 4
 
     class SlowPolicy(FixedPolicy):
-        def sample_actions(self, batch, num_samples, generator):
+        def actions_from_noise(self, batch, noise):
             time.sleep(0.3)
-            return super().sample_actions(batch, num_samples, generator)
-    w = RoboMonkeyPolicy(SlowPolicy(samples), slow, space, num_samples=4, deadline_s=0.2)
+            return super().actions_from_noise(batch, noise)
+    w = RoboMonkeyPolicy(SlowPolicy(samples), slow, space, policy_samples=4, deadline_s=0.2)
     assert torch.equal(w.select_action(obs()), samples[:, 0])  # nothing scored in time: the first sample
     assert w.diagnostics[-1].fallback == [True]
-    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, space, num_samples=4, deadline_s=0.2, on_deadline="error")
+    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, space, policy_samples=4, deadline_s=0.2, on_deadline="error")
     with pytest.raises(DeadlineMissed, match="deadline of 200.0 ms"):
         w.select_action(obs())
 
@@ -415,14 +426,14 @@ def test_batch_with_early_exits_and_choices_matches_one_observation_at_a_time():
     samples[3, :, 0] = 5.0  # the first dimension clips to the bound: duplicates only through the second
     space = ActionSpace.box(-1, 1, dim=2)
     v = CountingVerifier([0.3, -0.2])
-    w = RoboMonkeyPolicy(FixedPolicy(samples), v, space, num_samples=6, num_candidates=12, seed=3)
+    w = RoboMonkeyPolicy(FixedPolicy(samples), v, space, n=12, policy_samples=6, seed=3)
     a = w.select_action(obs(4))
     d = w.diagnostics[-1]
     assert d.early_exit == [False, True, False, False] and d.candidates[1] == 1
     assert v.seen == sum(c for c, e in zip(d.candidates, d.early_exit) if not e)
     assert torch.equal(a[1], torch.tensor([0.25, 0.25]))
     # the same draws, chosen observation by observation
-    cands = GaussianAugmenter(12, space)(samples[:, :, None], gen_step(w, 0))
+    cands = GaussianAugmenter(space)(samples[:, :, None], step_noise(w, 0, rows=4, k=12, shape=(1, 2)))
     for b, acts in enumerate(cands.actions):
         assert acts.shape[0] == d.candidates[b]
         if d.early_exit[b]:
@@ -433,24 +444,26 @@ def test_batch_with_early_exits_and_choices_matches_one_observation_at_a_time():
         assert d.chosen[b] == int(expected.argmax()) and torch.equal(a[b], acts[d.chosen[b], 0])
 
 
-def gen_step(wrapper, step):
-    """The generator a wrapper used at ``step`` of its current episode, advanced past the policy's draws."""
-    from mmtts.core.rng import derive_seed
-    return torch.Generator().manual_seed(derive_seed(wrapper.seed, wrapper.episode, step))
+def step_noise(wrapper, step, rows, k, shape):
+    """The Gaussian step's noise at ``step`` of the wrapper's current episode: the search is seeded by (seed,
+    episode, step), and each observation's K draws come from the stream of its first policy sample (candidate
+    b of the run), once the policy's own noise was drawn from it."""
+    streams = Streams.spawn(derive_seed(wrapper.seed, wrapper.episode, step), rows)
+    streams.randn(shape[-1:])  # the policy's sample noise
+    return streams.randn((k, *shape))
 
 
 def test_deadline_in_a_batch_falls_back_only_where_nothing_was_scored():
     samples = torch.tensor([[[0.1, 0.1], [0.2, 0.0], [0.0, 0.3]], [[0.9, 0.9], [-0.5, 0.4], [0.3, -0.8]]])
     slow = CountingVerifier([0.0, 0.0], delay=0.3)
-    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, ActionSpace.box(-1, 1, dim=2), num_samples=3,
-                         num_candidates=8, deadline_s=0.2, verifier_chunk=8, augmenter=SampleSet(
-                             ActionSpace.box(-1, 1, dim=2)))
+    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, ActionSpace.box(-1, 1, dim=2), n=3, deadline_s=0.2,
+                         verifier_chunk=8, strategy="sample-verify")
     a = w.select_action(obs(2))
     d = w.diagnostics[-1]
     # one chunk of 8 rows holds all 6 candidates: both observations scored in time, then the deadline passed
     assert d.deadline_missed and d.fallback == [False, False] and slow.seen == 6
-    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, ActionSpace.box(-1, 1, dim=2), num_samples=3,
-                         deadline_s=0.2, verifier_chunk=3, augmenter=SampleSet(ActionSpace.box(-1, 1, dim=2)))
+    w = RoboMonkeyPolicy(FixedPolicy(samples), slow, ActionSpace.box(-1, 1, dim=2), n=3, deadline_s=0.2,
+                         verifier_chunk=3, strategy="sample-verify")
     a = w.select_action(obs(2))
     d = w.diagnostics[-1]
     # the first chunk is observation 0's three candidates; observation 1 falls back to its first sample
@@ -472,7 +485,7 @@ def test_action_verifier_still_ranks_nonfinite_scores_last():
     assert s.dtype == torch.float64 and s[0] == 1.0 and torch.isinf(s[1:]).all() and (s[1:] < 0).all()
 
 
-def test_scorer_folds_features_and_standardisation_and_refreshes_after_updates():
+def test_folded_scorer_matches_the_scorer_and_is_rebuilt_after_updates():
     torch.manual_seed(0)
     lin = torch.randn(3, 4)
     quad = torch.randn(3, 4, 4)
@@ -486,18 +499,33 @@ def test_scorer_folds_features_and_standardisation_and_refreshes_after_updates()
 
     def both():
         with torch.no_grad():
-            folded = scorer({STATE: x}, acts)
+            folded = scorer.folded()({STATE: x}, acts)
         return folded, scorer({STATE: x}, acts).detach()
     folded, explicit = both()
     assert torch.allclose(folded, explicit, atol=1e-4)
+    snapshot = scorer.folded()
     opt = torch.optim.SGD(scorer.parameters(), lr=0.5)
     scorer({STATE: x}, acts).sum().backward()
     opt.step()
     folded2, explicit2 = both()
     assert not torch.allclose(folded2, folded) and torch.allclose(folded2, explicit2, atol=1e-4)
+    with torch.no_grad():  # a folded copy is a snapshot: the update does not reach it
+        assert torch.equal(snapshot({STATE: x}, acts), folded)
     other = MLPActionScorer(4, 2, hidden=16, features=QuadraticFeatures(lin, quad))
     other.load_state_dict(scorer.state_dict())
     with torch.no_grad():
-        assert torch.allclose(other({STATE: x}, acts), folded2, atol=1e-5)
+        assert torch.allclose(other.folded()({STATE: x}, acts), folded2, atol=1e-5)
+    plain = MLPActionScorer(4, 2, hidden=16)
+    plain.set_normalisation(torch.randn(100, 4) * 2)
+    with torch.no_grad():
+        assert torch.allclose(plain.folded()({STATE: x}, acts), plain({STATE: x}, acts), atol=1e-5)
     with pytest.raises(MmttsError, match="feature map reads states of 4"):
         MLPActionScorer(5, 2, features=feats)
+    with pytest.raises(MmttsError, match="actions of 1 x 2"):
+        scorer.folded()({STATE: x}, torch.randn(6, 3))
+
+
+def test_action_verifier_implements_score_only():
+    from mmtts.core.verifier import Verifier
+    assert ActionVerifier.__call__ is Verifier.__call__
+    assert "score" in ActionVerifier.__dict__

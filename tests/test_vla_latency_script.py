@@ -41,8 +41,8 @@ def test_measure_counts_one_policy_call_per_step_at_k16_and_writes_outputs(laten
     for r in rows:
         c = r["calls"]
         assert c["k16"]["steps"] == c["k1"]["steps"] == c["one_by_one"]["steps"] == 50
-        # N = 8 samples and K = 16 candidates: still one policy forward per step, on one observation row
-        assert c["k16"]["policy_calls_per_step"] == 1 and c["k16"]["policy_rows_per_call"] == 1
+        # N = 8 samples and K = 16 candidates: still one policy forward per step, one row per sample
+        assert c["k16"]["policy_calls_per_step"] == 1 and c["k16"]["policy_rows_per_call"] == 8
         assert c["k1"]["policy_calls_per_step"] == 1 and c["k1"]["verifier_calls_per_step"] == 0
         # all candidates scored in one verifier call (fewer rows only where clipping made duplicates)
         assert c["k16"]["verifier_calls_per_step"] == 1 and 1 < c["k16"]["verifier_rows_per_call"] <= 16

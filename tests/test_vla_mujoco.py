@@ -23,7 +23,7 @@ def untrained_wrapper(space, seed=0, n=4, k=8):
     torch.manual_seed(0)
     policy = GaussianPolicy(GaussianMLP(hidden=16), STATE_DIM)
     verifier = ActionVerifier(MLPActionScorer(STATE_DIM, space.dim, hidden=16))
-    return RoboMonkeyPolicy(policy, verifier, space, num_samples=n, num_candidates=k, seed=seed)
+    return RoboMonkeyPolicy(policy, verifier, space, n=k, policy_samples=n, seed=seed)
 
 
 def test_scripted_expert_reaches_the_target():

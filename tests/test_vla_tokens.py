@@ -72,10 +72,27 @@ def test_greedy_decode_with_the_cache_matches_recomputing_the_prefix(model):
 def test_wrapper_over_a_token_policy(model):
     policy = TokenActionPolicy(model, ActionTokenizer(SPACE, BINS, VOCAB), state_prompt)
     verifier = ActionVerifier(MLPActionScorer(STATE_DIM, 3, hidden=8))
-    w = RoboMonkeyPolicy(policy, verifier, SPACE, num_samples=4, num_candidates=8)
+    w = RoboMonkeyPolicy(policy, verifier, SPACE, n=8, policy_samples=4)
     a = w.select_action({"observation.state": torch.zeros(2, STATE_DIM)})
     assert a.shape == (2, 3) and torch.isfinite(a).all()
     assert set(a[:, 2].tolist()) <= {0.0, 1.0}  # the gripper is voted to a valid value
+
+
+def test_token_samples_from_streams_do_not_depend_on_the_rows_beside_them(model):
+    from mmtts.core.rng import Streams
+    policy = TokenActionPolicy(model, ActionTokenizer(SPACE, BINS, VOCAB), state_prompt)
+    batch = {"observation.state": torch.rand(4, STATE_DIM, generator=torch.Generator().manual_seed(2)) * 2 - 1}
+    noise = policy.draw_noise(Streams.spawn(5, 4), SPACE)
+    assert noise.shape == (4, 3) and noise.dtype == torch.float64 and ((noise >= 0) & (noise < 1)).all()
+    together = policy.actions_from_noise(batch, noise)
+    alone = torch.cat([policy.actions_from_noise({"observation.state": batch["observation.state"][i:i + 1]},
+                                                 noise[i:i + 1]) for i in range(4)])
+    assert together.shape == (4, 3) and torch.equal(together, alone)
+    # the first token inverts its distribution: a uniform number of 0 takes the lowest bin, near 1 the highest
+    lo = policy.actions_from_noise(batch, torch.zeros(4, 3, dtype=torch.float64))
+    hi = policy.actions_from_noise(batch, torch.full((4, 3), 1 - 1e-12, dtype=torch.float64))
+    assert (lo[:, 0] <= together[:, 0]).all() and (together[:, 0] <= hi[:, 0]).all()
+    assert (lo[:, 0] < hi[:, 0]).all()
 
 
 def test_vocabulary_mismatch_is_an_error(model):

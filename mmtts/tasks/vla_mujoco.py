@@ -50,7 +50,7 @@ from ..core.registry import TASKS
 from ..core.rng import derive_seed
 from ..core.threads import one_thread
 from ..modalities.vla import (ActionSpace, ActionVerifier, GaussianPolicy, MLPActionScorer, QuadraticFeatures,
-                              RoboMonkeyPolicy, SampleSet, train_action_verifier)
+                              RoboMonkeyPolicy, train_action_verifier)
 from ..modalities.vla.gym_env import GymPolicy, run_episode
 from .base import Task
 
@@ -286,7 +286,7 @@ class VLAMujoco(Task):
             net.load_state_dict(self.cache.load_or_train("vla-mujoco-policy", pc, lambda: train_policy(pc)))
             scorer = make_scorer(vc)
             scorer.load_state_dict(self.cache.load_or_train("vla-mujoco-verifier", vc, lambda: train_verifier(vc)))
-            self._models = (GaussianPolicy(net.eval(), STATE_DIM), ActionVerifier(scorer.eval()))
+            self._models = (GaussianPolicy(net.eval(), STATE_DIM), ActionVerifier(scorer.eval().folded()))
         return self._models
 
     def sizes(self, method: str, budget: int) -> tuple[int, int]:
@@ -305,9 +305,8 @@ class VLAMujoco(Task):
         policy, verifier = self._load()
         n, k = self.sizes(method, budget)
         space = ActionSpace.box(-1.0, 1.0, dim=ACTION_DIM)
-        augmenter = SampleSet(space) if method == "sample-verify" else None
-        return RoboMonkeyPolicy(policy, verifier, space, num_samples=n, num_candidates=k, seed=seed,
-                                augmenter=augmenter)
+        strategy = "sample-verify" if method == "sample-verify" else "robomonkey"
+        return RoboMonkeyPolicy(policy, verifier, space, n=k, policy_samples=n, strategy=strategy, seed=seed)
 
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
         self.check_method(method)

@@ -5,7 +5,9 @@ Gaussian fitted to N samples is nearly free. RoboMonkey therefore samples N
 actions (5 to 9), fits a diagonal Gaussian to them, draws K candidates
 (16 to 32) from it, sets discrete dimensions by majority vote, clips to the
 action bounds and removes duplicates. When one distinct action is left there
-is nothing to choose, and the verifier is skipped.
+is nothing to choose, and the verifier is skipped. The standard normal draws
+come from the caller (the ``robomonkey`` strategy draws them from the
+candidates' random streams).
 
 Everything is batched over the B observations of a control step: the
 candidates stay in one padded (B, K, H, D) tensor with a (B, K) mask of the
@@ -125,17 +127,19 @@ def first_unique(rows: torch.Tensor, decimals: int | None = None) -> torch.Tenso
 
 
 class GaussianAugmenter:
-    """Fit a diagonal Gaussian per observation to N samples and draw K candidates from it.
+    """Fit a diagonal Gaussian per observation to N samples and turn K standard normal draws into candidates.
 
-    ``num_candidates`` is K. The variance is the unbiased sample variance
-    (zero for a single sample, so one sample yields one candidate).
-    ``decimals`` rounds before de-duplication (``None``: exact duplicates only).
+    The variance is the unbiased sample variance (zero for a single sample,
+    so one sample yields one candidate). Discrete dimensions are set by the
+    samples' majority vote, every candidate is clipped to the bounds, and
+    duplicates are marked.
+
+    Args:
+        space: the bounds and discrete dimensions.
+        decimals: round before de-duplication (``None``: exact duplicates only).
     """
 
-    def __init__(self, num_candidates: int, space: ActionSpace, decimals: int | None = None):
-        if int(num_candidates) != num_candidates or num_candidates < 1:
-            raise MmttsError(f"num_candidates={num_candidates!r} must be a whole number >= 1 (RoboMonkey uses 16-32)")
-        self.num_candidates = int(num_candidates)
+    def __init__(self, space: ActionSpace, decimals: int | None = None):
         self.space = space
         self.decimals = decimals
 
@@ -164,23 +168,27 @@ class GaussianAugmenter:
         var = (w * (x - mean[:, None]) ** 2).sum(1) / (n - 1).clamp(min=1)
         return mean, var.sqrt()
 
-    def draw(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """K raw Gaussian draws per observation, N(mean, std^2): (B, K, H, D), before voting and clipping."""
-        b, h, d = mean.shape
-        eps = torch.randn((b, self.num_candidates, h, d), generator=generator, dtype=mean.dtype)
-        if eps.device != mean.device:
-            eps = eps.to(mean.device)
-        return torch.addcmul(mean.unsqueeze(1), std.unsqueeze(1), eps)
+    @staticmethod
+    def draw(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Gaussian draws ``mean + std * noise`` for standard normal ``noise`` (B, K, H, D), before voting and
+        clipping."""
+        if noise.device != mean.device or noise.dtype != mean.dtype:
+            noise = noise.to(mean.device, mean.dtype)
+        return torch.addcmul(mean.unsqueeze(1), std.unsqueeze(1), noise)
 
-    def __call__(self, samples: torch.Tensor, generator: torch.Generator,
+    def __call__(self, samples: torch.Tensor, noise: torch.Tensor,
                  valid: torch.Tensor | None = None) -> Candidates:
+        """Candidates from ``samples`` (B, N, H, D) and standard normal ``noise`` (B, K, H, D)."""
         if samples.ndim != 4:
             raise MmttsError(f"samples must be (batch, N, horizon, action_dim); got shape {tuple(samples.shape)}")
         if samples.shape[-1] != self.space.dim:
             raise MmttsError(f"samples have {samples.shape[-1]} action dimensions; the action space has "
                              f"{self.space.dim}")
+        if noise.ndim != 4 or noise.shape[0] != samples.shape[0] or noise.shape[2:] != samples.shape[2:]:
+            raise MmttsError(f"noise must be (batch, K, horizon, action_dim) = ({samples.shape[0]}, K, "
+                             f"{', '.join(map(str, samples.shape[2:]))}); got {tuple(noise.shape)}")
         mean, std = self.fit_std(samples, valid)
-        draws = self.draw(mean, std, generator)
+        draws = self.draw(mean, std, noise)
         if self.space.discrete:
             idx = list(self.space.discrete)
             draws[..., idx] = self.space.vote(samples, valid)[:, None].expand(-1, draws.shape[1], -1, -1)
@@ -194,13 +202,16 @@ class SampleSet:
     The ablation of the Gaussian step (and what to use when every candidate
     must come from the policy itself): K equals N, and each candidate costs
     a policy sample.
+
+    Args:
+        space: the bounds to clip to.
+        decimals: round before de-duplication (``None``: exact duplicates only).
     """
 
     def __init__(self, space: ActionSpace, decimals: int | None = None):
         self.space, self.decimals = space, decimals
 
-    def __call__(self, samples: torch.Tensor, generator: torch.Generator,
-                 valid: torch.Tensor | None = None) -> Candidates:
+    def __call__(self, samples: torch.Tensor, valid: torch.Tensor | None = None) -> Candidates:
         mean, std = GaussianAugmenter.fit_std(samples, valid)
         clipped = self.space.clip(samples)
         return Candidates(clipped, distinct_rows(clipped.flatten(2), self.decimals, valid), mean, std)

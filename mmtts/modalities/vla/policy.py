@@ -1,13 +1,16 @@
 """Policies that can sample, and the LeRobot-shaped observation batches they read.
 
-The wrapper needs one thing from a policy: N actions (or action chunks) per
-observation, drawn from the generator it passes, so that a run is a pure
-function of its seed. ``sample_actions(batch, num_samples, generator)``
-returns (B, N, D) or (B, N, H, D). Two adapters cover the common kinds: a
-Gaussian head (a temperature scales its standard deviation) and a policy
-that takes its noise as an argument, as flow-matching policies do
-(``noise=``). The token adapter for discretised-action VLMs is in
-``tokens.py``.
+The action process needs two things from a policy, so that every candidate
+is a pure function of its observation and its own random stream:
+``draw_noise(streams, space)`` draws each candidate's sampling noise from its
+stream (one row per candidate), and ``actions_from_noise(batch, noise)``
+turns observation rows and their noise into actions (M, D) or chunks
+(M, H, D), one policy row per candidate. ``sample_actions(batch, num_samples,
+generator)`` draws N actions per observation from a generator, for direct
+use. Two adapters cover the common kinds: a Gaussian head (a temperature
+scales its standard deviation) and a policy that takes its noise as an
+argument, as flow-matching policies do (``noise=``). The token adapter for
+discretised-action VLMs is in ``tokens.py``.
 
 A batch is a dict as LeRobot passes it: ``"observation.state"`` (B, S),
 images under ``"observation.images.*"``, and the instruction under ``"task"``
@@ -23,14 +26,18 @@ import torch
 from torch import nn
 
 from ...core.errors import MmttsError
+from ...core.rng import Streams
 
 STATE_KEY = "observation.state"
 
 
 @runtime_checkable
 class SamplingPolicy(Protocol):
-    def sample_actions(self, batch: Mapping[str, Any], num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        """``num_samples`` actions per observation: (B, N, D) or (B, N, H, D)."""
+    def draw_noise(self, streams: Streams, space: Any) -> torch.Tensor:
+        """Each candidate's sampling noise from its own stream: (M, *noise shape)."""
+
+    def actions_from_noise(self, batch: Mapping[str, Any], noise: torch.Tensor) -> torch.Tensor:
+        """One action (M, D) or chunk (M, H, D) per observation row and noise row."""
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -125,25 +132,48 @@ def slice_rows(batch: Mapping[str, Any], start: int, stop: int) -> dict:
 class GaussianPolicy(nn.Module):
     """A policy whose head outputs a diagonal Gaussian: ``module(state) -> (mean, log_std)``.
 
-    One forward gives the distribution, so N samples cost one forward
-    whatever N is. ``temperature`` scales the standard deviation
-    (1: the trained distribution; 0: the mean).
+    A sample is ``mean + temperature * exp(log_std) * noise`` with standard
+    normal noise. In the action process every candidate is one row of the
+    head's forward (as every sample of a VLA is a forward), so the policy
+    forwards counted by a search are the rows the head ran.
+
+    Args:
+        module: the head, ``state (M, S) -> (mean, log_std)``, each (M, D) or (M, H, D).
+        state_dim: S, the length of ``batch[state_key]`` per observation.
+        temperature: scales the standard deviation (1: the trained distribution; 0: the mean).
+        state_key: where the state lies in the observation batch.
+        horizon: H for a head that outputs action chunks (M, H, D); None for single actions (M, D).
     """
 
-    def __init__(self, module: nn.Module, state_dim: int, temperature: float = 1.0, state_key: str = STATE_KEY):
+    def __init__(self, module: nn.Module, state_dim: int, temperature: float = 1.0, state_key: str = STATE_KEY,
+                 horizon: int | None = None):
         super().__init__()
         if temperature < 0:
             raise MmttsError(f"temperature={temperature} must be >= 0")
-        self.module, self.temperature, self.state_key = module, float(temperature), state_key
+        if horizon is not None and horizon < 1:
+            raise MmttsError(f"horizon={horizon} must be >= 1, or None for a head that outputs single actions")
+        self.module, self.temperature, self.state_key, self.horizon = module, float(temperature), state_key, horizon
         self.input_shapes = {state_key: (int(state_dim),)}
+
+    def _sample(self, mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return mean + (log_std.exp() * self.temperature) * noise
+
+    def draw_noise(self, streams: Streams, space) -> torch.Tensor:
+        shape = (space.dim,) if self.horizon is None else (self.horizon, space.dim)
+        return streams.randn(shape)
+
+    @torch.no_grad()
+    def actions_from_noise(self, batch, noise):
+        mean, log_std = self.module(batch[self.state_key])
+        return self._sample(mean, log_std, noise.to(mean.device, mean.dtype))
 
     @torch.no_grad()
     def sample_actions(self, batch, num_samples, generator):
+        """``num_samples`` actions per observation (B, N, D) from one forward per observation."""
         mean, log_std = self.module(batch[self.state_key])
-        std = log_std.exp() * self.temperature
         eps = torch.randn((mean.shape[0], num_samples, *mean.shape[1:]), generator=generator,
                           dtype=mean.dtype).to(mean.device)
-        return mean[:, None] + std[:, None] * eps
+        return self._sample(mean[:, None], log_std[:, None], eps)
 
     @torch.no_grad()
     def select_action(self, batch) -> torch.Tensor:
@@ -155,8 +185,14 @@ class GaussianPolicy(nn.Module):
 class NoisePolicy:
     """A policy that takes its sampling noise as an argument (flow matching: ``fn(batch, noise=eps)``).
 
-    The N samples of every observation run as one batch of B*N rows, each
-    with its own standard normal ``noise`` of ``noise_shape`` (e.g. (H, D)).
+    Every candidate is one row of the call, with its own standard normal
+    ``noise`` of ``noise_shape``.
+
+    Args:
+        fn: ``fn(batch, noise=eps) -> actions``: a batch of M observation rows and (M, *noise_shape) noise
+            give (M, D) actions or (M, H, D) chunks.
+        noise_shape: the noise of one sample, e.g. (H, D).
+        input_shapes: observation key -> shape per observation, checked before every call.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], noise_shape: Sequence[int],
@@ -164,13 +200,21 @@ class NoisePolicy:
         self.fn, self.noise_shape = fn, tuple(int(s) for s in noise_shape)
         self.input_shapes = dict(input_shapes or {})
 
+    def draw_noise(self, streams: Streams, space) -> torch.Tensor:
+        return streams.randn(self.noise_shape)
+
     @torch.no_grad()
+    def actions_from_noise(self, batch, noise):
+        out = self.fn(batch, noise=noise)
+        if not isinstance(out, torch.Tensor) or out.shape[0] != noise.shape[0]:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MmttsError(f"the policy returned {got} for {noise.shape[0]} noise rows; it must return one "
+                             "action (chunk) per row")
+        return out
+
     def sample_actions(self, batch, num_samples, generator):
+        """``num_samples`` actions per observation (B, N, ...): B x N rows in one call."""
         b = batch_rows(batch)
         noise = torch.randn((b * num_samples, *self.noise_shape), generator=generator)
-        out = self.fn(repeat_rows(batch, num_samples), noise=noise)
-        if not isinstance(out, torch.Tensor) or out.shape[0] != b * num_samples:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise MmttsError(f"the policy returned {got} for {b * num_samples} noise rows; it must return one "
-                             "action (chunk) per row")
+        out = self.actions_from_noise(repeat_rows(batch, num_samples), noise)
         return out.reshape(b, num_samples, *out.shape[1:])

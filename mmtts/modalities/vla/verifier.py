@@ -1,10 +1,11 @@
 """Action verifiers: score (observation, instruction, action) triples, higher is better.
 
-``ActionVerifier`` is a core :class:`~mmtts.core.Verifier`, so it gets the
-core's checks (one finite score per candidate, NaN ranked last) and combines
-with ``MeanRank`` and ``Cached`` like any other verifier. The candidates are
-its outputs and the observations are its context, one row per candidate,
-scored in one batched forward.
+``ActionVerifier`` is a core :class:`~mmtts.core.Verifier`: it implements
+``score`` only, so every call gets the core's checks (one finite score per
+candidate, NaN ranked last) and counting, and it combines with ``MeanRank``
+and ``Cached`` like any other verifier. The candidates are its outputs and
+the observations are its context, one row per candidate, scored in one
+batched forward.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import MmttsError
-from ...core.verifier import Verifier, check_scores
-from .policy import STATE_KEY, all_finite, batch_rows
+from ...core.verifier import Verifier
+from .policy import STATE_KEY, batch_rows
 
 
 class ActionVerifier(Verifier):
@@ -27,23 +28,17 @@ class ActionVerifier(Verifier):
     (instruction under ``"task"`` when the scorer reads one) and ``actions``
     is (M, H, D). A ``Mapping`` context is required: a verifier of actions
     cannot judge an action without the observation it answers.
+
+    Args:
+        scorer: ``scorer(observations, actions) -> (M,)`` scores, higher is better (e.g. an
+            ``MLPActionScorer`` or, for speed, its ``folded()`` copy).
+        name: the verifier's name in reports.
+        nonfinite: ``"last"`` ranks NaN/inf scores last, ``"error"`` raises.
     """
 
     def __init__(self, scorer: nn.Module, name: str = "action-verifier", nonfinite: str = "last"):
         super().__init__(nonfinite)
         self.scorer, self.name = scorer, name
-
-    def __call__(self, outputs: Any, context: Any = None) -> torch.Tensor:
-        """The core verifier's call (count, score, check), with a one-operation check instead of a numpy
-        round trip when the scorer returns what it should: one finite score per candidate."""
-        if not isinstance(outputs, torch.Tensor) or outputs.ndim == 0 or outputs.shape[0] == 0:
-            return super().__call__(outputs, context)
-        n = outputs.shape[0]
-        raw = self.score(outputs, context)
-        self._evaluations += n
-        if isinstance(raw, torch.Tensor) and raw.shape == (n,) and raw.is_floating_point() and all_finite(raw):
-            return raw.detach().double() if raw.is_cpu else raw.detach().to("cpu", torch.float64)
-        return check_scores(raw, n, self.name, self.nonfinite)
 
     @torch.no_grad()
     def score(self, outputs: torch.Tensor, context: Any = None) -> torch.Tensor:
@@ -100,10 +95,17 @@ class MLPActionScorer(nn.Module):
     ``features`` (a :class:`QuadraticFeatures`) replaces the raw state by a
     fixed map of it, for instance one invariant to a symmetry of the task.
     The standardisation statistics are buffers, so they travel with the
-    weights in a safetensors state dict. When scoring without gradients the
-    feature map and the standardisation are folded into the first layer
-    (recomputed whenever the weights or the statistics change), which saves
-    their operations on every call.
+    weights in a safetensors state dict. :meth:`folded` gives an inference
+    copy with the feature map and the standardisation folded into the first
+    layer, which saves their operations on every call.
+
+    Args:
+        state_dim: S, the length of the state per observation.
+        action_dim: D.
+        horizon: H, actions per chunk.
+        hidden: width of the two hidden layers.
+        state_key: where the state lies in the observation batch.
+        features: an optional fixed feature map of the state.
     """
 
     def __init__(self, state_dim: int, action_dim: int, horizon: int = 1, hidden: int = 128,
@@ -118,7 +120,6 @@ class MLPActionScorer(nn.Module):
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.register_buffer("state_mean", torch.zeros(width))
         self.register_buffer("state_std", torch.ones(width))
-        self._folded: tuple | None = None
 
     def set_normalisation(self, states: torch.Tensor) -> None:
         """Standardise by the mean and standard deviation of (the features of) ``states`` (M, S)."""
@@ -127,49 +128,63 @@ class MLPActionScorer(nn.Module):
         self.state_mean.copy_(states.mean(0))
         self.state_std.copy_(states.std(0).clamp(min=1e-6))
 
-    def _sources(self) -> list[torch.Tensor]:
-        """The tensors the scoring parameters are computed from (looked up in the modules' own dicts: cheap)."""
-        m, buffers = self.net._modules, self._buffers
-        p1, p2, p3 = m["0"]._parameters, m["2"]._parameters, m["4"]._parameters
-        return [p1["weight"], p1["bias"], p2["weight"], p2["bias"], p3["weight"], p3["bias"], buffers["state_mean"],
-                buffers["state_std"]]
-
-    def _eval_params(self) -> tuple[torch.Tensor, ...]:
-        """(w1, b1, w2, b2, w3, b3) for scoring, the standardisation (and the feature map) folded into w1, b1.
-
-        The first layer's input is then the raw state (and, with features, the
-        state's pairwise products) followed by the action. The folded copy is
-        kept while every source tensor is the same object at the same version
-        (so an optimiser step, ``load_state_dict`` or ``.to()`` refreshes it).
-        """
-        srcs = self._sources()
-        key = [id(t) for t in srcs] + [t._version for t in srcs]  # the cache holds the sources: ids stay unique
-        cache = self._folded
-        if cache is not None and cache[0] == key:
-            return cache[2]
-        w1, b1, w2, b2, w3, b3, mean, std = (t.detach() for t in srcs)
+    @torch.no_grad()
+    def folded(self) -> "FoldedActionScorer":
+        """An inference copy of the scorer as it is now, the standardisation and the feature map folded into
+        the first layer (build it again after changing the weights)."""
+        first, second, last = self.net[0], self.net[2], self.net[4]
+        w1, b1, mean, std = first.weight, first.bias, self.state_mean, self.state_std
         n = mean.shape[0]
         w_state = w1[:, :n] / std
         if self.features is not None:
             f = self.features
             w_state = torch.cat([w_state @ f.linear, w_state @ f.quadratic.flatten(1)], 1)
-        params = (torch.cat([w_state, w1[:, n:]], 1), b1 - (w1[:, :n] / std) @ mean, w2, b2, w3, b3)
-        self._folded = (key, srcs, params)
-        return params
+        return FoldedActionScorer(torch.cat([w_state, w1[:, n:]], 1), b1 - (w1[:, :n] / std) @ mean,
+                                  second.weight, second.bias, last.weight, last.bias, self.state_key,
+                                  self.horizon, self.action_dim, quadratic=self.features is not None)
 
     def forward(self, observations: Mapping[str, Any], actions: torch.Tensor) -> torch.Tensor:
-        s = observations[self.state_key]
-        if s.dtype != self.state_mean.dtype:
-            s = s.to(self.state_mean.dtype)
-        a = actions.reshape(actions.shape[0], -1)
-        if a.shape[1] != self.horizon * self.action_dim:
-            raise MmttsError(f"this scorer takes actions of {self.horizon} x {self.action_dim}; got "
-                             f"{tuple(actions.shape[1:])}")
-        if a.dtype != s.dtype:
-            a = a.to(s.dtype)
-        if torch.is_grad_enabled():  # training: the explicit standardisation, so gradients reach every layer
-            x = s if self.features is None else self.features(s)
-            return self.net(torch.cat([(x - self.state_mean) / self.state_std, a], 1)).view(-1)
-        w1, b1, w2, b2, w3, b3 = self._eval_params()
-        x = torch.cat([s, a] if self.features is None else [s, QuadraticFeatures.outer(s), a], 1)
-        return F.linear(F.silu(F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)), w3, b3).view(-1)
+        s, a = _state_and_actions(observations, actions, self.state_key, self.state_mean.dtype, self.horizon,
+                                  self.action_dim)
+        x = s if self.features is None else self.features(s)
+        return self.net(torch.cat([(x - self.state_mean) / self.state_std, a], 1)).view(-1)
+
+
+class FoldedActionScorer(nn.Module):
+    """:class:`MLPActionScorer` for inference: the first layer reads the raw state (and, with quadratic
+    features, the state's pairwise products) followed by the action. Built by ``MLPActionScorer.folded()``.
+
+    Args:
+        w1, b1, w2, b2, w3, b3: the three layers' weights and biases, the first one folded.
+        state_key: where the state lies in the observation batch.
+        horizon: H, actions per chunk.
+        action_dim: D.
+        quadratic: whether the first layer also reads the state's pairwise products.
+    """
+
+    def __init__(self, w1, b1, w2, b2, w3, b3, state_key: str = STATE_KEY, horizon: int = 1, action_dim: int = 1,
+                 quadratic: bool = False):
+        super().__init__()
+        for name, t in zip(("w1", "b1", "w2", "b2", "w3", "b3"), (w1, b1, w2, b2, w3, b3)):
+            self.register_buffer(name, t.detach().clone())
+        self.state_key, self.horizon, self.action_dim, self.quadratic = state_key, horizon, action_dim, quadratic
+
+    def forward(self, observations: Mapping[str, Any], actions: torch.Tensor) -> torch.Tensor:
+        s, a = _state_and_actions(observations, actions, self.state_key, self.w1.dtype, self.horizon,
+                                  self.action_dim)
+        x = torch.cat([s, a] if not self.quadratic else [s, QuadraticFeatures.outer(s), a], 1)
+        return F.linear(F.silu(F.linear(F.silu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)),
+                        self.w3, self.b3).view(-1)
+
+
+def _state_and_actions(observations, actions, state_key, dtype, horizon, action_dim):
+    """The state (M, S) and the flattened actions (M, H * D) in ``dtype``, checked against the scorer's sizes."""
+    s = observations[state_key]
+    if s.dtype != dtype:
+        s = s.to(dtype)
+    a = actions.reshape(actions.shape[0], -1)
+    if a.shape[1] != horizon * action_dim:
+        raise MmttsError(f"this scorer takes actions of {horizon} x {action_dim}; got {tuple(actions.shape[1:])}")
+    if a.dtype != s.dtype:
+        a = a.to(s.dtype)
+    return s, a
