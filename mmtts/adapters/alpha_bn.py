@@ -19,6 +19,14 @@ class AlphaBatchNorm(OnlineNormAdapter):
     means differ. Works at batch size 1 when ``alpha > 0``, since the source
     statistics regularize the single-sample ones; ``window=K`` pools recent
     samples as well.
+
+    Args:
+        model: the classifier to adapt (its BatchNorm layers, with running statistics, are used).
+        alpha: weight of the source statistics, in [0, 1].
+        exact_variance: add the mixture term ``alpha (1 - alpha) (mu_source - mu_batch)^2`` to the variance.
+        window: 0, or the number of recent samples whose statistics each call pools.
+        include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
+            :class:`mmtts.core.adapter.Adapter`).
     """
 
     def __init__(self, model, *, alpha: float = 0.9, exact_variance: bool = False, window: int = 0, **kw):

@@ -13,6 +13,12 @@ class BatchNormAdapt(OnlineNormAdapter):
     No gradient step; the running buffers are left untouched, so ``reset`` is
     trivially exact. Needs batches larger than one sample, or ``window=K`` to
     pool statistics over the last K samples.
+
+    Args:
+        model: the classifier to adapt (its BatchNorm layers are used).
+        window: 0, or the number of recent samples whose statistics each call pools.
+        include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
+            :class:`mmtts.core.adapter.Adapter`).
     """
 
     def __init__(self, model, *, window: int = 0, **kw):

@@ -57,7 +57,10 @@ def entropy_margin(fraction: float, num_classes: int) -> float:
 
 
 class CostCounter:
-    """Samples seen, extra forward samples and samples back-propagated, for a per-sample cost."""
+    """Samples seen, extra forward samples and samples back-propagated, for a per-sample cost.
+
+    Counts live in ``counts`` (a ``collections.Counter``); the constructor takes no arguments.
+    """
 
     def __init__(self):
         self.counts = Counter()

@@ -41,6 +41,18 @@ class DeYO(EntropyAdapter):
     Turning both filters and both weights off gives TENT (and skips the extra
     forward pass on x'). The shuffle draws from a generator seeded by ``seed``
     and restored by ``reset``, so a rerun repeats exactly.
+
+    Args:
+        model: the classifier to adapt.
+        entropy_margin: entropy filter as a fraction of ln C.
+        plpd_threshold: keep samples whose PLPD exceeds it.
+        reweight_margin: ``E0`` of the entropy weight, as a fraction of ln C.
+        filter_entropy, filter_plpd: switch the two filters on or off.
+        reweight_entropy, reweight_plpd: switch the two weight terms on or off.
+        patch_grid: the shuffle cuts each image into ``patch_grid x patch_grid`` patches.
+        seed: seed of the shuffle's generator.
+        lr, optimizer, momentum, weight_decay, steps, include, exclude, norm_kinds, episodic: as for
+            :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
     """
 
     def __init__(self, model, *, entropy_margin: float = 0.5, plpd_threshold: float = 0.2,

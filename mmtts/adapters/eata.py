@@ -50,6 +50,19 @@ class EATA(EntropyAdapter):
     batch of ``fisher_batch_size``, averaged over batches. Defaults are the
     reference's ImageNet ones (SGD, lr 2.5e-4, momentum 0.9, alpha 2000).
     Turning the filters, the re-weighting and the penalty off gives TENT.
+
+    Args:
+        model: the classifier to adapt.
+        entropy_margin: entropy filter as a fraction of ln C.
+        redundancy_scale: redundancy margin in units of 1/sqrt(C) (see :func:`redundancy_margin`).
+        filter_entropy, filter_redundancy: switch the two filters on or off.
+        reweight: weight each loss term by ``exp(E0 - E)``.
+        ma_momentum: momentum of the moving average of selected predictions.
+        fisher_alpha: weight of the Fisher penalty (0 turns it off).
+        fisher_data: clean, unlabeled inputs (a tensor, or an iterable of batches) for the Fisher.
+        fisher_batch_size: batch size of the Fisher estimate on a tensor.
+        lr, optimizer, momentum, weight_decay, steps, include, exclude, norm_kinds, episodic: as for
+            :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
     """
 
     def __init__(self, model, *, entropy_margin: float = 0.4, redundancy_scale: float = REDUNDANCY_SCALE,
@@ -138,7 +151,12 @@ class EATA(EntropyAdapter):
 
 @ADAPTERS.register("eta")
 class ETA(EATA):
-    """EATA without the anti-forgetting penalty: sample selection and re-weighting only, no clean data needed."""
+    """EATA without the anti-forgetting penalty: sample selection and re-weighting only, no clean data needed.
+
+    Args:
+        model: the classifier to adapt.
+        **kw: :class:`EATA`'s settings (``fisher_alpha`` defaults to 0).
+    """
 
     def __init__(self, model, **kw):
         kw.setdefault("fisher_alpha", 0.0)

@@ -22,7 +22,18 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 class EntropyAdapter(Adapter):
-    """Base class: optimizer settings, input checks, batch-size rules and cost counters."""
+    """Base class: optimizer settings, input checks, batch-size rules and cost counters.
+
+    Args:
+        model: the classifier to adapt.
+        lr: learning rate (default: the method's reference value).
+        optimizer: ``"sgd"`` or ``"adam"`` (default: the method's reference choice).
+        momentum: SGD momentum.
+        weight_decay: weight decay of the optimizer.
+        steps: updates per batch.
+        include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
+            :class:`mmtts.core.adapter.Adapter`).
+    """
 
     #: optimizer defaults of the method's reference code
     default_optimizer: ClassVar[str] = "sgd"

@@ -20,7 +20,16 @@ from .common import CostCounter, check_batch, expected_ndim
 
 
 class OnlineNormAdapter(Adapter):
-    """Base of ``bn`` and ``alpha-bn``: BatchNorm with ``alpha * source + (1 - alpha) * batch`` moments."""
+    """Base of ``bn`` and ``alpha-bn``: BatchNorm with ``alpha * source + (1 - alpha) * batch`` moments.
+
+    Args:
+        model: the classifier to adapt.
+        alpha: weight of the source (running) statistics, in [0, 1].
+        exact_variance: mix the variances as a two-component mixture.
+        window: 0, or the number of recent samples whose statistics each call pools.
+        include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
+            :class:`mmtts.core.adapter.Adapter`).
+    """
 
     norm_kinds = ("batchnorm",)
 

@@ -31,6 +31,15 @@ class SAR(EntropyAdapter):
     globs to do the same on a given architecture. When no sample stays below
     the margin after the sharpness step, the reference back-propagates the
     mean of an empty tensor (NaN) into the weights; here the update is skipped.
+
+    Args:
+        model: the classifier to adapt.
+        entropy_margin: entropy filter as a fraction of ln C.
+        rho: radius of the sharpness-aware step.
+        reset_margin: recover the source model when the loss average falls below this fraction of ln C.
+        ema_momentum: momentum of that loss average.
+        lr, optimizer, momentum, weight_decay, steps, include, exclude, norm_kinds, episodic: as for
+            :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
     """
 
     def __init__(self, model, *, entropy_margin: float = 0.4, rho: float = 0.05,

@@ -14,6 +14,11 @@ class Source(Adapter):
     """Predict with the source model in eval mode; nothing changes.
 
     Unlike the other adapters it accepts models with no normalization layers.
+
+    Args:
+        model: the classifier to run.
+        include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
+            :class:`mmtts.core.adapter.Adapter`).
     """
 
     needs_norm_layers = False

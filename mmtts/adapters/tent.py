@@ -17,6 +17,13 @@ class Tent(EntropyAdapter):
     with test-batch statistics. The reference adapts BatchNorm only; here
     GroupNorm and LayerNorm layers are adapted too (select with ``norm_kinds``),
     so models built on them adapt at batch size 1.
+
+    Args:
+        model: the classifier to adapt.
+        lr, optimizer, momentum, weight_decay, steps: the optimizer (see
+            :class:`~mmtts.adapters.entropy_min.EntropyAdapter`).
+        include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
+            :class:`mmtts.core.adapter.Adapter`).
     """
 
     default_optimizer = "adam"
