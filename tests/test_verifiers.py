@@ -1,5 +1,6 @@
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,85 @@ def test_heldout_verifiers_are_reported_but_never_select():
     v = SumVerifier()
     with pytest.raises(mmtts.MmttsError, match="must not be the search verifier"):
         mmtts.search(CountingProcess(), v, "best-of-n", budget=40, heldout={"same": v})
+
+
+def test_cache_evicts_the_least_recently_used():
+    calls = []
+    v = Cached(FunctionVerifier(lambda x: (calls.append(x[:, 0].tolist()), x[:, 0])[1], name="id"), max_items=3)
+    item = lambda *k: torch.tensor([[float(i)] for i in k])  # noqa: E731
+    v(item(1, 2, 3))
+    v(item(1))  # a hit makes 1 the most recently used: 2 is now the oldest
+    v(item(4))  # evicts 2
+    assert calls == [[1.0, 2.0, 3.0], [4.0]]
+    v(item(1, 3, 4))  # all kept; used in this order, 1 is now the oldest
+    v(item(1))  # and now 3 is
+    assert len(calls) == 2
+    assert v(item(2)).tolist() == [2.0] and calls[-1] == [2.0]  # 2 was evicted, not 1; adding it evicts 3
+    v(item(1, 4))  # hits
+    assert len(calls) == 3
+    v(item(3))
+    assert calls[-1] == [3.0] and v.hits == 7 and v.evaluations == 6
+    assert v(item(5, 6, 7, 8, 5)).tolist() == [5.0, 6.0, 7.0, 8.0, 5.0]  # a batch larger than the cache
+    with pytest.raises(ValueError, match="max_items"):
+        Cached(SumVerifier(), max_items=0)
+
+
+def test_cache_ranks_nonfinite_last_with_one_warning():
+    v = Cached(FunctionVerifier(lambda x: torch.where(x[:, 0] > 0, float("nan"), x[:, 0]), name="nan"))
+    x = torch.tensor([[1.0], [-1.0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = v(x)
+    assert first.tolist() == [float("-inf"), -1.0] and len(caught) == 1
+    assert v(x).tolist() == first.tolist()  # a hit
+
+
+def test_average_ranks_equal_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    from mmtts.core.verifier import average_ranks, ranks01
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 7, 50, 1000):
+        for values in (torch.randn(n, generator=g), torch.randint(0, 4, (n,), generator=g).double(),
+                       torch.where(torch.rand(n, generator=g) < 0.3, float("-inf"), torch.randn(n, generator=g))):
+            x = values.double().numpy()
+            assert np.array_equal(average_ranks(x), rankdata(x, method="average"))
+    assert ranks01(torch.tensor([3.0, float("-inf"), 3.0, 1.0])).tolist() == [5 / 6, 0.0, 5 / 6, 1 / 3]
+
+
+def _verifier_subclasses():
+    import importlib
+    import pkgutil
+
+    import mmtts.core.verifier as core
+    for pkg in ("core", "verifiers", "modalities", "strategies", "tasks"):
+        root = importlib.import_module(f"mmtts.{pkg}")
+        for info in pkgutil.walk_packages(root.__path__, f"mmtts.{pkg}."):
+            try:
+                importlib.import_module(info.name)
+            except ImportError as e:  # an optional library that is not installed
+                warnings.warn(f"{info.name} not imported: {e}")
+    seen, todo = [], [core.Verifier]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.append(sub)
+                todo.append(sub)
+    return [c for c in seen if c.__module__.startswith("mmtts.")]
+
+
+def test_no_verifier_overrides_call():
+    """Validation and counting live in Verifier.__call__: subclasses implement score (and parts, to delegate)."""
+    classes = _verifier_subclasses()
+    names = {c.__name__ for c in classes}
+    assert {"FunctionVerifier", "MeanRank", "Cached", "ClassifierLogProb", "CLIPScore"} <= names
+    assert [c.__qualname__ for c in classes if "__call__" in vars(c)] == []
+
+
+def test_evaluations_of_ensembles_and_caches_are_their_parts():
+    a, b = SumVerifier(), FunctionVerifier(lambda x: -x.sum(1), name="neg")
+    ens = Cached(MeanRank([a, b]))
+    x = torch.randn(5, 3)
+    ens(x)
+    ens(x[:2])
+    assert (a.evaluations, b.evaluations, ens.evaluations, ens.hits) == (5, 5, 10, 2)
