@@ -67,14 +67,13 @@ def test_next_generation_equals_select_resample_perturb_cat(make, population, el
         assert torch.equal(a, b)
 
 
-def test_gather_with_positions_and_keys_equals_resample():
-    st = at_stage_two(image_process(), 4, seed=1)
-    index = [2, 0, 2, 3, 2]
-    for fork_all in (False, True):
-        from mmtts.core.rng import fork_keys
-        a = st.resample(torch.tensor(index), fork_all=fork_all)
-        b = st._gather(None, fork=True, keys=fork_keys(index, fork_all), positions=index)
-        for x, y in zip(fields(a), fields(b)):
-            assert torch.equal(x, y)
-    with pytest.raises(IndexError):
-        st._gather(None, fork=True, keys=[None], positions=[4])
+def test_evosearch_uses_only_public_state_operations():
+    """No private attribute of State or Streams (``_name``) is read outside their own module."""
+    import inspect
+    import re
+
+    import mmtts.strategies.evosearch as evo
+    src = inspect.getsource(evo)
+    assert not re.search(r"\b(State|Streams|pop|new|kids|st|state)\._[a-z]", src)
+    with pytest.raises(IndexError, match="out of range for a batch of 4"):
+        at_stage_two(image_process(), 4, seed=1).select([4])

@@ -91,6 +91,25 @@ def fork_keys(index: list[int], fork_all: bool) -> list[int | None]:
     return out
 
 
+def fork_values(values: torch.Tensor, counters: torch.Tensor, keys: Sequence[int | None]) -> torch.Tensor:
+    """How a forked copy's integers are derived: ``values`` (int64, (B,)) with entry j replaced by
+    ``derive_seed(values[j], counters[j], keys[j])`` wherever ``keys[j]`` is not None (a new tensor).
+
+    ``counters`` are the copied candidates' stream counters at the fork. A
+    forked stream's seed is derived this way from its parent's seed, and in a
+    :class:`~mmtts.core.state.State` the copy's id from its parent's id.
+    """
+    pos = [j for j, k in enumerate(keys) if k is not None]
+    out = values.clone()
+    if pos:
+        at = torch.tensor(pos, dtype=torch.int64)
+        dev = values.device
+        derived = derive_seeds(values.index_select(0, at.to(dev)), counters.index_select(0, at.to(counters.device)),
+                               [keys[j] for j in pos])
+        out[at.to(dev)] = torch.from_numpy(derived).to(dev)
+    return out
+
+
 class Streams:
     """A batch of independent random streams, one per candidate.
 
@@ -108,8 +127,12 @@ class Streams:
         self.counters = counters.cpu()
 
     @classmethod
-    def _of(cls, seeds: torch.Tensor, counters: torch.Tensor) -> "Streams":
-        """Streams over int64 (B,) CPU tensors that are already valid (no checks, no copies)."""
+    def unchecked(cls, seeds: torch.Tensor, counters: torch.Tensor) -> "Streams":
+        """Streams over ``seeds`` and ``counters`` as given: no checks and no copies.
+
+        For int64 (B,) CPU tensors known to be valid, such as gathers or
+        concatenations of valid streams (the constructor converts and checks).
+        """
         out = cls.__new__(cls)
         out.seeds, out.counters = seeds, counters
         return out
@@ -174,23 +197,23 @@ class Streams:
         index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
         return self.take(index, fork_keys(index.tolist(), fork_all) if fork_duplicates else None)
 
-    def take(self, index: torch.Tensor, keys: list[int | None] | None = None) -> "Streams":
-        """Streams at the int64 CPU ``index``; where ``keys[j]`` is not None, copy j is forked with that key."""
-        seeds, counters = self.seeds.index_select(0, index), self.counters.index_select(0, index)  # copies
-        pos = [j for j, k in enumerate(keys) if k is not None] if keys is not None else []
-        if pos:
-            at = np.asarray(pos, dtype=np.int64)
-            s, c = seeds.numpy(), counters.numpy()  # views of the copies
-            s[at] = derive_seeds(s[at], c[at], [keys[j] for j in pos])
-            c[at] = 0
-        return Streams._of(seeds, counters)
+    def take(self, index: torch.Tensor, keys: Sequence[int | None] | None = None) -> "Streams":
+        """Streams at the int64 CPU ``index``; where ``keys[j]`` is not None, copy j is forked with that key.
+
+        A forked copy's seed is :func:`fork_values` of its seed, and its counter restarts at 0.
+        """
+        seeds, counters = self.seeds.index_select(0, index), self.counters.index_select(0, index)
+        if keys is not None and any(k is not None for k in keys):
+            seeds = fork_values(seeds, counters, keys)
+            counters.masked_fill_(torch.tensor([k is not None for k in keys]), 0)
+        return Streams.unchecked(seeds, counters)
 
     @staticmethod
     def cat(items: Sequence["Streams"]) -> "Streams":
-        return Streams._of(torch.cat([s.seeds for s in items]), torch.cat([s.counters for s in items]))
+        return Streams.unchecked(torch.cat([s.seeds for s in items]), torch.cat([s.counters for s in items]))
 
     def clone(self) -> "Streams":
-        return Streams._of(self.seeds.clone(), self.counters.clone())
+        return Streams.unchecked(self.seeds.clone(), self.counters.clone())
 
     def state_dict(self) -> dict:
         return {"seeds": self.seeds.clone(), "counters": self.counters.clone()}

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .rng import _PER_ITEM_BELOW, Streams, derive_seed, derive_seeds, fork_keys
+from .rng import Streams, fork_keys, fork_values
 
 
 @dataclass
@@ -42,9 +42,14 @@ class State:
                 raise ValueError(f"State.data[{k!r}] has shape {shape}; every entry needs the batch ({n}) on dim 0")
 
     @classmethod
-    def _of(cls, data: dict, stage: torch.Tensor, streams: Streams, ids: torch.Tensor, parents: torch.Tensor,
-            origin: torch.Tensor, meta: dict) -> "State":
-        """A state built from parts of valid states (a gather or a concatenation): shapes hold by construction."""
+    def unchecked(cls, data: dict, stage: torch.Tensor, streams: Streams, ids: torch.Tensor, parents: torch.Tensor,
+                  origin: torch.Tensor, meta: dict) -> "State":
+        """A state over the given parts as they are: no checks and no copies.
+
+        For parts known to be valid, such as gathers or concatenations of
+        valid states, where the shapes hold by construction; a process building
+        a state from new tensors uses the constructor, which checks them.
+        """
         out = cls.__new__(cls)
         out.data, out.stage, out.streams, out.ids, out.parents, out.origin, out.meta = (
             data, stage, streams, ids, parents, origin, meta)
@@ -75,63 +80,30 @@ class State:
             return v.device
         return torch.device("cpu")
 
-    def _gather(self, index: torch.Tensor | None, fork: bool, fork_all: bool = False,
-                keys: list[int | None] | None = None, positions: list[int] | None = None) -> "State":
-        """Candidates at ``index``; with ``fork``, copy j is forked with ``keys[j]`` (default: :func:`fork_keys`).
+    def _gather(self, index, keys: list[int | None] | None) -> "State":
+        """Candidates at ``index``; where ``keys[j]`` is not None, copy j is a forked child.
 
-        ``positions`` (a list of ints) may be given instead of ``index``.
+        A forked child's stream is forked (:meth:`Streams.take`), its id is
+        derived from its parent's id the same way (:func:`~mmtts.core.rng.fork_values`)
+        and its parent is the copied id.
         """
-        if positions is not None:
-            index = torch.tensor(positions, dtype=torch.int64)
-        else:
-            if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.ndim == 1
-                    and index.is_cpu):
-                index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
-            positions = index.tolist()
+        if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.ndim == 1 and index.is_cpu):
+            index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
         n = len(self)
-        if positions and (min(positions) < 0 or max(positions) >= n):
-            raise IndexError(f"candidate index out of range for a batch of {n}: {positions}")
-        if keys is None:
-            keys = fork_keys(positions, fork_all) if fork else []
-        m = sum(k is not None for k in keys)
-        s, c, i, p = self.streams.seeds, self.streams.counters, self.ids, self.parents
-        if i.is_cpu and p.is_cpu and self.stage.is_cpu and self.origin.is_cpu:
-            # the per-candidate integers with numpy (copies by fancy indexing): a few small arrays, no dispatch
-            at = index.numpy()
-            s, c, i, p, stage, origin = (t.numpy()[at] for t in (s, c, i, p, self.stage, self.origin))
-            if m:
-                # a forked copy's stream seed and id are both derived from (value, parent's counter, key), its
-                # counter restarts at 0 and its parent is the copied id
-                forked = [j for j, k in enumerate(keys) if k is not None]
-                fk = [keys[j] for j in forked]
-                fs, fc, fi = s[forked].tolist(), c[forked].tolist(), i[forked].tolist()
-                if 2 * m < _PER_ITEM_BELOW:  # derive_seeds' per-item path, without the round trip through numpy
-                    derived = [derive_seed(*row) for row in zip(fs + fi, fc * 2, fk * 2)]
-                else:
-                    derived = derive_seeds(fs + fi, fc * 2, fk * 2).tolist()
-                p[forked], s[forked], i[forked], c[forked] = fi, derived[:m], derived[m:], 0
-            seeds, counters, ids, parents, stage, origin = (torch.from_numpy(v) for v in (s, c, i, p, stage, origin))
-        else:
-            seeds, counters = s.index_select(0, index), c.index_select(0, index)
-            ids, parents = i.index_select(0, index.to(i.device)), p.index_select(0, index.to(p.device))
-            stage, origin = self.stage.index_select(0, index.to(self.stage.device)), \
-                self.origin.index_select(0, index.to(self.origin.device))
-            if m:
-                forked = [j for j, k in enumerate(keys) if k is not None]
-                sl, cl, il, pl = seeds.tolist(), counters.tolist(), ids.tolist(), parents.tolist()
-                derived = derive_seeds([sl[j] for j in forked] + [il[j] for j in forked], [cl[j] for j in forked] * 2,
-                                       [keys[j] for j in forked] * 2).tolist()
-                for r, j in enumerate(forked):
-                    pl[j], sl[j], il[j], cl[j] = il[j], derived[r], derived[m + r], 0
-                seeds, counters = torch.tensor(sl, dtype=torch.int64), torch.tensor(cl, dtype=torch.int64)
-                ids, parents = (torch.tensor(v, dtype=torch.int64, device=t.device) for v, t in ((il, ids), (pl, parents)))
-        data = {k: v.index_select(0, index if v.is_cpu else index.to(v.device))
-                for k, v in self.data.items()}
-        return State._of(data, stage, Streams._of(seeds, counters), ids, parents, origin, dict(self.meta))
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise IndexError(f"candidate index out of range for a batch of {n}: {index.tolist()}")
+        at = lambda t: t.index_select(0, index if t.is_cpu else index.to(t.device))  # noqa: E731
+        ids, parents = at(self.ids), at(self.parents)
+        if keys is not None and any(k is not None for k in keys):
+            forked = torch.tensor([k is not None for k in keys], device=ids.device)
+            parents = torch.where(forked, ids, parents)
+            ids = fork_values(ids, at(self.streams.counters), keys)
+        return State.unchecked({k: at(v) for k, v in self.data.items()}, at(self.stage),
+                               self.streams.take(index, keys), ids, parents, at(self.origin), dict(self.meta))
 
     def select(self, index) -> "State":
         """Exact copies of the candidates at ``index`` (duplicates share their stream)."""
-        return self._gather(index, fork=False)
+        return self._gather(index, None)
 
     def resample(self, index, fork_all: bool = False) -> "State":
         """Candidates at ``index``; a duplicate becomes a child with its own forked stream.
@@ -141,7 +113,8 @@ class State:
         ``fork_all`` every copy is a new child (for offspring that must not
         replay the noise their parent already used).
         """
-        return self._gather(index, fork=True, fork_all=fork_all)
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
+        return self._gather(index, fork_keys(index.tolist(), fork_all))
 
     @staticmethod
     def cat(states: Sequence["State"]) -> "State":
@@ -151,7 +124,7 @@ class State:
         for s in states[1:]:
             if set(s.data) != keys:
                 raise ValueError(f"cannot concatenate states with different fields: {sorted(keys)} vs {sorted(s.data)}")
-        return State._of(
+        return State.unchecked(
             data={k: torch.cat([s.data[k] for s in states]) for k in states[0].data},
             stage=torch.cat([s.stage for s in states]),
             streams=Streams.cat([s.streams for s in states]),
@@ -170,7 +143,7 @@ class State:
                 raise ValueError(f"State.data[{k!r}] has shape {shape}; every entry needs the batch ({n}) on dim 0")
         new = dict(self.data)
         new.update(data)
-        return State._of(new, self.stage, self.streams, self.ids, self.parents, self.origin, self.meta)
+        return State.unchecked(new, self.stage, self.streams, self.ids, self.parents, self.origin, self.meta)
 
     def state_dict(self) -> dict:
         return {
