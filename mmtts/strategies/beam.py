@@ -19,6 +19,12 @@ class Beam(Strategy):
     differ. Survivors are chosen by the verifier's score of the preview
     (x0-hat). The population is ``beams * width`` at every stage, so the cost is
     ``beams * width`` candidates' worth of NFE; ``width=None`` spends the budget.
+
+    Args:
+        beams: survivors kept at each scoring.
+        width: children per survivor (None: as many as the budget pays for).
+        interval: stages between scorings.
+        keep: how many of the best finished candidates to return.
     """
 
     def __init__(self, beams: int = 4, width: int | None = None, interval: int = 1, keep: int = 1):

@@ -29,6 +29,16 @@ class ParticleFilter(Strategy):
     Resampling happens every ``interval`` stages when ESS < ``ess_threshold`` * n
     (1.0: always, 0.0: never), and at the last stage when ``final_resample``.
     ``n=None`` spends the budget: one preview score per particle per stage.
+
+    Args:
+        n: the number of particles (None: as many as the budget pays for).
+        potential: ``diff``, ``max``, ``add`` or ``rt`` (see above).
+        lmbda: the inverse temperature of the potentials.
+        resampling: ``systematic`` or ``multinomial``.
+        ess_threshold: resample when ESS < ess_threshold * n (1.0: always, 0.0: never).
+        interval: stages between resampling checks.
+        final_resample: resample at the last stage.
+        keep: how many of the best finished particles to return.
     """
 
     def __init__(self, n: int | None = None, potential: str = "diff", lmbda: float = 10.0,

@@ -19,6 +19,14 @@ class PathSearch(Strategy):
 
     ``n=None`` spends the budget. With ``start`` at the last stage there is no path step and the
     strategy is best-of-n.
+
+    Args:
+        n: the number of paths kept (None: as many as the budget pays for).
+        width: children per path in each round.
+        start: the fraction of the stages denoised before the first round, in [0, 1].
+        forward: stages re-noised in each round.
+        backward: stages denoised in each round (> forward).
+        keep: how many of the best finished candidates to return.
     """
 
     def __init__(self, n: int | None = None, width: int = 4, start: float = 0.25, forward: int = 1,

@@ -47,6 +47,12 @@ class ZeroOrder(Strategy):
     stream for the rest of its trajectory. Iterations are sized from the budget
     (1 + neighbours * iterations candidates, the last iteration possibly smaller);
     under a time-only budget they run until the deadline.
+
+    Args:
+        neighbours: candidates per iteration.
+        radius: the neighbourhood's radius, relative to the typical norm of the noise.
+        restart: draw fresh noises when no neighbour improves on the pivot.
+        keep: how many of the best finished candidates to return.
     """
 
     def __init__(self, neighbours: int = 8, radius: float = 0.2, restart: bool = True, keep: int = 1):
