@@ -89,7 +89,8 @@ def _modules(package: str, names: dict[str, str]) -> dict[str, str]:
 CATALOG = {
     "strategy": _modules("mmtts.strategies", {
         "best-of-n": "best_of_n", "beam": "beam", "particle-filter": "particle_filter", "zero-order": "zero_order",
-        "paths": "paths", "evosearch": "evosearch", "region-vote": "region_vote"}),
+        "paths": "paths", "evosearch": "evosearch", "region-vote": "region_vote",
+        "sample-verify": "sample_verify", "robomonkey": "robomonkey"}),
     "adapter": _modules("mmtts.adapters", {
         "source": "source", "bn": "bn", "alpha-bn": "alpha_bn", "tent": "tent", "eta": "eata", "eata": "eata",
         "sar": "sar", "deyo": "deyo", "gui-rcpo": "gui_rcpo"}),
