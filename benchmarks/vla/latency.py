@@ -1,9 +1,9 @@
 """How the K = 16 / K = 1 latency ratio of the RoboMonkey wrapper depends on the cost of the policy's forward.
 
-The wrapper draws the N policy samples of a step in one policy call and
-scores all K candidates in one verifier call, so a step at K = 16 pays the
-policy once plus a fixed extra (the Gaussian step, de-duplication, the
-verifier over K rows, selection). Its time over the single-sample step should
+The wrapper draws the N policy samples of a step in one policy call (one
+row per sample) and scores all K candidates in one verifier call, so a step
+at K = 16 pays one policy call plus a fixed extra (the Gaussian step,
+de-duplication, the verifier over K rows, selection). Its time over the single-sample step should
 then approach 1 + extra / policy as the policy grows. Run one by one (K
 single-sample policy calls, each candidate scored alone), the ratio would
 approach K instead.

@@ -19,9 +19,15 @@ one selection chooses for every observation.
   ``Budget(max_seconds=...)`` stops the verifier's chunks in the same way
   once the policy has run.
 
-``Selection.extra`` carries the tensors of the step (valid samples, distinct
-candidates, scores, choice) so a control loop can report them without
-recomputing anything.
+``Selection.extra`` carries the tensors of the step so a control loop can
+report them without recomputing anything: ``samples`` (N) and
+``candidates`` (K) per observation, ``valid`` (B, N) bool or None when every
+sample is finite, ``keep`` (B, K) bool marking the distinct candidates or None
+when all are, ``scores`` (B, K) with -inf where nothing was scored, ``scored``
+(B, K) or None when every distinct candidate was, ``index`` (B,) the chosen
+slot, ``fallback`` (B,) bool or None, ``deadline_missed``, ``deadline_where``
+and ``seconds`` per phase. ``scores`` of the Selection are the chosen
+candidates' verifier scores, NaN where the verifier was skipped.
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ class SampleVerify(Strategy):
                              f"not {type(process).__name__}")
         t0 = time.perf_counter()
         b, n = process.rows, self.policy_samples
+        ctx.require_candidates(b * n, 0)  # N policy samples for each of the B observations
         state = ctx.advance(ctx.fresh(b * n))
         flat = ctx.finish(state)  # (B*N, H, D), round-major
         samples = flat.view(n, b, *flat.shape[1:]).transpose(0, 1)  # (B, N, H, D), a view
@@ -210,9 +217,11 @@ class _Step:
         return self.valid.to(torch.int8).argmax(1)
 
     def extra(self, **fields) -> dict:
-        return {"samples": self.samples.shape[1], "valid": self.valid,
-                "keep": None if self.cands is None else self.cands.mask, "deadline_missed": self.deadline_missed,
-                "deadline_where": self.where, "seconds": self.seconds, **fields}
+        cands = self.cands
+        return {"samples": self.samples.shape[1], "candidates": 1 if cands is None else cands.draws.shape[1],
+                "valid": self.valid, "keep": None if cands is None else cands.keep,
+                "deadline_missed": self.deadline_missed, "deadline_where": self.where, "seconds": self.seconds,
+                **fields}
 
     def fallback_all(self, state: State) -> Selection:
         """Each observation's first valid policy sample, untouched (n = 1, or no time left to verify)."""

@@ -61,6 +61,10 @@ class ActionProcess(Process):
         self.rows = check_shapes(observations, getattr(policy, "input_shapes", None) or {})
         self.policy, self.observations, self.space = policy, observations, space
 
+    def nfe_per_candidate(self) -> int:
+        """One policy forward per candidate."""
+        return self.nfe_per_stage
+
     # -- the process ---------------------------------------------------------------
     def init(self, streams: Streams, first_index: int = 0) -> State:
         n = len(streams)

@@ -78,14 +78,18 @@ class StepDiagnostics:
     @property
     def candidates(self) -> list[int]:
         keep = self._x["keep"]
-        return [1] * self.rows if keep is None else keep.sum(1).tolist()
+        return [self._x["candidates"]] * self.rows if keep is None else keep.sum(1).tolist()
 
     @property
     def early_exit(self) -> list[bool]:
-        keep = self._x["keep"]
+        keep, k = self._x["keep"], self._x["candidates"]
         if keep is None:
-            return [not self.deadline_missed] * self.rows
+            return [k == 1 and not self.deadline_missed] * self.rows
         return (keep.sum(1) == 1).tolist()
+
+    def _keep(self) -> torch.Tensor:
+        keep = self._x["keep"]
+        return keep if keep is not None else torch.ones(self.rows, self._x["candidates"], dtype=torch.bool)
 
     @property
     def fallback(self) -> list[bool]:
@@ -95,7 +99,7 @@ class StepDiagnostics:
     def _scored_mask(self) -> torch.Tensor | None:
         if self._x["scores"] is None:
             return None
-        return self._x["keep"] if self._x["scored"] is None else self._x["scored"]
+        return self._keep() if self._x["scored"] is None else self._x["scored"]
 
     @property
     def scores(self) -> list[torch.Tensor | None]:
@@ -113,7 +117,7 @@ class StepDiagnostics:
         index = self._x["index"]
         if index is None:
             return [0] * self.rows
-        rank = (self._x["keep"].cumsum(1) - 1).gather(1, index[:, None])[:, 0]
+        rank = (self._keep().cumsum(1) - 1).gather(1, index[:, None])[:, 0]
         if self._x["fallback"] is not None:
             rank = rank.masked_fill(self._x["fallback"], 0)
         return rank.tolist()
