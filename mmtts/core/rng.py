@@ -40,29 +40,30 @@ def derive_seed(*parts: int) -> int:
 
 
 _U64 = np.uint64
-_PER_ITEM_BELOW = 96
+_PER_ITEM_BELOW = 16  # measured: below this many seeds, plain integers beat numpy's fixed per-call cost
+_SPLITMIX = tuple(_U64(c) for c in (0x9E3779B97F4A7C15, 30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB133111EB, 31))
 
 
 def _splitmix64_array(x: np.ndarray) -> np.ndarray:
-    """:func:`splitmix64` over a uint64 array (numpy's uint64 arithmetic wraps mod 2**64, as the mask does)."""
-    x = x + _U64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
+    """:func:`splitmix64` over a uint64 array (numpy's uint64 array arithmetic wraps mod 2**64, as the mask does)."""
+    add, s1, m1, s2, m2, s3 = _SPLITMIX
+    x = x + add
+    x = (x ^ (x >> s1)) * m1
+    x = (x ^ (x >> s2)) * m2
+    return x ^ (x >> s3)
 
 
 def derive_seeds(*parts) -> np.ndarray:
     """:func:`derive_seed` elementwise over equal-length 1-D integer sequences (scalars broadcast): int64 (n,)."""
     n = max((1 if isinstance(p, (int, np.integer)) else len(p)) for p in parts)
-    if n < _PER_ITEM_BELOW:  # up to a few dozen seeds, plain integers beat numpy (fixed per-call cost, cold code)
+    if n < _PER_ITEM_BELOW:
         cols = [[int(p)] * n if isinstance(p, (int, np.integer)) else
                 (p.tolist() if isinstance(p, (torch.Tensor, np.ndarray)) else list(p)) for p in parts]
         return np.array([derive_seed(*row) for row in zip(*cols)], dtype=np.int64).reshape(n)
-    h = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for p in parts:
-            h = _splitmix64_array(h ^ _as_u64(p))
-    return (h >> _U64(1)).astype(np.int64)
+    h = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)  # an array from the start: array arithmetic never warns
+    for p in parts:
+        h = _splitmix64_array(h ^ _as_u64(p))
+    return (h >> _U64(1)).view(np.int64)
 
 
 def _as_u64(p) -> np.ndarray:
@@ -99,15 +100,13 @@ def fork_values(values: torch.Tensor, counters: torch.Tensor, keys: Sequence[int
     forked stream's seed is derived this way from its parent's seed, and in a
     :class:`~mmtts.core.state.State` the copy's id from its parent's id.
     """
+    out = values.detach().cpu().clone()
     pos = [j for j, k in enumerate(keys) if k is not None]
-    out = values.clone()
     if pos:
-        at = torch.tensor(pos, dtype=torch.int64)
-        dev = values.device
-        derived = derive_seeds(values.index_select(0, at.to(dev)), counters.index_select(0, at.to(counters.device)),
-                               [keys[j] for j in pos])
-        out[at.to(dev)] = torch.from_numpy(derived).to(dev)
-    return out
+        at = np.asarray(pos, dtype=np.int64)
+        v = out.numpy()  # a view of the copy
+        v[at] = derive_seeds(v[at], counters.cpu().numpy()[at], [keys[j] for j in pos])
+    return out.to(values.device)
 
 
 class Streams:
@@ -202,10 +201,11 @@ class Streams:
 
         A forked copy's seed is :func:`fork_values` of its seed, and its counter restarts at 0.
         """
-        seeds, counters = self.seeds.index_select(0, index), self.counters.index_select(0, index)
-        if keys is not None and any(k is not None for k in keys):
+        seeds, counters = self.seeds.index_select(0, index), self.counters.index_select(0, index)  # copies
+        forked = [j for j, k in enumerate(keys) if k is not None] if keys is not None else []
+        if forked:
             seeds = fork_values(seeds, counters, keys)
-            counters.masked_fill_(torch.tensor([k is not None for k in keys]), 0)
+            counters.numpy()[forked] = 0  # a view of the copy
         return Streams.unchecked(seeds, counters)
 
     @staticmethod

@@ -94,9 +94,11 @@ class State:
             raise IndexError(f"candidate index out of range for a batch of {n}: {index.tolist()}")
         at = lambda t: t.index_select(0, index if t.is_cpu else index.to(t.device))  # noqa: E731
         ids, parents = at(self.ids), at(self.parents)
-        if keys is not None and any(k is not None for k in keys):
-            forked = torch.tensor([k is not None for k in keys], device=ids.device)
-            parents = torch.where(forked, ids, parents)
+        forked = [j for j, k in enumerate(keys) if k is not None] if keys is not None else []
+        if forked:
+            parents = parents.cpu()  # a copy on any other device; then a view
+            parents.numpy()[forked] = ids.cpu().numpy()[forked]
+            parents = parents.to(ids.device)
             ids = fork_values(ids, at(self.streams.counters), keys)
         return State.unchecked({k: at(v) for k, v in self.data.items()}, at(self.stage),
                                self.streams.take(index, keys), ids, parents, at(self.origin), dict(self.meta))
