@@ -105,11 +105,10 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int) -> torch.Tenso
 
 def linear_fractions(stages: int, points: Sequence[int]) -> list[float]:
     """The default schedule shape: the batch falls by equal steps of 1 / (m + 1) after each of the m points."""
-    m, out, f = len(points), [], 1.0
+    m, out, j = len(points), [], 0
     for k in range(stages):
-        out.append(f)
-        if k in points:
-            f -= 1.0 / (m + 1)
+        out.append((m + 1 - j) / (m + 1))
+        j += k in points
     return out
 
 

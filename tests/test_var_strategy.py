@@ -1,0 +1,162 @@
+"""The tts-var strategy: potentials, structure maps, clustering, schedules and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import mmtts
+from mmtts.core.errors import BudgetError, MmttsError
+from mmtts.core.rng import Streams
+from mmtts.core.strategy import SearchContext
+from mmtts.core.verifier import as_verifier
+from mmtts.modalities.var import MultiScaleVQ, NextScaleTransformer, VARProcess
+from mmtts.strategies.tts_var import TTSVAR, linear_fractions, nearest_to_centroids, potential, structure_maps
+
+SCALES = (1, 2, 3, 4, 6, 8)
+TOKENS = 130
+
+
+@pytest.fixture(scope="module")
+def process():
+    torch.manual_seed(1)
+    tok = MultiScaleVQ(SCALES, vocab=16, code_dim=4, width=4).eval()
+    tf = NextScaleTransformer(SCALES, vocab=16, code_dim=4, width=16, depth=1, heads=2).eval()
+    return VARProcess(tok, tf)
+
+
+def ink(images):
+    return images.mean((1, 2, 3)) * 10
+
+
+def pixels(images):
+    return images.flatten(1)
+
+
+HISTORY = torch.tensor([[1.0, 3.0, 2.0], [0.0, -1.0, 5.0], [4.0, 4.0, -2.0]])
+
+
+@pytest.mark.parametrize("kind, want", [
+    ("value", [2.0, 5.0, -2.0]),
+    ("diff", [2.0 - 3.0, 5.0 - (-1.0), -2.0 - 4.0]),
+    ("sum", [6.0, 4.0, 6.0]),
+    ("max", [3.0, 5.0, 4.0]),
+    ("topk", [(3.0 + 2.0) / 2, (5.0 + 0.0) / 2, (4.0 + 4.0) / 2]),
+])
+def test_each_potential_matches_a_hand_computation(kind, want):
+    assert potential(HISTORY, kind).tolist() == want
+
+
+def test_potentials_at_the_first_resampling_scale_and_with_minus_inf():
+    first = HISTORY[:, :1]
+    for kind in ("value", "diff", "sum", "max", "topk"):
+        assert potential(first, kind).tolist() == [1.0, 0.0, 4.0]
+    assert potential(HISTORY, "topk", k=3).tolist() == [2.0, 4.0 / 3, 2.0]
+    ranked_last = torch.tensor([[float("-inf"), float("-inf")], [1.0, 2.0]])
+    assert potential(ranked_last, "diff").tolist() == [float("-inf"), 1.0]  # -inf - -inf is NaN: ranked last
+    with pytest.raises(MmttsError, match="unknown potential"):
+        potential(HISTORY, "mean")
+
+
+def test_structure_map_is_each_images_first_principal_component():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 16, 5, generator=g, dtype=torch.float64)
+    maps = structure_maps(f)
+    for b in range(3):
+        x = f[b] - f[b].mean(0)
+        _, _, vt = np.linalg.svd(x.numpy())
+        proj = x.numpy() @ vt[0]
+        proj *= np.sign(proj[np.argmax(np.abs(proj))])
+        np.testing.assert_allclose(maps[b].numpy(), proj, atol=1e-10)
+    # the sign convention makes the map independent of the component's arbitrary sign; a (B, C, H, W) map is
+    # read as H*W patches of C channels
+    assert torch.allclose(structure_maps(f.transpose(1, 2).reshape(3, 5, 4, 4)), maps)
+    assert torch.equal(structure_maps(f[:, 0]), f[:, 0])  # global features pass through
+    bad = f.clone()
+    bad[1, 3, 2] = float("nan")
+    with pytest.raises(MmttsError, match="NaN/inf for 1 of 3 candidates"):
+        structure_maps(bad)
+
+
+def test_clustering_keeps_the_sample_nearest_each_centroid():
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    offsets = np.array([[0.3, 0.1], [-0.2, 0.4], [0.05, -0.05], [-0.1, -0.3]])
+    pts = np.concatenate([c + offsets[: 3 + (i == 1)] for i, c in enumerate(centres)])  # 3, 4, 3 points
+    labels = np.repeat([0, 1, 2], [3, 4, 3])
+    want = []
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        mean = pts[members].mean(0)  # k-means centroids of well-separated clusters are their means
+        want.append(int(members[np.argmin(np.linalg.norm(pts[members] - mean, axis=1))]))
+    got = nearest_to_centroids(torch.tensor(pts), 3, seed=0)
+    assert got.tolist() == sorted(want) == [2, 5, 9]
+    # identical points leave fewer distinct clusters: the batch is still filled to k
+    same = torch.zeros(5, 2)
+    with pytest.warns(Warning):
+        assert len(nearest_to_centroids(same, 3, seed=0)) == 3
+
+
+def test_schedule_is_sized_from_the_budget_and_descends(process):
+    s = TTSVAR()
+    assert linear_fractions(6, [1, 2, 3, 4]) == [1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert s.schedule(6, 10) == [10, 10, 8, 6, 4, 2]
+    res = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=pixels)
+    batches = res.extra["batches"]
+    assert all(b >= a for a, b in zip(batches[1:], batches))
+    costs = [1, 4, 9, 16, 36, 64]
+    spent = sum(c * b for c, b in zip(costs, batches))
+    assert res.budget["nfe"] == spent <= 8 * TOKENS
+    bigger = s.schedule(6, batches[0] + 1)
+    assert sum(c * b for c, b in zip(costs, bigger)) > 8 * TOKENS  # the largest first batch that fits
+    kinds = [(k["scale"], k["kind"]) for k in res.extra["kept"]]
+    assert kinds == [(1, "cluster"), (2, "cluster"), (3, "resample"), (4, "resample")]
+    # the verifier saw each resampling scale's batch and the final batch
+    assert res.budget["verifier_calls"] == batches[3] + batches[4] + batches[5]
+
+
+@pytest.mark.parametrize("kind", ["value", "diff", "sum", "max", "topk"])
+def test_same_seed_same_result_for_every_potential(process, kind):
+    a = mmtts.search(process, ink, "tts-var", budget=6 * TOKENS, seed=3, potential=kind, features=pixels, keep=2)
+    b = mmtts.search(process, ink, "tts-var", budget=6 * TOKENS, seed=3, potential=kind, features=pixels, keep=2)
+    assert torch.equal(a.outputs, b.outputs) and torch.equal(a.scores, b.scores)
+    assert a.extra["kept"] == b.extra["kept"]
+
+
+def test_resampled_survivors_are_their_parents_continued(process):
+    """Every survivor's tokens up to the resampling scale are those of the fresh candidate its line started
+    from (codes and cache followed it), and every later token is its own."""
+    s = TTSVAR(batches=[4, 4, 4, 4, 4, 4], cluster_at=(), resample_at=(2,), lmbda=50.0, keep=4)
+    ctx = SearchContext(process, as_verifier(ink), mmtts.Budget(max_nfe=4 * TOKENS), seed=1)
+    sel = s.run(ctx)
+    assert ctx.meter.nfe == 4 * TOKENS
+    fresh = process.init(Streams.spawn(1, 4))
+    for _ in range(3):
+        fresh = process.step(fresh)
+    codes = sel.state.data["codes"]
+    assert torch.equal(codes[:, :14], fresh.data["codes"][sel.state.origin, :14])
+    origin = sel.state.origin.tolist()
+    assert sorted(origin) == sorted(sel.extra["kept"][0]["index"])
+    twins = [(a, b) for a in range(4) for b in range(a + 1, 4) if origin[a] == origin[b]]
+    assert twins  # lmbda=50 duplicates the best
+    for a, b in twins:  # copies of one parent diverge after the resampling scale (forked streams)
+        assert not torch.equal(codes[a, 14:], codes[b, 14:])
+
+
+def test_bad_input_errors(process):
+    with pytest.raises(MmttsError, match="batches has 7 entries for a process of 6 scales"):
+        mmtts.search(process, ink, "tts-var", budget=20 * TOKENS, batches=[8, 8, 6, 4, 2, 1, 1])
+    with pytest.raises(MmttsError, match="increase at scale 2"):
+        TTSVAR(batches=[4, 4, 6, 2])
+    with pytest.raises(BudgetError, match="below the cost of one candidate|below one sample"):
+        mmtts.search(process, ink, "tts-var", budget=TOKENS - 1)
+    with pytest.raises(BudgetError, match="below one sample of tts-var"):
+        mmtts.search(process, ink, "tts-var", budget=mmtts.Budget(max_nfe=10 * TOKENS, max_verifier_calls=2))
+    with pytest.raises(MmttsError, match="NaN/inf"):
+        mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, features=lambda x: x.flatten(1) * float("nan"))
+    with pytest.raises(MmttsError, match="shrinks after scale 0"):
+        mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, batches=[4, 2, 2, 2, 2, 2])
+    with pytest.raises(MmttsError, match="outside 0..4"):
+        mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, cluster_at=(5,), resample_at=())
+    with pytest.raises(MmttsError, match="both clustering and resampling"):
+        TTSVAR(cluster_at=(1, 3), resample_at=(3,))
+    with pytest.raises(MmttsError, match="unknown potential"):
+        TTSVAR(potential="add")
