@@ -21,6 +21,18 @@ class State:
     random streams; ``ids``, ``parents`` and ``origin`` record lineage:
     a unique id per candidate, the id it was copied from, and the index of the
     fresh candidate its line started from.
+
+    Args:
+        data: per-candidate tensors, the batch on dimension 0.
+        stage: (B,) int64, stages completed by each candidate.
+        streams: one random stream per candidate.
+        ids: (B,) int64, a unique id per candidate.
+        parents: (B,) int64, the id each candidate was copied from (-1 for a fresh one).
+        origin: (B,) int64, the index of the fresh candidate each line started from.
+        meta: batch-wide values a process keeps with its state (copied, not indexed).
+
+    Copies come from :meth:`select`, :meth:`resample` and :meth:`cat`;
+    :meth:`unchecked` builds a state from parts known to be valid, without checks.
     """
 
     data: dict[str, torch.Tensor]

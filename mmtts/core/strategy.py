@@ -33,7 +33,17 @@ from .verifier import Verifier, as_verifier
 
 @dataclass
 class Selection:
-    """What a strategy returns: chosen outputs best first, their scores, and optional extras."""
+    """What a strategy returns: chosen outputs best first, their scores, and optional extras.
+
+    Args:
+        outputs: the chosen outputs, best first.
+        scores: their search-verifier scores.
+        state: their states (for lineage and held-out context), when the strategy has them.
+        population: the final population's outputs, for strategies that keep one.
+        population_scores: their scores.
+        extra: strategy-specific facts for the result (sizes, ESS trace, ...).
+        votes: a voting strategy's share of candidates behind each chosen output (its ``scores`` are then NaN).
+    """
 
     outputs: Any
     scores: torch.Tensor
@@ -41,7 +51,6 @@ class Selection:
     population: Any = None
     population_scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
-    #: a voting strategy's share of candidates behind each chosen output (its ``scores`` are then NaN)
     votes: torch.Tensor | None = None
 
 
@@ -271,7 +280,12 @@ class SearchContext:
 
 
 class Strategy(ABC):
-    """A search algorithm. Settings are keyword arguments, validated in ``__init__``."""
+    """A search algorithm, written once against :class:`SearchContext`.
+
+    Args:
+        **settings: the strategy's settings (data, not code), validated by the subclass's ``__init__`` and
+            recorded in the result and the checkpoint identity.
+    """
 
     name: ClassVar[str] = ""
 
