@@ -112,7 +112,11 @@ def fork_values(values: torch.Tensor, counters: torch.Tensor, keys: Sequence[int
 class Streams:
     """A batch of independent random streams, one per candidate.
 
-    ``seeds`` and ``counters`` are int64 tensors of shape (B,) on the CPU.
+    Args:
+        seeds: (B,) integers, one stream seed per candidate (kept as int64 on the CPU).
+        counters: (B,) integers, the draws each stream has made (default: zeros).
+
+    :meth:`unchecked` builds streams from tensors known to be valid, without checks or copies.
     """
 
     def __init__(self, seeds: torch.Tensor, counters: torch.Tensor | None = None):
@@ -227,6 +231,10 @@ class StrategyRNG:
     """The strategy's own random stream (resampling draws, tournament picks).
 
     Counter-based like :class:`Streams` so that it checkpoints as two integers.
+
+    Args:
+        seed: the run's root seed.
+        counter: the draws made so far.
     """
 
     def __init__(self, seed: int, counter: int = 0):
