@@ -128,17 +128,25 @@ def test_perturb_keeps_initial_noise_standard_normal():
 
 @pytest.mark.parametrize("eta,kind", [(0.0, DDIMScheduler), (1.0, DDIMScheduler), (0.0, DDPMScheduler)])
 def test_perturb_equals_its_formula_at_mixed_stages(eta, kind):
-    """Candidates at stage 0 mix the noise, later ones move by scale * sigma_t; the cached per-stage std is exact."""
+    """Candidates at stage 0 mix the noise, later ones move by scale * sigma_t (float32, the streams' noise)."""
     proc = ImageProcess(tiny_unet(), schedule_from_scheduler(kind(num_train_timesteps=100), 5, eta=eta), (1, 8, 8))
     stages = torch.tensor([0, 3, 1, 0, 4, 5, 2])
-    assert torch.equal(proc.mutation_std_table()[stages.clamp(max=4)], proc.mutation_std(stages.clamp(max=4)))
-    for st_stage in (stages, torch.zeros(7, dtype=torch.int64), stages.clamp(min=1)):
+    s = proc.schedule
+    want_std = s.noise_std(stages.clamp(max=4)) if s.stochastic else s.posterior_std(stages.clamp(max=4))
+    assert torch.equal(proc.mutation_std(stages.clamp(max=4)), want_std)
+    def state(st_stage):
         st = proc.init(Streams.spawn(1, 7))
         st.stage = st_stage
-        z = st.streams.clone().randn((1, 8, 8), dtype=torch.float64)
-        x, b = st.data["x"].double(), torch.tensor(0.3, dtype=torch.float64).reshape(1, 1, 1, 1)
-        sig = proc.mutation_std(st_stage.clamp(max=4)).reshape(-1, 1, 1, 1)
-        want = torch.where((st_stage == 0).reshape(-1, 1, 1, 1), (1 - b ** 2).clamp(min=0).sqrt() * x + b * z,
-                           x + b * sig * z).float()
+        return st
+
+    for st_stage in (stages, torch.zeros(7, dtype=torch.int64), stages.clamp(min=1)):
+        st = state(st_stage)
+        z = st.streams.clone().randn((1, 8, 8))
+        x, b = st.data["x"], 0.3
+        sig = proc.mutation_std(st_stage.clamp(max=4)).float().reshape(-1, 1, 1, 1)
+        start = (st_stage == 0).reshape(-1, 1, 1, 1)
+        want = torch.where(start, (1 - b ** 2) ** 0.5 * x + b * z, x + b * sig * z)
         got = proc.perturb(st, 0.3).data["x"]
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        per_candidate = proc.perturb(state(st_stage), torch.full((7,), 0.3, dtype=torch.float64)).data["x"]  # one scale per candidate
+        assert torch.equal(per_candidate, got)

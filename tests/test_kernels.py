@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from scipy import stats as sstats
 
 import mmtts.kernels as K
+from mmtts.kernels import philox
 from mmtts.kernels.dispatch import interpreting, use_triton
 
 ODD_SHAPES = [(1, 1023), (3, 1500), (2, 3, 11, 31)]  # batch 1, odd flat sizes, image-like
@@ -42,10 +43,11 @@ def _per_candidate(step, x, out, z, timesteps):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("eta,clip", [(0.0, False), (0.7, False), (0.7, True)])
 @pytest.mark.parametrize("shape", ODD_SHAPES)
-def test_ddim_matches_diffusers(shape, eta, prediction_type, dtype):
-    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction_type)
+def test_ddim_matches_diffusers(shape, eta, clip, prediction_type, dtype):
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=clip, clip_sample_range=1.5,
+                          prediction_type=prediction_type)
     sched.set_timesteps(10)
     timesteps = sched.timesteps[[0, 4, 9, 2, 7][: shape[0]]]
     x, out, z = _data(shape, dtype)
@@ -56,6 +58,9 @@ def test_ddim_matches_diffusers(shape, eta, prediction_type, dtype):
 
     want_next, want_x0 = _per_candidate(step, x, out, z, timesteps)
     coefs = K.coefficients_from_scheduler(sched, timesteps, eta=eta)
+    assert (coefs.clip is not None) == clip
+    if clip:
+        assert float(want_x0.abs().max()) == 1.5  # some x0 predictions were clipped
     got_next, got_x0 = K.denoise_step(x, out, coefs, z=z)
     assert got_next.dtype == dtype and got_x0.dtype == dtype
     scale = float(coefs.x0_a.abs().max() + coefs.x0_b.abs().max())  # 1/sqrt(alpha_bar) reaches ~80 at t=981
@@ -65,10 +70,11 @@ def test_ddim_matches_diffusers(shape, eta, prediction_type, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+@pytest.mark.parametrize("variance_type,clip", [("fixed_small", False), ("fixed_small_log", False),
+                                               ("fixed_large", False), ("fixed_small", True)])
 @pytest.mark.parametrize("shape", ODD_SHAPES)
-def test_ddpm_matches_diffusers_with_given_generator(shape, variance_type, prediction_type, dtype):
-    sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction_type,
+def test_ddpm_matches_diffusers_with_given_generator(shape, variance_type, clip, prediction_type, dtype):
+    sched = DDPMScheduler(num_train_timesteps=1000, clip_sample=clip, prediction_type=prediction_type,
                           variance_type=variance_type)
     sched.set_timesteps(12)
     timesteps = sched.timesteps[[11, 3, 0, 6][: shape[0]]]  # 11 is t=0: the final step adds no noise
@@ -124,7 +130,8 @@ def test_flow_match_eta_keeps_the_noise_level(eta):
     s, sn = sigma[:, None].double(), sigma_next[:, None].double()
     x = (1 - s) * x0 + s * e
     coefs = K.flow_match_coefficients(sigma, sigma_next, eta)
-    a, b, c, x0_a, x0_b = (t[:, None].double() for t in coefs)
+    assert coefs.clip is None and coefs.d is None
+    a, b, c, x0_a, x0_b = (t[:, None].double() for t in coefs[:5])
     want = (1 - sn) * x0 + sn * (math.sqrt(1 - eta**2) * e + eta * z)
     torch.testing.assert_close(a * x + b * (e - x0) + c * z, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x0_a * x + x0_b * (e - x0), x0, rtol=1e-6, atol=1e-6)
@@ -140,9 +147,9 @@ def test_ddim_eta_one_has_the_ddpm_variance():
 
 
 def test_scheduler_checks():
-    sched = DDIMScheduler(clip_sample=True)
+    sched = DDIMScheduler(thresholding=True)
     sched.set_timesteps(5)
-    with pytest.raises(ValueError, match="clip_sample=False"):
+    with pytest.raises(ValueError, match="thresholding=False"):
         K.coefficients_from_scheduler(sched, sched.timesteps[:2])
     ddpm = DDPMScheduler(clip_sample=False)
     ddpm.set_timesteps(5)
@@ -179,6 +186,10 @@ def test_denoise_step_input_errors():
         K.denoise_step(x, out, coefs, seed=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="non-negative"):
         K.denoise_step(x, out, coefs, seed=torch.tensor([1, 2]), offset=torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="clip and d go together"):
+        K.denoise_step(x, out, coefs._replace(clip=torch.ones(2)))
+    with pytest.raises(ValueError, match="with and without clip"):
+        K.StepCoefficients.cat([coefs, K.ddim_coefficients([0.3], [0.5], clip=1.0)])
 
 
 def test_deterministic_step_and_coefficient_bookkeeping():
@@ -189,6 +200,21 @@ def test_deterministic_step_and_coefficient_bookkeeping():
     assert K.denoise_step(x, out, coefs, return_x0=False)[1] is None
     picked = coefs.select(torch.tensor([2, 0]))
     torch.testing.assert_close(K.StepCoefficients.cat([picked, coefs]).a, torch.cat([coefs.a[[2, 0]], coefs.a]))
+
+
+def test_clip_corrects_only_the_clipped_elements():
+    """x_next moves by d * (clip(x0) - x0) exactly where x0 leaves the bound; inf means no bound."""
+    x, out, z = _data((3, 200), torch.float32, seed=4)
+    free = K.ddim_coefficients(torch.tensor([0.02, 0.4, 0.9]), torch.tensor([0.1, 0.6, 0.95]), eta=0.5)
+    bound = torch.tensor([1.0, float("inf"), 0.5])
+    clipped = K.ddim_coefficients(torch.tensor([0.02, 0.4, 0.9]), torch.tensor([0.1, 0.6, 0.95]), eta=0.5, clip=bound)
+    torch.testing.assert_close(clipped.d, torch.tensor([0.1, 0.6, 0.95]).sqrt())  # x0's weight: sqrt(abar_prev)
+    nxt_free, x0_free = K.denoise_step(x, out, free, z=z)
+    nxt, x0 = K.denoise_step(x, out, clipped, z=z)
+    want_x0 = torch.minimum(torch.maximum(x0_free, -bound[:, None]), bound[:, None])
+    torch.testing.assert_close(x0, want_x0, rtol=0, atol=0)
+    torch.testing.assert_close(nxt, nxt_free + clipped.d[:, None] * (want_x0 - x0_free), rtol=1e-6, atol=1e-6)
+    assert torch.equal(nxt[1], nxt_free[1]) and float((x0_free[0].abs() > 1).float().mean()) > 0.5
 
 
 # ---------------------------------------------------------------- in-kernel noise, reference side
@@ -211,6 +237,37 @@ def test_noise_statistics_reference():
         assert abs(float(torch.corrcoef(torch.stack([row[:-1], row[1:]]))[0, 1])) < 5 / math.sqrt(n)
     corr = torch.corrcoef(z)
     assert (corr - torch.eye(4)).abs().max() < 5 / math.sqrt(n)  # candidates are independent
+
+
+def test_philox_known_answers():
+    """Philox-4x32-10 test vectors of its authors (Random123 kat_vectors), and the counter layout of the noise."""
+    m = 0xFFFFFFFF
+    vectors = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+               ((m, m, m, m), (m, m), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+               ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+                (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    counters = torch.tensor([v[0] for v in vectors]).T
+    keys = torch.tensor([v[1] for v in vectors]).T
+    words = philox.philox4x32(*counters, *keys)
+    assert words.T.tolist() == [list(v[2]) for v in vectors]
+    # element 4j + k of a draw is word k of the block at counter (j, offset low, offset high, 0), keyed by the seed
+    seed, offset = torch.tensor([(0x299F31D0 << 32) | 0xA4093822]), torch.tensor([(0x13198A2E << 32) | 0x85A308D3])
+    noise = K.philox_normal_reference(seed, offset, 12)[0]
+    u = philox.words_to_uniform(philox.philox4x32(2, 0x85A308D3, 0x13198A2E, 0, 0xA4093822, 0x299F31D0))
+    radius, theta = torch.sqrt(-2.0 * torch.log(u[0::2])), 2 * math.pi * u[1::2]
+    want = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], -1).reshape(4)  # Box-Muller pairs
+    torch.testing.assert_close(noise[8:], want, rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_draws():
+    streams = _seeds(3)
+    u = K.philox_uniform_reference(streams.seeds, streams.counters, 1 << 15)
+    assert u.dtype == torch.float64 and float(u.min()) >= 0 and float(u.max()) < 1
+    for row in u:
+        assert sstats.kstest(row.numpy(), "uniform").pvalue > 1e-4
+    assert len(torch.unique(u)) == u.numel()  # 53 random bits: no repeats at this size
+    alone = K.philox_uniform_reference(streams.seeds[2:], streams.counters[2:], 5)
+    assert torch.equal(alone[0], u[2, :5])
 
 
 def test_noise_is_a_function_of_seed_offset_and_index():
@@ -468,25 +525,21 @@ def test_benchmark_goal_check_and_table():
     assert "| 85% | 2.50x | yes |" in table and "| NO |" in table
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind,update,eta,prediction", [
-    ("ddim", "ddim", 0.0, "epsilon"), ("ddim", "ddim", 0.8, "v_prediction"), ("ddpm", "ddpm", 0.0, "epsilon"),
-    ("ddim", "ddpm", 0.0, "sample"), ("flow", "ddim", 0.0, None), ("flow", "ddim", 0.6, None)])
-def test_step_reproduces_the_image_process_schedule(kind, update, eta, prediction, dtype):
-    """``coefficients_from_schedule`` + ``denoise_step`` equal the image Process's ``Schedule.step``."""
+@pytest.mark.parametrize("kind,eta,clip", [("ddim", 0.0, False), ("ddim", 0.8, True), ("ddpm", None, True),
+                                           ("ddpm", None, False), ("flow", 0.0, False)])
+def test_the_image_schedule_table_is_coefficients_from_scheduler(kind, eta, clip):
+    """The image Process's per-stage table and coefficients_from_scheduler agree on diffusers' own schedulers."""
     image = pytest.importorskip("mmtts.modalities.image.schedulers")
     if kind == "flow":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=eta is None)
     else:
         cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-        scheduler = cls(num_train_timesteps=1000, clip_sample=False, prediction_type=prediction)
-    schedule = image.schedule_from_scheduler(scheduler, 10, update=update, eta=eta)
+        scheduler = cls(num_train_timesteps=1000, clip_sample=clip, prediction_type="v_prediction")
+    schedule = image.schedule_from_scheduler(scheduler, 10, eta=1.0 if eta is None else eta)
     stage = torch.tensor([0, 9, 4])
-    x, out, z = _data((3, 4, 11, 31), dtype)
-    want_next, want_x0, want_c = schedule.step(out, x, stage, z)
-    coefs = K.coefficients_from_schedule(schedule, stage)
-    got_next, got_x0 = K.denoise_step(x, out, coefs, z=z)
-    torch.testing.assert_close(coefs.c.double(), want_c, rtol=1e-5, atol=1e-9)
-    scale = float(coefs.x0_a.abs().max() + coefs.x0_b.abs().max())
-    _close(got_next, want_next, dtype, scale)
-    _close(got_x0, want_x0, dtype, scale)
+    table = schedule.step_coefficients(stage)
+    direct = K.coefficients_from_scheduler(scheduler, scheduler.timesteps[stage], eta=eta)
+    for name, got, want in zip(K.StepCoefficients._fields, table, direct):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)

@@ -74,15 +74,18 @@ def test_canary_interpreter_returns_real_values():
 @inside_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1023), (3, 1500), (2, 3, 7, 11)])
-@pytest.mark.parametrize("noise", ["given", "drawn", "none"])
+@pytest.mark.parametrize("noise", ["given", "drawn", "none", "clipped"])
 def test_denoise_kernel_matches_reference(shape, dtype, noise):
     import mmtts.kernels as K
     from mmtts.core.rng import Streams
 
     x, out, z = _data(shape, dtype)
-    sched = K.ddim_coefficients(torch.linspace(0.2, 0.8, shape[0]), torch.linspace(0.4, 0.9, shape[0]), eta=0.8)
+    clip = torch.linspace(0.5, 3.0, shape[0]) if noise == "clipped" else None
+    sched = K.ddim_coefficients(torch.linspace(0.2, 0.8, shape[0]), torch.linspace(0.4, 0.9, shape[0]), eta=0.8,
+                                clip=clip)
     streams = Streams.spawn(9, shape[0])
-    kwargs = {"given": {"z": z}, "drawn": {"seed": streams.seeds, "offset": streams.counters + 3}, "none": {}}[noise]
+    kwargs = {"given": {"z": z}, "drawn": {"seed": streams.seeds, "offset": streams.counters + 3}, "none": {},
+              "clipped": {"seed": streams.seeds, "offset": streams.counters}}[noise]
     got = K.denoise_step(x, out, sched, **kwargs)
     _assert_kernel_ran("denoise_triton")
     want = K.denoise_step_reference(x, out, sched, **kwargs)

@@ -148,47 +148,39 @@ class Streams:
     def __len__(self) -> int:
         return int(self.seeds.numel())
 
-    def generator(self, i: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator for the next draw of stream ``i`` (does not advance it)."""
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(int(self.seeds[i]), int(self.counters[i])))
-        return g
-
     def draw_seeds(self) -> list[int]:
         """The generator seed of every stream's next draw (what :meth:`generator` seeds with), in order."""
         if len(self) < _PER_ITEM_BELOW:  # derive_seeds' per-item path, without the round trip through numpy
             return [derive_seed(s, c) for s, c in zip(self.seeds.tolist(), self.counters.tolist())]
         return derive_seeds(self.seeds, self.counters).tolist()
 
-    def _fill(self, out: torch.Tensor, draw) -> torch.Tensor:
-        """Fill row i of ``out`` from stream i's next draw; one generator reseeded per row; advance every stream."""
-        g = torch.Generator()
-        for row, seed in zip(out, self.draw_seeds()):
-            g.manual_seed(seed)  # reseeding resets the whole generator state: same as a fresh generator
-            draw(row, g)
+    def randn(self, shape: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
+        """One standard normal tensor of ``shape`` per candidate, drawn on ``device``: result (B, *shape).
+
+        Row i is a pure function of stream i's (seed, counter) (Philox,
+        :func:`mmtts.kernels.candidate_noise`: the Triton kernel on CUDA, its
+        torch reference elsewhere, equal to float32 rounding), so it depends
+        neither on the batch nor on the device. Every stream advances by one.
+        """
+        from ..kernels.philox import candidate_noise
+
+        out = candidate_noise(self.seeds, self.counters, tuple(shape), device=device, dtype=dtype)
         self.counters += 1
         return out
 
-    def randn(self, shape: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
-        """Draw one standard normal tensor of ``shape`` per candidate: result (B, *shape).
+    def rand(self, shape: Sequence[int] = (), device="cpu") -> torch.Tensor:
+        """Uniform [0, 1) float64 draws (53 random bits), one tensor of ``shape`` per candidate; advances every stream.
 
-        Noise is drawn on the CPU so that results do not depend on the device;
-        every stream advances by one.
+        Row i is a pure function of stream i's (seed, counter), as in :meth:`randn`
+        (:func:`mmtts.kernels.philox_uniform_reference`, on ``device``).
         """
-        seeds = self.draw_seeds()
-        out = torch.empty((len(seeds), *shape), dtype=torch.float32)
-        g = torch.Generator()
-        for row, seed in zip(out, seeds):  # as _fill does, inline: this runs between model calls
-            g.manual_seed(seed)
-            row.normal_(generator=g)  # what torch.randn(shape, generator=g) draws
-        self.counters += 1
-        return out.to(device=device, dtype=dtype)
+        from ..kernels.philox import philox_uniform_reference
 
-    def rand(self, shape: Sequence[int] = ()) -> torch.Tensor:
-        """Uniform [0, 1) draws, one tensor of ``shape`` per candidate; advances every stream."""
         shape = tuple(shape)
-        out = torch.empty((len(self), *shape), dtype=torch.float64)
-        return self._fill(out, lambda row, g: row.uniform_(generator=g))  # what torch.rand(shape, generator=g) draws
+        device = torch.device(device)
+        out = philox_uniform_reference(self.seeds.to(device), self.counters.to(device), int(np.prod(shape)))
+        self.counters += 1
+        return out.reshape(len(self), *shape)
 
     def select(self, index: torch.Tensor, fork_duplicates: bool, fork_all: bool = False) -> "Streams":
         """Streams of the candidates at ``index``.

@@ -16,16 +16,16 @@ decided per call; ``MMTTS_KERNELS=torch|triton|auto`` overrides (see
 
 from .batchnorm import batch_norm, batch_norm_layer, normalize_affine
 from .denoise import StepCoefficients, denoise_step, denoise_step_reference
-from .philox import candidate_noise, philox_normal_reference
-from .schedules import (alpha_sigma_coefficients, coefficients_from_schedule, coefficients_from_scheduler,
-                        ddim_coefficients, ddpm_coefficients, flow_match_coefficients)
+from .philox import candidate_noise, philox_normal_reference, philox_uniform_reference
+from .schedules import (alpha_sigma_coefficients, coefficients_from_scheduler, ddim_coefficients, ddpm_coefficients,
+                        flow_match_coefficients, posterior_std)
 from .stats import (BatchStats, StreamingStats, alpha_mix, batch_norm_stats, batch_norm_stats_reference,
                     merge_stats, update_running_stats)
 
 __all__ = [
     "BatchStats", "StepCoefficients", "StreamingStats", "alpha_mix", "alpha_sigma_coefficients", "batch_norm",
     "batch_norm_layer", "batch_norm_stats", "batch_norm_stats_reference", "candidate_noise",
-    "coefficients_from_schedule", "coefficients_from_scheduler", "ddim_coefficients",
+    "coefficients_from_scheduler", "ddim_coefficients",
     "ddpm_coefficients", "denoise_step", "denoise_step_reference", "flow_match_coefficients", "merge_stats",
-    "normalize_affine", "philox_normal_reference", "update_running_stats",
+    "normalize_affine", "philox_normal_reference", "philox_uniform_reference", "posterior_std", "update_running_stats",
 ]

@@ -1,17 +1,23 @@
-"""One fused denoising step over a population of candidates.
+"""One fused denoising step over a population of candidates: the definition every device runs.
 
 Every first-order sampler step the image Process takes (DDIM with any eta,
 DDPM, flow-matching Euler with or without fresh noise) is, per candidate, an
-affine map of the current sample ``x``, the model output and fresh noise ``z``::
+affine map of the current sample ``x``, the model output and fresh noise ``z``,
+corrected where the sampler clips its x0 prediction::
 
-    x_next = a * x + b * out + c * z
-    x0     = x0_a * x + x0_b * out          (the preview verifiers score)
+    x0     = x0_a * x + x0_b * out                      (the preview verifiers score)
+    x_next = a * x + b * out + c * z + d * (clip(x0) - x0)
 
-with scalars per candidate, so candidates may sit at different timesteps. The
-coefficients come from :mod:`mmtts.kernels.schedules`; ``c`` is the sampler's
-own stochastic standard deviation at that step. Fusing the step reads ``x``
-and ``out`` once and writes both results in one pass; the noise is drawn in
-registers from each candidate's (seed, offset) stream when ``z`` is not given.
+with scalars per candidate, so candidates may sit at different timesteps;
+``clip`` bounds x0 to [-clip, clip] and ``d`` is the weight of x0 in the
+update (without clipping the correction is zero and both are left out). The
+coefficients come from :mod:`mmtts.kernels.schedules` or from the image
+Process's ``Schedule``; ``c`` is the sampler's own stochastic standard
+deviation at that step. :func:`denoise_step` runs the Triton kernel on CUDA
+tensors and :func:`denoise_step_reference` everywhere else, so this module
+holds the only copy of the update. Fusing the step reads ``x`` and ``out``
+once and writes both results in one pass; the noise is drawn in registers from
+each candidate's (seed, offset) stream when ``z`` is not given.
 """
 
 from __future__ import annotations
@@ -27,25 +33,42 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class StepCoefficients(NamedTuple):
-    """Per-candidate coefficients of one step, each a float tensor of shape (B,)."""
+    """Per-candidate coefficients of one step, each a float tensor of shape (B,).
+
+    Args:
+        a, b, c: weights of ``x``, the model output and the fresh noise in ``x_next``.
+        x0_a, x0_b: weights of ``x`` and the model output in the x0 prediction.
+        d: weight of x0 in ``x_next``, needed only with ``clip``.
+        clip: bound of the x0 prediction (``inf`` for no bound), or None when no candidate clips.
+    """
 
     a: torch.Tensor
     b: torch.Tensor
     c: torch.Tensor
     x0_a: torch.Tensor
     x0_b: torch.Tensor
+    d: torch.Tensor | None = None
+    clip: torch.Tensor | None = None
+
+    def _map(self, fn) -> "StepCoefficients":
+        return StepCoefficients(*(None if t is None else fn(t) for t in self))
 
     def to(self, device) -> "StepCoefficients":
         """On ``device`` in float32, the precision the step computes in."""
-        return StepCoefficients(*(t.to(device=device, dtype=torch.float32) for t in self))
+        return self._map(lambda t: t.to(device=device, dtype=torch.float32))
 
     def select(self, index: torch.Tensor) -> "StepCoefficients":
         """The coefficients of the candidates at ``index`` (to follow a State through resampling)."""
-        return StepCoefficients(*(t[index] for t in self))
+        return self._map(lambda t: t[index])
 
     @staticmethod
     def cat(items) -> "StepCoefficients":
-        return StepCoefficients(*(torch.cat(ts) for ts in zip(*items)))
+        """Candidates of several coefficient sets, in order (all clip, or none does)."""
+        items = list(items)
+        if len({it.clip is None for it in items}) > 1:
+            raise ValueError("cannot concatenate coefficients with and without clip; give every set clip "
+                             "(inf where a candidate does not clip)")
+        return StepCoefficients(*(None if ts[0] is None else torch.cat(ts) for ts in zip(*items)))
 
 
 def _check(x, out, coefs, z):
@@ -66,7 +89,11 @@ def _check(x, out, coefs, z):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
     batch = x.shape[0]
+    if (coefs.clip is None) != (coefs.d is None):
+        raise ValueError("clip and d go together: clip bounds x0 and d is x0's weight in x_next; pass both or neither")
     for name, t in zip(StepCoefficients._fields, coefs):
+        if t is None:
+            continue
         if not torch.is_tensor(t) or t.shape != (batch,):
             shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
             raise ValueError(f"coefficient {name} must be a tensor of shape ({batch},), one per candidate; got {shape}")
@@ -75,19 +102,27 @@ def _check(x, out, coefs, z):
 
 
 def denoise_step_reference(x, out, coefs: StepCoefficients, z=None, seed=None, offset=None, return_x0=True):
-    """Pure-torch step in float32, cast back to ``x.dtype``; the definition the kernel is tested against."""
+    """The step in float32 in pure torch, cast back to ``x.dtype``: what every non-CUDA device runs.
+
+    Takes inputs :func:`denoise_step` has validated; the kernel computes the same expression in the same order.
+    """
     shape = (-1,) + (1,) * (x.dim() - 1)
-    a, b, c, x0_a, x0_b = (t.to(device=x.device, dtype=torch.float32).reshape(shape) for t in coefs)
+    a, b, c, x0_a, x0_b, d, clip = (None if t is None else t.to(device=x.device, dtype=torch.float32).reshape(shape)
+                                    for t in coefs)
     xf, of = x.float(), out.float()
-    x_next = a * xf + b * of
+    x_next = torch.addcmul(a * xf, b, of)
+    if z is None and seed is not None:
+        z = philox_normal_reference(seed.to(x.device), offset.to(x.device), x[0].numel()).reshape(x.shape)
     if z is not None:
-        x_next = x_next + c * z.float()
-    elif seed is not None:
-        seed, offset = check_seed_offset(seed, offset, x.shape[0], x.device)
-        noise = philox_normal_reference(seed, offset, x[0].numel()).reshape(x.shape)
-        x_next = x_next + c * noise
-    x0 = (x0_a * xf + x0_b * of).to(x.dtype) if return_x0 else None
-    return x_next.to(x.dtype), x0
+        x_next = torch.addcmul(x_next, c, z.float())
+    x0 = None
+    if return_x0 or clip is not None:
+        x0 = torch.addcmul(x0_a * xf, x0_b, of)
+    if clip is not None:
+        clipped = torch.minimum(torch.maximum(x0, -clip), clip)
+        x_next = torch.addcmul(x_next, d, clipped - x0)
+        x0 = clipped
+    return x_next.to(x.dtype), (x0.to(x.dtype) if return_x0 else None)
 
 
 def denoise_step(x: torch.Tensor, model_output: torch.Tensor, coefs: StepCoefficients, z: torch.Tensor | None = None,
@@ -95,10 +130,12 @@ def denoise_step(x: torch.Tensor, model_output: torch.Tensor, coefs: StepCoeffic
     """Advance a batch of candidates one sampler step; returns ``(x_next, x0)`` in ``x.dtype``.
 
     ``x`` and ``model_output`` have shape (B, ...). Noise: pass ``z`` (same
-    shape), or per-candidate ``seed`` and ``offset`` int64 tensors of shape (B,)
-    (``streams.seeds`` and ``streams.counters``; advance the counters by one
-    afterwards) to draw it in the kernel, or neither for a deterministic step
-    (then ``c`` is ignored). ``x0`` is None when ``return_x0`` is False.
+    shape, e.g. ``streams.randn``), or per-candidate ``seed`` and ``offset``
+    int64 tensors of shape (B,) (``streams.seeds`` and ``streams.counters``:
+    the noise ``streams.randn`` would return next, drawn in registers) or neither for a deterministic step (then
+    ``c`` is ignored). ``x0`` is the clipped prediction when ``coefs.clip`` is
+    set, and None when ``return_x0`` is False. CUDA tensors run the Triton
+    kernel, all others :func:`denoise_step_reference`.
     """
     _check(x, model_output, coefs, z)
     if z is not None and seed is not None:

@@ -1,9 +1,11 @@
 """Triton kernel and launcher for :func:`mmtts.kernels.denoise.denoise_step`.
 
 Grid: (blocks along a candidate, candidates). A program loads its
-candidate's five coefficients once, streams ``x`` and the model output as
+candidate's coefficients once, streams ``x`` and the model output as
 (quads, 4) tiles in float32, adds ``c * z`` with ``z`` loaded or drawn by
-Philox, and stores ``x_next`` and ``x0`` in the input dtype.
+Philox, corrects for a clipped x0 (with a bound of inf when the coefficients
+do not clip), and stores ``x_next`` and ``x0`` in the input dtype: the
+expression and order of :func:`mmtts.kernels.denoise.denoise_step_reference`.
 """
 
 from __future__ import annotations
@@ -43,11 +45,17 @@ def _denoise_kernel(x_ptr, out_ptr, z_ptr, seed_ptr, offset_ptr, coef_ptr, next_
     if DRAW_Z:
         cc = tl.load(coef_ptr + 2 * batch + b)
         x_next += cc * normal_block(tl.load(seed_ptr + b), tl.load(offset_ptr + b), quad)
-    tl.store(next_ptr + base + idx, x_next.to(next_ptr.dtype.element_ty), mask=mask)
+    # the clip correction is exactly zero where the bound is inf (a few flops: the kernel is memory-bound)
+    x0_a = tl.load(coef_ptr + 3 * batch + b)
+    x0_b = tl.load(coef_ptr + 4 * batch + b)
+    cd = tl.load(coef_ptr + 5 * batch + b)
+    bound = tl.load(coef_ptr + 6 * batch + b)
+    x0 = x0_a * x + x0_b * out
+    clipped = tl.minimum(tl.maximum(x0, -bound), bound)
+    x_next += cd * (clipped - x0)
     if WRITE_X0:
-        x0_a = tl.load(coef_ptr + 3 * batch + b)
-        x0_b = tl.load(coef_ptr + 4 * batch + b)
-        tl.store(x0_ptr + base + idx, (x0_a * x + x0_b * out).to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + base + idx, clipped.to(x0_ptr.dtype.element_ty), mask=mask)
+    tl.store(next_ptr + base + idx, x_next.to(next_ptr.dtype.element_ty), mask=mask)
 
 
 def denoise_step_triton(x, out, coefs, z, seed, offset, return_x0):
@@ -61,7 +69,12 @@ def denoise_step_triton(x, out, coefs, z, seed, offset, return_x0):
     x, out = x.contiguous(), out.contiguous()
     z = None if z is None else z.contiguous()
     draw = z is None and seed is not None
-    coef = torch.stack([t.to(torch.float32) for t in coefs]).to(x.device).contiguous()  # one copy to the device
+    rows = list(coefs[:5])
+    if coefs.clip is None:  # no clipping: weight 0, bound inf
+        rows += [torch.zeros_like(coefs.a), torch.full_like(coefs.a, float("inf"))]
+    else:
+        rows += [coefs.d, coefs.clip]
+    coef = torch.stack([t.to(torch.float32) for t in rows]).to(x.device).contiguous()  # one copy to the device
     x_next = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x_next
     dummy = coef

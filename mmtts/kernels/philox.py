@@ -1,4 +1,4 @@
-"""Per-candidate counter-based Gaussian noise: the pure-torch reference.
+"""Per-candidate counter-based random numbers: the pure-torch reference, and what every non-CUDA device runs.
 
 Candidate ``b`` owns a 64-bit ``seed[b]`` and a draw counter ``offset[b]``
 (the ``(seed, counter)`` pair of :class:`mmtts.core.rng.Streams`). Element
@@ -9,6 +9,11 @@ the block's four 32-bit words become four normals by Box-Muller and element
 (seed, offset, element index): independent of batch composition, block sizes
 and device, which is what lets the Triton kernel draw it in registers and
 still match this reference.
+
+The reference is vectorized over candidates and elements: 32-bit words live in
+int64 tensors, and one round updates both multiplied words with one product
+(a 32x32-bit product fits 64 bits, so its high and low words are a shift and a
+mask), so a draw costs a few dozen tensor operations whatever the batch.
 """
 
 from __future__ import annotations
@@ -23,26 +28,35 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 ROUNDS = 10
 _INV_2_24 = 1.0 / 16777216.0
+_INV_2_53 = 1.0 / 9007199254740992.0
 
 
-def _mul_hi_lo(const: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of ``const * c`` for uint32 values held in int64 (no 64-bit overflow)."""
-    p_lo = (const & 0xFFFF) * c  # < 2**48
-    p_hi = (const >> 16) * c  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
+def philox4x32(c0, c1, c2, c3, k0, k1) -> torch.Tensor:
+    """Philox-4x32-10 on int64 tensors holding uint32 words; broadcasts like ordinary tensor arithmetic.
 
-
-def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
-    """Philox-4x32 on int64 tensors holding uint32 words; broadcasts like ordinary tensor arithmetic."""
-    for _ in range(rounds):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _KEY_A) & _M32
-        k1 = (k1 + _KEY_B) & _M32
-    return c0, c1, c2, c3
+    Returns the four output words as one int64 tensor of shape (4, *broadcast shape).
+    """
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.int64) for t in (c0, c1, c2, c3)))
+    k0, k1 = torch.as_tensor(k0, dtype=torch.int64), torch.as_tensor(k1, dtype=torch.int64)
+    device = c0.device
+    ones = [1] * max(c0.dim(), k0.dim(), k1.dim())
+    # A round multiplies c0 by A and c2 by B and xors the products' high words into c3 ^ k1 and c1 ^ k0. The words
+    # travel as pairs: ``mult`` holds (c0, c2) on even rounds and (c2, c0) on odd ones, so a round's new
+    # multiplied pair comes out already in the next round's order; ``other`` holds the pair (c3, c1) or (c1, c3)
+    # that lines up with ``mult``'s high words.
+    factors = [torch.tensor(f, dtype=torch.int64, device=device).reshape(2, *ones)
+               for f in ((_ROUND_A, _ROUND_B), (_ROUND_B, _ROUND_A))]
+    r = torch.arange(ROUNDS, dtype=torch.int64, device=device).reshape(ROUNDS, *ones)
+    k0, k1 = torch.broadcast_tensors(k0, k1)  # the keys keep their own (small) shape: one per candidate
+    keys = torch.stack([k1 + r * _KEY_B, k0 + r * _KEY_A], dim=1) & _M32  # (ROUNDS, 2, ...): (k1, k0) per round
+    keys[1::2] = keys[1::2].flip(1)  # (k0, k1) on odd rounds, in line with ``mult``
+    mult, other = torch.stack([c0, c2]), torch.stack([c3, c1])
+    for i in range(ROUNDS):
+        prod = mult * factors[i % 2]  # two 32x32-bit products, exact in 64 bits
+        # even round: (hi(A c0) ^ c3 ^ k1, hi(B c2) ^ c1 ^ k0) = (c2', c0'); odd: (c0', c2'). Arithmetic shift: mask.
+        mult = ((prod >> 32) & _M32) ^ other ^ keys[i]
+        other = (prod & _M32).flip(0)  # the low words: (c1', c3') after an even round, (c3', c1') after an odd one
+    return torch.stack([mult[0], other[1], mult[1], other[0]])  # ROUNDS is even: (c0, c1, c2, c3)
 
 
 def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
@@ -50,23 +64,36 @@ def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
     return ((w >> 8).to(torch.float32) + 0.5) * _INV_2_24
 
 
-def _box_muller(u0: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    radius = torch.sqrt(-2.0 * torch.log(u0))
-    theta = (2.0 * math.pi) * u1
-    return radius * torch.cos(theta), radius * torch.sin(theta)
+def _words(seed: torch.Tensor, offset: torch.Tensor, quads: int) -> torch.Tensor:
+    """Philox output words (4, B, quads) for counters (j, offset low, offset high, 0), j < quads."""
+    seed = seed.to(torch.int64).reshape(-1, 1)
+    offset = offset.to(torch.int64).reshape(-1, 1)
+    j = torch.arange(quads, dtype=torch.int64, device=seed.device).reshape(1, -1)
+    return philox4x32(j, offset & _M32, (offset >> 32) & _M32, 0, seed & _M32, (seed >> 32) & _M32)
 
 
 def philox_normal_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
     """Standard normals of shape (B, numel) in float32 for per-candidate ``seed`` and ``offset`` of shape (B,)."""
-    seed = seed.to(torch.int64).reshape(-1, 1)
-    offset = offset.to(torch.int64).reshape(-1, 1)
     quads = (numel + 3) // 4
-    j = torch.arange(quads, dtype=torch.int64, device=seed.device).reshape(1, -1)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    words = philox4x32(j, offset & _M32, (offset >> 32) & _M32, torch.zeros_like(j), k0, k1)
-    n0, n1 = _box_muller(words_to_uniform(words[0]), words_to_uniform(words[1]))
-    n2, n3 = _box_muller(words_to_uniform(words[2]), words_to_uniform(words[3]))
-    return torch.stack([n0, n1, n2, n3], dim=-1).reshape(seed.shape[0], quads * 4)[:, :numel]
+    u = words_to_uniform(_words(seed, offset, quads))  # (4, B, quads)
+    radius = torch.sqrt(-2.0 * torch.log(u[0::2]))  # from words 0 and 2
+    theta = (2.0 * math.pi) * u[1::2]  # from words 1 and 3
+    # element 4j + k: k = 0, 1 from words (0, 1), k = 2, 3 from words (2, 3); cos first
+    normals = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)  # (2, B, quads, 2)
+    return normals.permute(1, 2, 0, 3).reshape(-1, quads * 4)[:, :numel]
+
+
+def philox_uniform_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
+    """Uniform [0, 1) float64 draws of shape (B, numel), 53 random bits each, from the same counters.
+
+    Element ``i`` takes words (0, 1) of block ``i // 2`` when ``i`` is even,
+    words (2, 3) when odd: top 27 and 26 bits, as numpy's ``random()`` does.
+    """
+    pairs = (numel + 1) // 2
+    w = _words(seed, offset, pairs)
+    hi, lo = (w[0::2] >> 5).to(torch.float64), (w[1::2] >> 6).to(torch.float64)  # (2, B, pairs) each
+    u = (hi * 67108864.0 + lo) * _INV_2_53
+    return u.permute(1, 2, 0).reshape(-1, pairs * 2)[:, :numel]
 
 
 def check_seed_offset(seed, offset, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,19 +113,20 @@ def check_seed_offset(seed, offset, batch: int, device: torch.device) -> tuple[t
 
 
 def candidate_noise(seed, offset, shape: Sequence[int], device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """Noise of shape (B, *shape), the same tensor the fused denoising step draws for these seeds and offsets.
+    """Noise of shape (B, *shape) on ``device``, the same tensor the fused denoising step draws for these streams.
 
-    Use it wherever a candidate needs the step's noise outside the step (a
-    mutation, a re-noise) so both come from one stream definition.
+    The Philox kernel draws it on CUDA devices, :func:`philox_normal_reference`
+    everywhere else, so a stream's noise is the same on every device (to
+    float32 rounding of log/sin/cos). This is what
+    :meth:`mmtts.core.rng.Streams.randn` returns.
     """
     from .dispatch import use_triton
 
     device = torch.device(device)
     numel = math.prod(shape)
-    probe = torch.empty(0, device=device)
     seed_t = torch.as_tensor(seed)
     seed_t, offset_t = check_seed_offset(seed_t, offset, seed_t.reshape(-1).shape[0], device)
-    if use_triton(probe):
+    if use_triton(seed_t):
         from .philox_triton import philox_normal
 
         out = philox_normal(seed_t, offset_t, numel)

@@ -2,13 +2,14 @@
 
 Each helper turns per-candidate scheduler quantities (tensors of shape (B,),
 so candidates may sit at different timesteps) into the
-:class:`~mmtts.kernels.denoise.StepCoefficients` of ``x_next = a*x + b*out +
-c*z`` and ``x0 = x0_a*x + x0_b*out``. They follow the update rules of
-diffusers' DDIMScheduler, DDPMScheduler and FlowMatchEulerDiscreteScheduler;
-:func:`coefficients_from_scheduler` reads the quantities from such a
-scheduler and :func:`coefficients_from_schedule` from the image Process's
-(alpha, sigma) ``Schedule``. Sample clipping and dynamic thresholding are not affine, so they
-are refused rather than silently skipped.
+:class:`~mmtts.kernels.denoise.StepCoefficients` of ``x0 = x0_a*x +
+x0_b*out`` and ``x_next = a*x + b*out + c*z + d*(clip(x0) - x0)``. They
+follow the update rules of diffusers' DDIMScheduler, DDPMScheduler and
+FlowMatchEulerDiscreteScheduler; :func:`coefficients_from_scheduler` reads the
+quantities from such a scheduler, and the image Process's ``Schedule`` builds
+its table of every stage with :func:`alpha_sigma_coefficients`. Clipping x0
+(``clip_sample``) is the ``clip`` correction; dynamic thresholding depends on
+the whole sample, so it is refused rather than silently skipped.
 """
 
 from __future__ import annotations
@@ -41,31 +42,41 @@ def _to_x0_eps(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
     raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
-def _pack(a, b, c, x0_a, x0_b) -> StepCoefficients:
-    n = max(t.numel() for t in (a, b, c, x0_a, x0_b))
-    return StepCoefficients(*(t.expand(n).to(torch.float32).contiguous() for t in (a, b, c, x0_a, x0_b)))
+def _pack(a, b, c, x0_a, x0_b, d, clip=None) -> StepCoefficients:
+    """Float32 coefficients of one length; ``d`` (x0's weight in x_next) is kept only with a ``clip`` bound."""
+    parts = (a, b, c, x0_a, x0_b) + (() if clip is None else (d, _f64(clip)))
+    n = max(t.numel() for t in parts)
+    return StepCoefficients(*(t.expand(n).to(torch.float32).contiguous() for t in parts))
+
+
+def posterior_std(alpha_t, sigma_t, alpha_next, sigma_next) -> torch.Tensor:
+    """Std of the true posterior q(x_next | x, x0) between marginals ``x = alpha*x0 + sigma*eps`` (float64)."""
+    at, st, an, sn = _f64(alpha_t), _f64(sigma_t), _f64(alpha_next), _f64(sigma_next)
+    return sn * (1 - (at * sn / (an * st)) ** 2).clamp_min(0).sqrt()
 
 
 UPDATES = ("ddim", "ddpm")
 
 
 def alpha_sigma_coefficients(alpha_t, sigma_t, alpha_next, sigma_next, prediction_type: str = "epsilon",
-                             update: str = "ddim", eta=0.0, final=None) -> StepCoefficients:
+                             update: str = "ddim", eta=0.0, final=None, clip=None) -> StepCoefficients:
     """A step between marginals ``x = alpha*x0 + sigma*eps`` (VP: alpha = sqrt(abar); flow: alpha = 1 - sigma).
 
     ``ddim``: ``x_next = alpha_next*x0 + sqrt(sigma_next**2 - c**2)*eps + c*z``
     with ``c = eta * posterior_std``, the std of q(x_next | x, x0); for flow
     matching eta = 0 is the Euler step. ``ddpm``: the ancestral posterior mean
     plus its std (floored at 1e-10), with no noise where ``final`` is True
-    (default: where ``sigma_next`` is 0).
+    (default: where ``sigma_next`` is 0). ``clip`` bounds x0 (diffusers'
+    ``clip_sample_range``); eps stays the one the model output implies, as
+    diffusers computes it before clipping.
     """
     at, st, an, sn, eta = _f64(alpha_t), _f64(sigma_t), _f64(alpha_next), _f64(sigma_next), _f64(eta)
     p, q, r, s = _to_x0_eps(at, st, prediction_type)
-    posterior = sn * (1 - (at * sn / (an * st)) ** 2).clamp_min(0).sqrt()
+    posterior = posterior_std(at, st, an, sn)
     if update == "ddim":
         c = eta * posterior
         direction = (sn**2 - c**2).clamp_min(0).sqrt()
-        return _pack(an * p + direction * r, an * q + direction * s, c, p, q)
+        return _pack(an * p + direction * r, an * q + direction * s, c, p, q, an, clip)
     if update != "ddpm":
         raise ValueError(f"update {update!r} is not one of {UPDATES}")
     if prediction_type == "flow":
@@ -75,22 +86,23 @@ def alpha_sigma_coefficients(alpha_t, sigma_t, alpha_next, sigma_next, predictio
     coef_x = alpha_step.sqrt() * sn**2 / st**2
     final = sn == 0 if final is None else torch.as_tensor(final, dtype=torch.bool).reshape(-1)
     c = torch.where(final, torch.zeros_like(posterior), posterior.clamp_min(1e-10))
-    return _pack(coef_x0 * p + coef_x, coef_x0 * q, c, p, q)
+    return _pack(coef_x0 * p + coef_x, coef_x0 * q, c, p, q, coef_x0, clip)
 
 
-def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta=0.0, prediction_type: str = "epsilon") -> StepCoefficients:
-    """DDIM (Song et al.) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like variance)."""
+def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta=0.0, prediction_type: str = "epsilon",
+                      clip=None) -> StepCoefficients:
+    """DDIM (Song et al.) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like variance), x0 bounded by ``clip``."""
     at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
     return alpha_sigma_coefficients(at.sqrt(), (1 - at).sqrt(), ap.sqrt(), (1 - ap).sqrt(), prediction_type,
-                                    "ddim", eta)
+                                    "ddim", eta, clip=clip)
 
 
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 def ddpm_coefficients(alpha_prod_t, alpha_prod_prev, prediction_type: str = "epsilon",
-                      variance_type: str = "fixed_small") -> StepCoefficients:
-    """DDPM ancestral step (Ho et al.); no noise on the final step (where ``alpha_prod_prev`` is 1)."""
+                      variance_type: str = "fixed_small", clip=None) -> StepCoefficients:
+    """DDPM ancestral step (Ho et al.), x0 bounded by ``clip``; no noise on the final step (``alpha_prod_prev`` 1)."""
     if variance_type not in DDPM_VARIANCE_TYPES:
         raise ValueError(f"variance_type {variance_type!r} is not affine-supported; use one of {DDPM_VARIANCE_TYPES}")
     at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
@@ -104,7 +116,7 @@ def ddpm_coefficients(alpha_prod_t, alpha_prod_prev, prediction_type: str = "eps
     else:
         variance = ((1 - ap) / (1 - at) * beta_t).clamp_min(1e-20)
     std = torch.where(ap < 1, variance.sqrt(), torch.zeros_like(variance))
-    return _pack(coef_x0 * p + coef_x, coef_x0 * q, std, p, q)
+    return _pack(coef_x0 * p + coef_x, coef_x0 * q, std, p, q, coef_x0, clip)
 
 
 def flow_match_coefficients(sigma, sigma_next, eta=0.0) -> StepCoefficients:
@@ -119,13 +131,15 @@ def flow_match_coefficients(sigma, sigma_next, eta=0.0) -> StepCoefficients:
     if bool(((eta < 0) | (eta > 1)).any()):
         raise ValueError("eta must lie in [0, 1] for the flow-matching step")
     keep = sn * (1 - eta**2).sqrt()
-    return _pack(1 - sn + keep, -(1 - sn) * s + keep * (1 - s), sn * eta, torch.ones_like(s), -s)
+    return _pack(1 - sn + keep, -(1 - sn) * s + keep * (1 - s), sn * eta, torch.ones_like(s), -s, 1 - sn)
 
 
-def _refuse_nonlinear(config):
-    if getattr(config, "clip_sample", False) or getattr(config, "thresholding", False):
-        raise ValueError("the scheduler clips or thresholds x0, which the fused affine step cannot express; "
-                         "build it with clip_sample=False and thresholding=False")
+def _clip_of(config):
+    """The x0 bound of a DDIM/DDPM scheduler config (None without ``clip_sample``); thresholding is refused."""
+    if getattr(config, "thresholding", False):
+        raise ValueError("the scheduler thresholds x0 dynamically (a quantile of each sample), which the fused step "
+                         "cannot express; build it with thresholding=False (clip_sample is supported)")
+    return float(config.clip_sample_range) if getattr(config, "clip_sample", False) else None
 
 
 def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) -> StepCoefficients:
@@ -142,20 +156,20 @@ def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) 
     config = scheduler.config
     t = torch.as_tensor(timesteps).reshape(-1).cpu()
     if kind == "DDIMScheduler":
-        _refuse_nonlinear(config)
+        clip = _clip_of(config)
         ac = scheduler.alphas_cumprod.to(torch.float64)
         step = config.num_train_timesteps // scheduler.num_inference_steps
         prev = t.long() - step
         ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], _f64(scheduler.final_alpha_cumprod))
-        return ddim_coefficients(ac[t.long()], ap, 0.0 if eta is None else eta, config.prediction_type)
+        return ddim_coefficients(ac[t.long()], ap, 0.0 if eta is None else eta, config.prediction_type, clip)
     if kind == "DDPMScheduler":
-        _refuse_nonlinear(config)
+        clip = _clip_of(config)
         if eta is not None:
             raise ValueError("DDPMScheduler has no eta; leave eta=None (use DDIMScheduler with eta=1 instead)")
         ac = scheduler.alphas_cumprod.to(torch.float64)
         prev = torch.tensor([int(scheduler.previous_timestep(int(ti))) for ti in t])
         ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.ones(()))
-        return ddpm_coefficients(ac[t.long()], ap, config.prediction_type, config.variance_type)
+        return ddpm_coefficients(ac[t.long()], ap, config.prediction_type, config.variance_type, clip)
     sched_t = scheduler.timesteps.to(torch.float64).cpu()  # FlowMatchEulerDiscreteScheduler
     dist = (sched_t[None, :] - t.to(torch.float64)[:, None]).abs()
     index = dist.argmin(dim=1)
@@ -165,21 +179,3 @@ def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) 
     if eta is None:
         eta = 1.0 if config.stochastic_sampling else 0.0
     return flow_match_coefficients(sigmas[index], sigmas[index + 1], eta)
-
-
-def coefficients_from_schedule(schedule, stage) -> StepCoefficients:
-    """Coefficients of ``Schedule.step`` (:mod:`mmtts.modalities.image.schedulers`) at per-candidate ``stage``.
-
-    Reads the schedule's ``alpha``/``sigma`` at the stage boundaries, its
-    ``prediction``, ``update`` and ``eta``; the last stage adds no noise.
-    """
-    if getattr(schedule, "clip_sample", None) is not None:
-        raise ValueError("the schedule clips x0, which the fused affine step cannot express; build it with "
-                         "clip_sample=False")
-    stage = torch.as_tensor(stage).reshape(-1).long().cpu()
-    if bool(((stage < 0) | (stage >= schedule.num_stages)).any()):
-        raise ValueError(f"stages {stage.tolist()} outside [0, {schedule.num_stages}); finished candidates take no step")
-    alpha, sigma = schedule.alpha.to(torch.float64).cpu(), schedule.sigma.to(torch.float64).cpu()
-    return alpha_sigma_coefficients(alpha[stage], sigma[stage], alpha[stage + 1], sigma[stage + 1],
-                                    schedule.prediction, schedule.update, schedule.eta,
-                                    final=stage + 1 >= schedule.num_stages)

@@ -18,6 +18,7 @@ from ...core.errors import MmttsError
 from ...core.process import Process
 from ...core.rng import Streams
 from ...core.state import State
+from ...kernels import denoise_step
 from .schedulers import Schedule, schedule_from_scheduler
 
 
@@ -187,17 +188,15 @@ class ImageProcess(Process):
         return out
 
     def step(self, state: State) -> State:
+        """One denoising step of every candidate: :func:`mmtts.kernels.denoise_step` on its stage's coefficients.
+
+        The fresh noise (stochastic schedules) is each candidate's next draw
+        from its stream, made on the latents' device.
+        """
         x, stage = state.data["x"], state.stage
         out = self.predict(x, stage)
-        noise = state.streams.randn(self.sample_shape, device=self.device, dtype=self.dtype) \
-            if self.schedule.stochastic else None
-        if x.is_cuda and self.schedule.clip_sample is None:
-            # the fused Triton step (x_next and x0 in one pass); noise stays the streams' own, so
-            # results do not depend on the device
-            from ... import kernels
-            nxt, x0 = kernels.denoise_step(x, out, kernels.coefficients_from_schedule(self.schedule, stage), z=noise)
-        else:
-            nxt, x0, _ = self.schedule.step(out, x, stage, noise)
+        noise = state.streams.randn(self.sample_shape, device=x.device) if self.schedule.stochastic else None
+        nxt, x0 = denoise_step(x, out, self.schedule.step_coefficients(stage), z=noise)
         new = state.replace(x=nxt, x0=x0)
         new.stage = stage + 1
         return new
@@ -225,13 +224,7 @@ class ImageProcess(Process):
         n = len(state)
         ctx = {}
         if self.cond is not None and self.cond.ndim == 0:
-            if self.cond.is_cpu:  # a view of the label either way: keep the last one (the batch size rarely changes)
-                kept = getattr(self, "_labels", None)
-                if kept is None or kept[0] is not self.cond or kept[1] != n:
-                    kept = self._labels = (self.cond, n, self.cond.expand(n))
-                ctx["label"] = kept[2]
-            else:
-                ctx["label"] = self.cond.expand(n).cpu()
+            ctx["label"] = self.cond.expand(n).cpu()
         if self.prompt is not None:
             ctx["prompt"] = [self.prompt] * n
         return ctx or None
@@ -240,61 +233,28 @@ class ImageProcess(Process):
         """x + scale * sigma_t * eps with sigma_t the stochastic std of the next step (DDPM's when deterministic).
 
         At stage 0 the initial noise is mixed instead, sqrt(1 - b^2) x + b eps with b = scale,
-        which keeps it standard normal.
+        which keeps it standard normal. ``scale`` is a float or one per candidate; computed in float32.
         """
         x = state.data["x"]
+        z = state.streams.randn(self.sample_shape, device=x.device)
+        stage = state.stage
+        b = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(len(state))
+        start = stage == 0
+        # per candidate: x's weight and the noise's, then one fused multiply-add over the latents
+        keep = torch.where(start, (1 - b ** 2).clamp(min=0).sqrt(), torch.ones_like(b))
+        mult = b * torch.where(start, torch.ones_like(b), self.mutation_std(stage.clamp(max=self.num_stages - 1)))
         shape = (-1,) + (1,) * (x.ndim - 1)
-        z = state.streams.randn(self.sample_shape, device=self.device, dtype=torch.float64)
-        stages = state.stage.tolist()
-        if isinstance(scale, (float, int)) and stages and min(stages) > 0:
-            # the usual case, a scalar scale past stage 0: x + (b sigma_t) z with b sigma_t read from a per-stage
-            # table of the same float64 products, so the same values with fewer operations per call
-            bs = self._scaled_std(float(scale))
-            last = self.num_stages - 1
-            bs = torch.tensor([bs[s if s < last else last] for s in stages], dtype=torch.float64, device=self.device)
-            new = z.mul_(bs.reshape(shape)).add_(x)
-            return state.replace(x=new.to(x.dtype))
-        b = torch.as_tensor(scale, dtype=torch.float64, device=self.device).reshape(shape)
-        keep = lambda: (1 - b ** 2).clamp(min=0).sqrt()  # noqa: E731
-        sig = lambda: self.mutation_std_table()[  # noqa: E731
-            state.stage.clamp(max=self.num_stages - 1)].to(self.device).reshape(shape)
-        # float64 sums in place over z (the same products and sums, in either order), so little fresh memory
-        if all(stages):  # every candidate past stage 0 (the usual case): x + b sigma_t z
-            new = z.mul_(b * sig()).add_(x)
-        elif not any(stages):  # the initial noise: sqrt(1 - b^2) x + b z
-            new = z.mul_(b).add_(keep() * x)
-        else:
-            xf = x.to(torch.float64)
-            new = torch.where((state.stage == 0).to(self.device).reshape(shape), keep() * xf + b * z,
-                              xf + b * sig() * z)
-        return state.replace(x=new.to(x.dtype))
-
-    def _scaled_std(self, scale: float) -> list[float]:
-        """``scale * mutation_std`` of every stage (T floats: the float64 products), kept for the last scale used."""
-        s = self.schedule
-        key = (id(s), id(s.alpha), id(s.sigma), s.update, s.eta, scale)  # as mutation_std_table's, and the scale
-        cached = getattr(self, "_scaled", None)
-        if cached is None or cached[0] != key:
-            table = torch.as_tensor(scale, dtype=torch.float64) * self.mutation_std_table()
-            cached = self._scaled = (key, table.tolist(), s)
-        return cached[1]
+        keep, mult = (t.to(device=x.device, dtype=torch.float32).reshape(shape) for t in (keep, mult))
+        return state.replace(x=torch.addcmul(keep * x.float(), mult, z).to(x.dtype))
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
+        """sigma_t of :meth:`perturb` at ``stage`` (float64): the step's own noise std, or the posterior's."""
         s = self.schedule
         return s.noise_std(stage) if s.stochastic else s.posterior_std(stage)
 
-    def mutation_std_table(self) -> torch.Tensor:
-        """``mutation_std`` of every stage (T,), computed once per schedule (elementwise, so the same values)."""
-        s = self.schedule
-        key = (id(s), id(s.alpha), id(s.sigma), s.update, s.eta)  # the schedule, or what it is made of, changed
-        cached = getattr(self, "_mutation_std", None)
-        if cached is None or cached[0] != key:
-            cached = self._mutation_std = (key, self.mutation_std(torch.arange(s.num_stages)), s)
-        return cached[1]
-
     def renoise(self, state: State, stages: int) -> State:
         to = (state.stage - stages).clamp(min=0)
-        z = state.streams.randn(self.sample_shape, device=self.device, dtype=self.dtype)
+        z = state.streams.randn(self.sample_shape, device=state.data["x"].device)
         x = self.schedule.renoise(state.data["x"], state.stage, to, z)
         out = state.replace(x=x)
         out.stage = to

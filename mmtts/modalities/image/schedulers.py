@@ -1,15 +1,15 @@
-"""Stateless denoising steps over a batch of candidates, each at its own stage.
+"""Denoising schedules over a batch of candidates, each at its own stage.
 
 A diffusers scheduler is read once into a :class:`Schedule`: the model's
 timestep at each stage and the signal/noise scales (alpha, sigma) of the
 marginal x_t = alpha_t x0 + sigma_t eps at the T + 1 stage boundaries (VP:
 alpha = sqrt(abar), sigma = sqrt(1 - abar); flow matching: alpha = 1 - sigma).
-Every step is then a pure function of per-candidate stage indices, so
-candidates at different stages share a batch, and a step returns what search
-needs: the next latent, the x0 prediction and the std of the fresh noise it
-added (sigma_t, zero for deterministic variants).
+The schedule turns these into the :class:`~mmtts.kernels.StepCoefficients` of
+every stage, once; a step is then :func:`mmtts.kernels.denoise_step` on the
+coefficients of each candidate's stage, so candidates at different stages
+share a batch and every device runs the one definition of the update.
 
-Three updates:
+Two updates (:func:`mmtts.kernels.alpha_sigma_coefficients`):
 - ``ddim``: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
   c = eta * sigma_s * sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2), eta times the
   std of the true posterior q(x_s | x_t, x0); eta = 0 is deterministic. For flow matching the same formula with eta = 0 is
@@ -18,25 +18,41 @@ Three updates:
 - ``ddpm``: the ancestral posterior q(x_s | x_t, x0) with the "fixed_small"
   variance, written as diffusers writes it (x0 and x_t coefficients), so
   clipping x0 behaves identically.
-- Forward re-noising from stage i back to an earlier (noisier) stage j:
-  x_j = (alpha_j / alpha_i) x_i + sqrt(sigma_j^2 - (alpha_j / alpha_i)^2 sigma_i^2) eps.
+
+Forward re-noising from stage i back to an earlier (noisier) stage j:
+x_j = (alpha_j / alpha_i) x_i + sqrt(sigma_j^2 - (alpha_j / alpha_i)^2 sigma_i^2) eps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ...core.errors import MmttsError
+from ...kernels import StepCoefficients, alpha_sigma_coefficients, posterior_std
 
 UPDATES = ("ddim", "ddpm")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Schedule:
-    """Timesteps (T,) fed to the model, and alpha/sigma (T + 1,) at the stage boundaries (float64)."""
+    """The stages of a first-order sampler, with the step coefficients of each (immutable: built once).
+
+    Args:
+        timesteps: (T,) what the model is fed at each stage.
+        alpha, sigma: (T + 1,) signal and noise scales at the stage boundaries (float64).
+        prediction: what the model predicts: ``epsilon``, ``v_prediction``, ``sample`` or ``flow`` (velocity).
+        update: ``ddim`` (with ``eta``) or ``ddpm`` (ancestral).
+        eta: stochasticity of the ``ddim`` update (0: deterministic).
+        clip_sample: bound of the x0 prediction, or None.
+
+    Attributes:
+        coefficients: the :class:`~mmtts.kernels.StepCoefficients` of every stage, (T,) each; the last stage
+            of ``ddpm`` adds no noise.
+        posterior: (T,) std of the true posterior q(x_s | x_t, x0) from each stage to the next (float64).
+    """
 
     timesteps: torch.Tensor
     alpha: torch.Tensor
@@ -45,6 +61,8 @@ class Schedule:
     update: str = "ddim"
     eta: float = 0.0
     clip_sample: float | None = None
+    coefficients: StepCoefficients = field(init=False, repr=False)
+    posterior: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -58,6 +76,12 @@ class Schedule:
         n = len(self.timesteps)
         if self.alpha.shape != (n + 1,) or self.sigma.shape != (n + 1,):
             raise MmttsError("alpha and sigma need one more entry than timesteps (the stage boundaries)")
+        alpha, sigma = self.alpha.to(torch.float64).cpu(), self.sigma.to(torch.float64).cpu()
+        at, st, an, sn = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+        coefs = alpha_sigma_coefficients(at, st, an, sn, self.prediction, self.update, self.eta,
+                                         final=torch.arange(n) + 1 >= n, clip=self.clip_sample)
+        object.__setattr__(self, "coefficients", coefs)  # frozen: derived once, here
+        object.__setattr__(self, "posterior", posterior_std(at, st, an, sn))
 
     @property
     def num_stages(self) -> int:
@@ -67,62 +91,20 @@ class Schedule:
     def stochastic(self) -> bool:
         return self.update == "ddpm" or self.eta > 0
 
-    def to_x0_eps(self, model_out: torch.Tensor, x: torch.Tensor, stage: torch.Tensor):
-        """Convert the model's output at ``stage`` into (x0, eps) predictions."""
-        a, s = _bcast(self.alpha[stage], x), _bcast(self.sigma[stage], x)
-        out = model_out.to(torch.float64)
-        xf = x.to(torch.float64)
-        if self.prediction == "epsilon":
-            eps = out
-            x0 = (xf - s * eps) / a
-        elif self.prediction == "v_prediction":
-            x0 = a * xf - s * out
-            eps = a * out + s * xf
-        elif self.prediction == "sample":
-            x0 = out
-            eps = (xf - a * x0) / s
-        else:  # flow: the model predicts the velocity v = eps - x0
-            x0 = xf - s * out
-            eps = xf + a * out
-        if self.clip_sample is not None:
-            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-        return x0, eps
+    def step_coefficients(self, stage: torch.Tensor) -> StepCoefficients:
+        """The coefficients of each candidate's step, for per-candidate ``stage`` (B,) in [0, T)."""
+        stage = torch.as_tensor(stage).cpu()
+        if bool(((stage < 0) | (stage >= self.num_stages)).any()):
+            raise MmttsError(f"stages {stage.tolist()} outside [0, {self.num_stages}); finished candidates take no step")
+        return self.coefficients.select(stage)
 
     def posterior_std(self, stage: torch.Tensor) -> torch.Tensor:
         """Std of the true posterior q(x_s | x_t, x0) from ``stage`` to the next (float64)."""
-        at, st = self.alpha[stage], self.sigma[stage]
-        as_, ss = self.alpha[stage + 1], self.sigma[stage + 1]
-        return ss * (1 - (at * ss / (as_ * st)) ** 2).clamp(min=0).sqrt()
+        return self.posterior[torch.as_tensor(stage).cpu()]
 
     def noise_std(self, stage: torch.Tensor) -> torch.Tensor:
-        """Std of the fresh noise the update adds at ``stage`` (per candidate, float64)."""
-        posterior = self.posterior_std(stage)
-        if self.update == "ddpm":
-            return posterior.clamp(min=1e-10)
-        return self.eta * posterior
-
-    def step(self, model_out, x, stage, noise):
-        """One update for every candidate: returns (x_next, x0, sigma_t). ``noise`` is (B, ...) or None."""
-        x0, eps = self.to_x0_eps(model_out, x, stage)
-        c = self.noise_std(stage)
-        as_, ss = _bcast(self.alpha[stage + 1], x), _bcast(self.sigma[stage + 1], x)
-        if self.update == "ddpm":
-            at, st = _bcast(self.alpha[stage], x), _bcast(self.sigma[stage], x)
-            cur_alpha = (at / as_) ** 2
-            cur_beta = 1 - cur_alpha
-            coef_x0 = as_ * cur_beta / st ** 2
-            coef_x = cur_alpha.sqrt() * ss ** 2 / st ** 2
-            nxt = coef_x0 * x0 + coef_x * x.to(torch.float64)
-            last = (stage + 1 >= self.num_stages)
-            c = torch.where(last, torch.zeros_like(c), c)
-        else:
-            cb = _bcast(c, x)
-            nxt = as_ * x0 + (ss ** 2 - cb ** 2).clamp(min=0).sqrt() * eps
-        if bool((c > 0).any()):
-            if noise is None:
-                raise MmttsError("a stochastic step needs noise for every candidate")
-            nxt = nxt + _bcast(c, x) * noise.to(torch.float64)
-        return nxt.to(x.dtype), x0.to(x.dtype), c
+        """Std of the fresh noise the update adds at ``stage`` (per candidate, float64; 0 when deterministic)."""
+        return self.coefficients.c[torch.as_tensor(stage).cpu()].to(torch.float64)
 
     def renoise(self, x, stage_from: torch.Tensor, stage_to: torch.Tensor, noise):
         """Forward transition from ``stage_from`` to the noisier ``stage_to`` (<= stage_from)."""
