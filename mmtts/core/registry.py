@@ -90,7 +90,7 @@ CATALOG = {
     "strategy": _modules("mmtts.strategies", {
         "best-of-n": "best_of_n", "beam": "beam", "particle-filter": "particle_filter", "zero-order": "zero_order",
         "paths": "paths", "evosearch": "evosearch", "region-vote": "region_vote",
-        "sample-verify": "sample_verify", "robomonkey": "robomonkey"}),
+        "sample-verify": "sample_verify", "robomonkey": "robomonkey", "tts-var": "tts_var"}),
     "adapter": _modules("mmtts.adapters", {
         "source": "source", "bn": "bn", "alpha-bn": "alpha_bn", "tent": "tent", "eta": "eata", "eata": "eata",
         "sar": "sar", "deyo": "deyo", "gui-rcpo": "gui_rcpo"}),
