@@ -96,7 +96,8 @@ CATALOG = {
         "sar": "sar", "deyo": "deyo", "gui-rcpo": "gui_rcpo"}),
     "task": _modules("mmtts.tasks", {
         "toy-gmm": "toy_gmm", "image-search": "image_search", "tta-corruptions": "tta_corruptions",
-        "tta-pretrained": "tta_pretrained", "vla-mujoco": "vla_mujoco", "gui-grounding": "gui_grounding"}),
+        "tta-pretrained": "tta_pretrained", "vla-mujoco": "vla_mujoco", "gui-grounding": "gui_grounding",
+        "var-search": "var_search"}),
     "verifier": {"toy-quadratic": "mmtts.modalities.toy_gmm", "toy-log-density": "mmtts.modalities.toy_gmm",
                  "classifier": "mmtts.verifiers.classifier", "clip": "mmtts.verifiers.clip"},
 }
