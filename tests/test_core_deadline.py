@@ -58,15 +58,14 @@ def test_a_deadline_that_never_strikes_changes_nothing(strategy, kw):
 
 def test_with_nothing_finished_one_candidate_runs_to_the_end():
     """A particle filter stopped mid-way finishes only the particle with the best latest preview score."""
-    p = GMMDiffusion(DEFAULT_MIXTURE, 40, sampler="exact")
-    runs = [mmtts.search(p, SlowReward(0.01), "particle-filter", n=8, budget=Budget(max_seconds=0.1), seed=3)
-            for _ in range(2)]
-    for r in runs:
-        assert r.deadline_hit and len(r.outputs) == 1 and len(r.trace) == 1 and len(r.trace[0]["scores"]) == 1
-        steps = (r.budget["nfe"] - 40) // 7  # 8 particles per stage until the deadline, then one to the end
-        assert 0 < steps < 40 and r.budget["nfe"] == 8 * steps + (40 - steps)
-        assert torch.equal(r.scores, REWARD(r.outputs))
-    assert runs[0].budget["nfe"] != 8 * 40
+    T = 80  # 80 preview scores of 10 ms each: far past the deadline
+    p = GMMDiffusion(DEFAULT_MIXTURE, T, sampler="exact")
+    r = mmtts.search(p, SlowReward(0.01), "particle-filter", n=8, budget=Budget(max_seconds=0.2), seed=3)
+    assert r.deadline_hit and len(r.outputs) == 1 and len(r.trace) == 1 and len(r.trace[0]["scores"]) == 1
+    steps = (r.budget["nfe"] - T) // 7  # 8 particles per stage until the deadline, then one to the end
+    assert 0 < steps < T and r.budget["nfe"] == 8 * steps + (T - steps)
+    assert r.budget["verifier_calls"] == 8 * steps + 1  # the previews, then the one finished candidate
+    assert torch.equal(r.scores, REWARD(r.outputs))
 
 
 def test_time_only_budgets():
