@@ -73,8 +73,10 @@ def structure_maps(features: torch.Tensor) -> torch.Tensor:
     if f.ndim != 3:
         raise MmttsError(f"features must be (B, D), (B, P, D) or (B, C, H, W), got shape {tuple(f.shape)}")
     x = f - f.mean(1, keepdim=True)
-    v = torch.linalg.svd(x, full_matrices=False).Vh[:, 0]  # (B, D): each image's first component
-    proj = torch.einsum("bpd,bd->bp", x, v)
+    # x = U S V^T, so the projection on the first component x v_1 is s_1 u_1: the top eigenvector of the
+    # (P, P) Gram matrix scaled by the root of its eigenvalue (a small eigenproblem per image)
+    evals, evecs = torch.linalg.eigh(x @ x.transpose(1, 2))
+    proj = evecs[:, :, -1] * evals[:, -1:].clamp(min=0).sqrt()
     sign = torch.sign(proj.gather(1, proj.abs().argmax(1, keepdim=True)))
     return proj * torch.where(sign == 0, 1.0, sign)
 

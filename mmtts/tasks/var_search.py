@@ -78,6 +78,12 @@ class PatchFeatures:
         return "PatchFeatures(classifier-A)"
 
 
+# tts-var's schedule shape and lmbda, chosen on validation seeds 100-115 (never the recorded seeds) among
+# lmbda 1, 3, 10 and six schedules: clustering trims 10% and 20% at the 2x2 and 3x3 scales, the 4x4 resampling
+# halves the batch and the 6x6 one resamples it at full size, so half the first batch reaches the last scale.
+# Particle filtering's potential and lmbda (diff, 3) were chosen there too, among max/diff and lmbda 1, 3.
+TTS_VAR_FRACTIONS = (1.0, 1.0, 0.9, 0.8, 0.5, 0.5)
+
 POTENTIAL_METHODS = {"tts-var": "value", "tts-var-diff": "diff", "tts-var-sum": "sum", "tts-var-max": "max",
                      "tts-var-topk": "topk"}
 
@@ -91,7 +97,7 @@ class VARSearch(Task):
     budget_unit = "tokens"
     default_budgets = (130, 260, 520, 1040, 2080, 4160)
     quick_budgets = (130, 390)
-    option_defaults = {"keep": 4, "lmbda": 10.0}
+    option_defaults = {"keep": 4, "lmbda": 3.0}
 
     def __init__(self, cache=None, quick: bool = False, **options):
         super().__init__(cache, quick, **options)
@@ -117,6 +123,7 @@ class VARSearch(Task):
                 b.load_state_dict(self.cache.load_or_train("image-search-classifier-B", cls,
                                                            lambda: train_classifier("B", cls)))
             x, y = load_digits32()
+            import sklearn.cluster  # noqa: F401  (tts-var's k-means: imported here, not inside a timed search)
             self._models = {"tokenizer": tok, "transformer": tf, "A": a.eval(), "B": b.eval(),
                             "ink": ink_targets(x, y)}
         return self._models
@@ -131,9 +138,10 @@ class VARSearch(Task):
         n = max(budget // sum(s * s for s in SCALES), 1)
         if method in POTENTIAL_METHODS:
             return {"potential": POTENTIAL_METHODS[method], "lmbda": float(self.options["lmbda"]),
+                    "cluster_at": (1, 2), "resample_at": (3, 4), "fractions": TTS_VAR_FRACTIONS,
                     "features": PatchFeatures(self.models()["A"]), "keep": keep}
         return {"best-of-n": {"batch_size": 64}, "beam": {"beams": max(1, n // 4)},
-                "particle-filter": {"lmbda": 1.0, "potential": "max"}}[method] | {"keep": keep}
+                "particle-filter": {"lmbda": 3.0, "potential": "diff"}}[method] | {"keep": keep}
 
     def detail(self, method: str, setting: str, budget: int | None) -> str:
         kw = self.strategy_settings(method, budget)
