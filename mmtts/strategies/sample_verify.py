@@ -51,7 +51,8 @@ def count_setting(owner: str, name: str, value, default, **old):
     DeprecationWarning naming ``name``); ``default`` when neither is given."""
     given = {k: v for k, v in old.items() if v is not None}
     if len(given) > 1 or (given and value is not None):
-        raise MmttsError(f"{owner}: give the count once, as {name}= (got {sorted(given) + ([name] if value else [])})")
+        got = sorted(given) + ([name] if value is not None else [])
+        raise MmttsError(f"{owner}: give the count once, as {name}= (got {got})")
     if given:
         (k, v), = given.items()
         warnings.warn(f"{owner}: {k}= is deprecated; use {name}=", DeprecationWarning, stacklevel=3)
