@@ -87,7 +87,7 @@ def test_context_refuses_work_past_the_cap():
 
 def test_time_limited_best_of_n_stops_at_the_deadline():
     r = mmtts.search(CountingProcess(), SumVerifier(), "best-of-n", budget=Budget(max_seconds=0.05), batch_size=4)
-    assert r.deadline_hit and r.budget["deadline_hit"] and r.budget["max_seconds"] == 0.05
+    assert r.deadline_hit and r.budget["stopped"] == "deadline" and r.budget["max_seconds"] == 0.05
     finished = sum(len(e["scores"]) for e in r.trace)
     assert finished >= 4 and finished % 4 == 0
     assert r.budget["verifier_calls"] == finished

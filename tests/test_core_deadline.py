@@ -37,7 +37,8 @@ def test_every_strategy_returns_at_the_deadline_with_the_best_finished_candidate
     r = mmtts.search(p, SlowReward(0.02), strategy, budget=Budget(max_nfe=100_000, max_seconds=0.5), seed=1,
                      keep=2, **kw)
     wall = time.perf_counter() - t0
-    assert r.deadline_hit and r.budget["deadline_hit"] and r.summary()["deadline_hit"]
+    assert r.stopped == "deadline" and r.deadline_hit
+    assert r.budget["stopped"] == "deadline" and r.summary()["stopped"] == "deadline"
     assert wall < 0.5 + 1.0  # the deadline, then at most one stage, one verifier call and one candidate's finish
     assert r.budget["nfe"] < 100_000 and r.budget["seconds"]["wall"] >= 0.5
     assert r.outputs.shape[1] == 2 and 1 <= len(r.outputs) <= 2
@@ -51,7 +52,7 @@ def test_a_deadline_that_never_strikes_changes_nothing(strategy, kw):
     p = GMMDiffusion(DEFAULT_MIXTURE, 10, sampler="exact")
     a = mmtts.search(p, REWARD, strategy, budget=Budget(max_nfe=200), seed=2, **kw)
     b = mmtts.search(p, REWARD, strategy, budget=Budget(max_nfe=200, max_seconds=600.0), seed=2, **kw)
-    assert not b.deadline_hit and not b.budget["deadline_hit"]
+    assert b.stopped is None and not b.deadline_hit and b.budget["stopped"] is None
     assert torch.equal(a.outputs, b.outputs) and torch.equal(a.scores, b.scores) and a.extra == b.extra
     assert all(torch.equal(a.lineage[k], b.lineage[k]) for k in a.lineage)
 
@@ -61,7 +62,7 @@ def test_with_nothing_finished_one_candidate_runs_to_the_end():
     T = 80  # 80 preview scores of 10 ms each: far past the deadline
     p = GMMDiffusion(DEFAULT_MIXTURE, T, sampler="exact")
     r = mmtts.search(p, SlowReward(0.01), "particle-filter", n=8, budget=Budget(max_seconds=0.2), seed=3)
-    assert r.deadline_hit and len(r.outputs) == 1 and len(r.trace) == 1 and len(r.trace[0]["scores"]) == 1
+    assert r.stopped == "deadline" and len(r.outputs) == 1 and len(r.trace) == 1 and len(r.trace[0]["scores"]) == 1
     steps = (r.budget["nfe"] - T) // 7  # 8 particles per stage until the deadline, then one to the end
     assert 0 < steps < T and r.budget["nfe"] == 8 * steps + (T - steps)
     assert r.budget["verifier_calls"] == 8 * steps + 1  # the previews, then the one finished candidate
@@ -76,10 +77,39 @@ def test_time_only_budgets():
         r = mmtts.search(p, SlowReward(0.001), strategy, budget=Budget(max_seconds=0.15), seed=0, **kw)
         assert len(r.outputs) >= 1 and torch.equal(r.scores, REWARD(r.outputs))
         if strategy in ("evosearch", "zero-order", "best-of-n") and "stages" not in kw:
-            assert r.deadline_hit  # they run until the deadline
+            assert r.stopped == "deadline"  # they run until the deadline
     with pytest.raises(mmtts.BudgetError, match="noise_generations="):
         mmtts.search(p, REWARD, "evosearch", n=4, stages=[2], budget=Budget(max_seconds=1.0))
     with pytest.raises(mmtts.BudgetError, match="pass n="):
         mmtts.search(p, REWARD, "paths", budget=Budget(max_seconds=1.0))
     with pytest.raises(mmtts.BudgetError, match="cap to size"):
         mmtts.search(p, REWARD, "beam", budget=Budget(max_seconds=1.0))
+
+
+def test_stopped_is_the_only_field_and_deadline_hit_reads_it():
+    p = GMMDiffusion(DEFAULT_MIXTURE, 4, sampler="exact")
+    r = mmtts.search(p, REWARD, "best-of-n", budget=Budget(max_nfe=16, max_seconds=600.0), seed=0)
+    assert r.stopped is None and r.deadline_hit is False
+    r.stopped = "deadline"
+    assert r.deadline_hit is True
+    with pytest.raises(AttributeError):
+        r.deadline_hit = False  # read-only: set ``stopped``
+
+
+def test_stopped_travels_in_checkpoints(tmp_path):
+    from mmtts.core.budget import Meter
+    m = Meter(Budget(max_seconds=1.0))
+    m.stopped = "deadline"
+    m2 = Meter(Budget(max_seconds=1.0))
+    m2.load_state_dict(m.state_dict())
+    assert m2.stopped == "deadline" and m2.report()["stopped"] == "deadline"
+    old = {k: v for k, v in m.state_dict().items() if k != "stopped"}  # a checkpoint written before the field
+    m3 = Meter(Budget(max_seconds=1.0))
+    m3.load_state_dict(old)
+    assert m3.stopped is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0, True, "1"])
+def test_non_finite_or_meaningless_deadlines_are_refused(bad):
+    with pytest.raises(mmtts.BudgetError, match="max_seconds"):
+        Budget(max_nfe=10, max_seconds=bad)

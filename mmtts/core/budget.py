@@ -33,7 +33,7 @@ class Budget:
         max_verifier_calls: cap on candidate evaluations by the search verifier (a whole number > 0).
         max_seconds: wall-clock limit of the search (a finite number > 0). At the deadline the search stops
             before its next model step and returns the best candidate finished so far, with
-            ``Result.deadline_hit`` set (see :func:`~mmtts.core.strategy.run_strategy`).
+            ``Result.stopped == "deadline"`` (see :func:`~mmtts.core.strategy.run_strategy`).
 
     ``None`` leaves that resource uncapped; at least one cap is needed.
     """
@@ -88,7 +88,8 @@ class Meter:
         self.decodes = 0
         self.seconds = {k: 0.0 for k in _TIMERS}
         self.elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
-        self.deadline_hit = False
+        #: why the search stopped before its strategy finished: "deadline", or None
+        self.stopped: str | None = None
         self._t0: float | None = None
 
     # -- starting and timing -------------------------------------------------
@@ -166,7 +167,7 @@ class Meter:
         self.decodes += int(decodes)
 
     def report(self) -> dict:
-        """Counters, caps, whether the deadline ended the search, and the wall-time split
+        """Counters, caps, what stopped the search early (``stopped``: "deadline" or None), and the wall-time split
         (overhead = wall - model - verifier - decode)."""
         wall = self.elapsed
         spent = sum(self.seconds.values())
@@ -178,7 +179,7 @@ class Meter:
             "max_verifier_calls": b.max_verifier_calls,
             "decodes": self.decodes,
             "max_seconds": b.max_seconds,
-            "deadline_hit": self.deadline_hit,
+            "stopped": self.stopped,
             "seconds": {**{k: round(v, 6) for k, v in self.seconds.items()},
                         "overhead": round(max(wall - spent, 0.0), 6), "wall": round(wall, 6)},
         }
@@ -186,13 +187,14 @@ class Meter:
     # -- checkpoints ---------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"nfe": self.nfe, "verifier_calls": self.verifier_calls, "decodes": self.decodes,
-                "seconds": dict(self.seconds), "elapsed_before": self.elapsed}
+                "seconds": dict(self.seconds), "elapsed_before": self.elapsed, "stopped": self.stopped}
 
     def load_state_dict(self, d: dict) -> None:
         """Continue from a checkpoint's counters and elapsed time (the clock restarts now)."""
         self.nfe, self.verifier_calls, self.decodes = int(d["nfe"]), int(d["verifier_calls"]), int(d["decodes"])
         self.seconds = {k: float(d["seconds"][k]) for k in _TIMERS}
         self.elapsed_before = float(d["elapsed_before"])
+        self.stopped = d.get("stopped")
         self._t0 = time.perf_counter()
 
 

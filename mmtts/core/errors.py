@@ -26,3 +26,15 @@ class UnknownNameError(MmttsError, KeyError):
 
 class MissingWeightsError(MmttsError, FileNotFoundError):
     """A model file that is not on disk; nothing is fetched from the network."""
+
+
+class SettingsError(MmttsError, ValueError):
+    """A strategy setting that is misspelt, of the wrong type, or out of its range."""
+
+
+class ProcessError(MmttsError, RuntimeError):
+    """A process broke its contract (a batch of the wrong size, say); the message names the process."""
+
+
+class CollapseWarning(UserWarning):
+    """A population search ended with copies of one candidate where it needed distinct ones."""

@@ -85,6 +85,30 @@ class Process(ABC):
                              f"{tuple(self.latent(state).shape)}")
         return state.replace(**{self.latent_key: latent})
 
+    # -- stochasticity ----------------------------------------------------------------
+    def is_stochastic(self, stage: int) -> bool | None:
+        """Whether the step from ``stage`` draws fresh noise from each candidate's stream.
+
+        True: two copies of a candidate at ``stage`` come out of the step
+        different; False: the step is a deterministic function of the
+        candidate (a DDIM step with eta = 0, or the last step of most
+        samplers); None (the default): the process does not say. Strategies
+        that copy candidates and rely on the copies diverging (beam,
+        particle-filter) read it to avoid selecting into identical copies.
+        """
+        return None
+
+    def forks_diverge(self, stage: int) -> bool | None:
+        """Whether copies of a candidate at ``stage`` can still end differently without a perturbation.
+
+        True when a later step is stochastic, False when every remaining step is
+        declared deterministic (or none remains), None when undeclared.
+        """
+        known = [self.is_stochastic(t) for t in range(int(stage), self.num_stages)]
+        if any(k is True for k in known):
+            return True
+        return False if all(k is False for k in known) else None
+
     # -- optional capabilities -------------------------------------------------------
     def perturb(self, state: State, scale: float | torch.Tensor) -> State:
         """Mutate candidates at their current stage with the stage's own noise scale."""

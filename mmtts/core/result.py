@@ -26,9 +26,10 @@ class Result:
     its scores of the same outputs (computed after the search, never used to
     select). ``trace`` has one entry per scoring of finished candidates: the
     budget spent so far, the best score so far and all scores of that batch,
-    which is what a scaling curve is drawn from. ``deadline_hit`` says that
-    the budget's ``max_seconds`` stopped the search: the outputs are then the
-    best candidates finished before the deadline.
+    which is what a scaling curve is drawn from. ``stopped`` says why the
+    search ended before its strategy finished: ``"deadline"`` when the
+    budget's ``max_seconds`` struck (the outputs are then the best candidates
+    finished before the deadline), None when the strategy ran to its end.
     """
 
     outputs: Any
@@ -44,7 +45,12 @@ class Result:
     population_scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     votes: torch.Tensor | None = None
-    deadline_hit: bool = False
+    stopped: str | None = None
+
+    @property
+    def deadline_hit(self) -> bool:
+        """Whether the deadline stopped the search (``stopped == "deadline"``)."""
+        return self.stopped == "deadline"
 
     @property
     def best_score(self) -> float:
@@ -72,7 +78,7 @@ class Result:
             "budget": self.budget,
             "trace": [{k: v for k, v in e.items() if k != "scores"} for e in self.trace],
             "extra": self.extra,
-            "deadline_hit": self.deadline_hit,
+            "stopped": self.stopped,
         }
 
 

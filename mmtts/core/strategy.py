@@ -23,10 +23,11 @@ import torch
 
 from .batch import batch_size, concat, take, to_cpu
 from .budget import Budget, Meter
-from .errors import BudgetError, MmttsError
+from .errors import BudgetError, MmttsError, ProcessError
 from .process import Process
 from .result import Result, load_checkpoint, save_checkpoint
 from .rng import Streams, StrategyRNG
+from .settings import check_keywords
 from .state import State
 from .verifier import Verifier, as_verifier
 
@@ -98,7 +99,7 @@ class SearchContext:
         self.verifier = verifier
         self.budget = Budget.coerce(budget)
         self.meter = Meter(self.budget)
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         self.rng = StrategyRNG(self.seed)
         self.trace: list[dict] = []
         self.next_index = 0
@@ -116,6 +117,7 @@ class SearchContext:
         self._finished: dict | None = None
         self._preview_scores: dict[int, float] = {}
         self._stepping: State | None = None
+        self._past_deadline = False  # finishing the one candidate the deadline returns
         if resume:
             if self.checkpoint_path is None:
                 raise MmttsError("resume=True needs checkpoint=PATH, the file to resume from")
@@ -163,7 +165,12 @@ class SearchContext:
         first = self.next_index
         self.next_index += n
         with self.meter.timer("model"):
-            return self.process.init(streams, first_index=first)
+            state = self.process.init(streams, first_index=first)
+        if not isinstance(state, State) or len(state) != n:
+            got = f"{len(state)} candidates" if isinstance(state, State) else f"a {type(state).__name__}"
+            raise ProcessError(f"{self._process_name()}.init() returned {got} for {n} streams; it must return "
+                               f"a State of {n} candidates, one per stream")
+        return state
 
     def step(self, state: State) -> State:
         if bool(self.process.is_done(state).any()):
@@ -179,11 +186,15 @@ class SearchContext:
         m = self.meter
         if not m.can_afford(nfe=cost):
             m.check_affordable(f"stepping {len(state)} candidates", nfe=cost)
-        if self._deadline is not None and not m.deadline_hit and m.elapsed >= self._deadline:
+        if self._deadline is not None and not self._past_deadline and m.elapsed >= self._deadline:
             self._stepping = state
             raise _DeadlineReached
         with m.timer("model"):
             new = p.step(state)
+        if not isinstance(new, State) or len(new) != len(state):
+            got = f"{len(new)} candidates" if isinstance(new, State) else f"a {type(new).__name__}"
+            raise ProcessError(f"{self._process_name()}.step() returned {got} for {len(state)} candidates; it must "
+                               "return a State with the same candidates, one stage further")
         m.charge(nfe=cost)
         return new
 
@@ -210,6 +221,7 @@ class SearchContext:
     def preview(self, state: State) -> Any:
         with self.meter.timer("decode"):
             out = self.process.preview(state)
+        self._check_batch(out, len(state), "preview")
         if self.process.decodes_on_preview:
             self.meter.charge(decodes=len(state))
         return out
@@ -219,16 +231,35 @@ class SearchContext:
             raise MmttsError("finish() needs every candidate to have completed all stages")
         with self.meter.timer("decode"):
             out = self.process.finish(state)
+        self._check_batch(out, len(state), "finish")
         if self.process.decodes_on_finish:
             self.meter.charge(decodes=len(state))
         return out
+
+    def _process_name(self) -> str:
+        return type(self.process).__name__
+
+    def _check_batch(self, out: Any, n: int, method: str) -> None:
+        """A process's outputs must hold one item per candidate: refuse them before anything is scored or charged."""
+        try:
+            got = batch_size(out)
+        except (TypeError, ValueError) as e:
+            raise ProcessError(f"{self._process_name()}.{method}() returned an output batch mmtts cannot read "
+                               f"({e}); return a tensor, list or dict with the {n} candidates on dimension 0") from None
+        if got != n:
+            raise ProcessError(f"{self._process_name()}.{method}() returned {got} output(s) for {n} candidates; it "
+                               f"must return one output per candidate, in order")
 
     def score(self, outputs: Any, state: State | None = None, final: bool = True) -> torch.Tensor:
         """Score with the search verifier; ``final`` scores of finished candidates enter the trace."""
         if self.verifier is None:
             raise MmttsError(f"strategy {self._identity['strategy']!r} scores candidates with a verifier, and none "
                              "was given; pass one (a Verifier or a scoring function) as the verifier argument")
-        n = batch_size(outputs)
+        try:
+            n = batch_size(outputs)
+        except (TypeError, ValueError) as e:
+            raise MmttsError(f"cannot score outputs mmtts cannot read as a batch ({e}); pass a tensor, list or "
+                             "dict with the candidates on dimension 0") from None
         m = self.meter
         if not m.can_afford(verifier_calls=n):
             m.check_affordable(f"scoring {n} candidates", verifier_calls=n)
@@ -267,7 +298,8 @@ class SearchContext:
         deadline stopped is run alone to the end past the deadline, scored
         and returned.
         """
-        self.meter.deadline_hit = True
+        self.meter.stopped = "deadline"
+        self._past_deadline = True
         if self._finished is None:
             state = self._stepping
             ranked = torch.tensor([self._preview_scores.get(i, float("-inf")) for i in state.ids.tolist()],
@@ -288,6 +320,11 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str] = ""
+
+    def __new__(cls, *args, **settings):
+        # a misspelt or unknown setting is refused here, for every strategy, with the valid settings listed
+        check_keywords(cls, args, settings, owner=f"strategy {cls.name!r}" if cls.name else cls.__name__)
+        return super().__new__(cls)
 
     def __init__(self, **settings):
         self._settings = settings
@@ -320,11 +357,12 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
     With ``Budget.max_seconds``, the first model step past the deadline is not
     taken: the search stops and returns the best candidates finished so far
     (or, when none has finished, one candidate run to the end, see
-    :meth:`SearchContext.deadline_selection`), with ``Result.deadline_hit``
-    and ``budget["deadline_hit"]`` set; the strategy's ``extra`` is then empty.
+    :meth:`SearchContext.deadline_selection`), with ``Result.stopped`` and
+    ``budget["stopped"]`` set to ``"deadline"``; the strategy's ``extra`` is then empty.
     """
     if not isinstance(process, Process):
-        raise TypeError(f"process must be an mmtts Process, not {type(process).__name__}")
+        raise MmttsError(f"process must be an mmtts Process (a subclass of mmtts.Process), not "
+                         f"{type(process).__name__}")
     verifier = as_verifier(verifier) if verifier is not None else None
     budget = Budget.coerce(budget)
     if budget.max_nfe is not None and budget.max_nfe < process.nfe_per_candidate():
@@ -355,8 +393,17 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
         outputs=to_cpu(sel.outputs), scores=sel.scores, heldout=held_scores, trace=ctx.trace,
         budget=report, strategy=strategy.name, settings=strategy.settings, seed=int(seed),
         lineage=lineage, population=to_cpu(sel.population), population_scores=sel.population_scores,
-        extra=sel.extra, votes=sel.votes, deadline_hit=ctx.meter.deadline_hit,
+        extra=sel.extra, votes=sel.votes, stopped=ctx.meter.stopped,
     )
+
+
+def _check_seed(seed) -> int:
+    """A whole number in [0, 2**63); anything else would silently share another seed's run."""
+    import numbers
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2 ** 63:
+        raise MmttsError(f"seed={seed!r} must be a whole number in [0, 2**63) (distinct seeds in it give distinct "
+                         "runs); pass e.g. seed=0")
+    return int(seed)
 
 
 def _heldout_dict(heldout) -> dict[str, Verifier]:

@@ -158,7 +158,7 @@ def as_verifier(v: Verifier | Callable, name: str | None = None) -> Verifier:
         return v
     if callable(v):
         return FunctionVerifier(v, name=name)
-    raise TypeError(f"expected a Verifier or a callable, not {type(v).__name__}")
+    raise VerifierError(f"a verifier must be an mmtts Verifier or a scoring function, not {type(v).__name__}")
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:

@@ -127,6 +127,8 @@ class GMMDiffusion(Process):
             raise ValueError(f"num_stages must be at least 1, got {num_stages}")
         self.mixture = mixture
         self.num_stages = int(num_stages)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0: deterministic DDIM, 1: ancestral)")
         self.sampler = sampler
         self.eta = float(eta)
         self.abar = cosine_abar(self.num_stages)
@@ -169,6 +171,13 @@ class GMMDiffusion(Process):
         return self.eta * self.ancestral_sigma(stage)
 
     # -- Process -----------------------------------------------------------------------
+    def is_stochastic(self, stage: int) -> bool:
+        """The exact sampler always draws; DDIM draws where eta * sigma_t > 0 (never at eta = 0, nor at the
+        last step, whose posterior std is 0)."""
+        if self.sampler == "exact":
+            return True
+        return bool(self.step_sigma(torch.tensor([int(stage)]))[0] > 0)
+
     def init(self, streams: Streams, first_index: int = 0) -> State:
         x = streams.randn((self.mixture.dim,), dtype=torch.float64)
         return State.fresh({"x": x}, streams, first_index)
@@ -220,7 +229,7 @@ class GMMDiffusion(Process):
         """
         x = state.data["x"]
         z = state.streams.randn((self.mixture.dim,), dtype=torch.float64)
-        b = torch.as_tensor(scale, dtype=torch.float64)
+        b = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1)  # one scale, or one per candidate
         sigma = self.ancestral_sigma(state.stage.clamp(max=self.num_stages - 1))[:, None]
         start = (state.stage == 0)[:, None]
         return state.replace(x=torch.where(start, (1 - b ** 2).clamp(min=0).sqrt() * x + b * z, x + b * sigma * z))

@@ -7,8 +7,9 @@ import torch
 from ..core.batch import take
 from ..core.errors import BudgetError
 from ..core.registry import STRATEGIES
+from ..core.settings import choice, flag, real, whole
 from ..core.strategy import SearchContext, Selection, Strategy, top_k
-from .resampling import SCHEMES, effective_sample_size, resample
+from .resampling import FORKS, SCHEMES, effective_sample_size, fork_copies, fork_points, resample, warn_if_collapsed
 
 POTENTIALS = ("diff", "max", "add", "rt")
 
@@ -29,6 +30,21 @@ class ParticleFilter(Strategy):
     Resampling happens every ``interval`` stages when ESS < ``ess_threshold`` * n
     (1.0: always, 0.0: never), and at the last stage when ``final_resample``.
     ``n=None`` spends the budget: one preview score per particle per stage.
+    The answer is the best ``keep`` of the finished particles (before the
+    final resampling, which only copies some of them into the population).
+
+    Resampled copies of a particle must diverge afterwards. With
+    ``fork="noise"`` (the default) they draw their own fresh noise, so the
+    process must be stochastic after the resampling: a check at a stage
+    after which the process declares every step deterministic
+    (:meth:`~mmtts.core.process.Process.is_stochastic`, e.g. DDIM's last
+    step) does not resample, and a process deterministic after every check
+    (DDIM with eta = 0) is refused with the fix: a stochastic schedule
+    (eta > 0) or ``fork="perturb"``, which mutates every copy but the first
+    with the process's ``perturb`` at the stage's own noise scale (a
+    resampling whose perturbation changes nothing is not taken).
+    ``extra["distinct"]`` counts the different finished particles; a
+    :class:`~mmtts.core.errors.CollapseWarning` says when some are copies.
 
     Args:
         n: the number of particles (None: as many as the budget pays for).
@@ -39,25 +55,23 @@ class ParticleFilter(Strategy):
         interval: stages between resampling checks.
         final_resample: resample at the last stage.
         keep: how many of the best finished particles to return.
+        fork: how resampled copies come to differ: ``"noise"`` (their own fresh noise) or ``"perturb"``.
     """
 
     def __init__(self, n: int | None = None, potential: str = "diff", lmbda: float = 10.0,
                  resampling: str = "systematic", ess_threshold: float = 0.5, interval: int = 1,
-                 final_resample: bool = True, keep: int = 1):
-        if potential not in POTENTIALS:
-            raise ValueError(f"unknown potential {potential!r}; choose one of {POTENTIALS}")
-        if resampling not in SCHEMES:
-            raise ValueError(f"unknown resampling {resampling!r}; choose one of {SCHEMES}")
-        if not 0.0 <= ess_threshold <= 1.0:
-            raise ValueError(f"ess_threshold={ess_threshold} must lie in [0, 1]")
-        if n is not None and n < 1:
-            raise ValueError(f"particle filtering needs n >= 1 particles, got n={n}")
-        if interval < 1 or keep < 1:
-            raise ValueError(f"interval ({interval}) and keep ({keep}) must be at least 1")
-        super().__init__(n=n, potential=potential, lmbda=lmbda, resampling=resampling,
-                         ess_threshold=ess_threshold, interval=interval, final_resample=final_resample, keep=keep)
-        self.n, self.potential, self.lmbda, self.scheme = n, potential, float(lmbda), resampling
+                 final_resample: bool = True, keep: int = 1, fork: str = "noise"):
+        me = "particle-filter"
+        potential, resampling = choice("potential", potential, POTENTIALS, me), choice("resampling", resampling,
+                                                                                         SCHEMES, me)
+        ess_threshold, lmbda = real("ess_threshold", ess_threshold, me, 0.0, 1.0), real("lmbda", lmbda, me, 0.0)
+        n, interval, keep = whole("n", n, me, none=True), whole("interval", interval, me), whole("keep", keep, me)
+        final_resample, fork = flag("final_resample", final_resample, me), choice("fork", fork, FORKS, me)
+        super().__init__(n=n, potential=potential, lmbda=lmbda, resampling=resampling, ess_threshold=ess_threshold,
+                         interval=interval, final_resample=final_resample, keep=keep, fork=fork)
+        self.n, self.potential, self.lmbda, self.scheme = n, potential, lmbda, resampling
         self.ess_threshold, self.interval, self.final_resample, self.keep = ess_threshold, interval, final_resample, keep
+        self.fork = fork
 
     def plan(self, ctx: SearchContext) -> int:
         calls = ctx.process.num_stages  # one preview score per stage; the last is the final score
@@ -82,6 +96,9 @@ class ParticleFilter(Strategy):
                     dtype=torch.float64), "hist_sum": zeros.clone(), "ess": [], "resampled_at": []}
         state, log_w, prev = loop["state"], loop["log_w"], loop["prev"]
         n = len(state)
+        checks = list(range(self.interval, T, self.interval)) if self.ess_threshold > 0 and self.lmbda > 0 else []
+        checks = set(fork_points(ctx.process, checks, self.fork, "particle-filter"))
+        finished = None
         hist_max, hist_sum = loop["hist_max"], loop["hist_sum"]
         ess_trace, resampled_at = loop["ess"], loop["resampled_at"]
         out = r = None
@@ -102,18 +119,24 @@ class ParticleFilter(Strategy):
                 log_w = self.lmbda * phi
             ess = effective_sample_size(log_w)
             ess_trace.append(ess)
-            due = (t % self.interval == 0 and ess < self.ess_threshold * n) or (last and self.final_resample)
-            if due and not (last and not self.final_resample):
+            if last:
+                finished = (out, r, state)
+            due = (t in checks and ess < self.ess_threshold * n) or (last and self.final_resample)
+            if due:
                 idx = resample(log_w, n, self.scheme, ctx.rng.numpy())
-                state = state.resample(idx)
-                out, r = take(out, idx), r[idx]
-                prev, hist_max, hist_sum = prev[idx], hist_max[idx], hist_sum[idx]
-                log_w = torch.zeros(n, dtype=torch.float64)
-                resampled_at.append(t)
+                kids = state.resample(idx) if last else fork_copies(ctx.process, state, idx, self.fork)
+                if kids is not None:
+                    state = kids
+                    out, r = take(out, idx), r[idx]
+                    prev, hist_max, hist_sum = prev[idx], hist_max[idx], hist_sum[idx]
+                    log_w = torch.zeros(n, dtype=torch.float64)
+                    resampled_at.append(t)
             if not last:
                 ctx.checkpoint({"state": state, "log_w": log_w, "prev": prev, "hist_max": hist_max,
                                 "hist_sum": hist_sum, "ess": ess_trace, "resampled_at": resampled_at})
-        order = top_k(r, self.keep)
-        return Selection(outputs=take(out, order), scores=r[order], state=state.select(order),
+        f_out, f_r, f_state = finished
+        order = top_k(f_r, self.keep)
+        distinct = warn_if_collapsed(f_out, "particle-filter", ctx.process, self.fork)
+        return Selection(outputs=take(f_out, order), scores=f_r[order], state=f_state.select(order),
                          population=out, population_scores=r,
-                         extra={"n": n, "ess": ess_trace, "resampled_at": resampled_at})
+                         extra={"n": n, "ess": ess_trace, "resampled_at": resampled_at, "distinct": distinct})
