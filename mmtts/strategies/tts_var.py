@@ -10,10 +10,15 @@ survivors are drawn with replacement in proportion to exp(lmbda * potential),
 where the potential summarises each candidate's scores at the resampling
 scales so far. Duplicates continue with their parent's KV cache and a forked
 random stream. The last batch is finished, scored, and the best returned.
+``Selection.extra["cluster_s"]`` is the time spent embedding previews and
+clustering them (part of the search's wall time, outside its model, decode
+and verifier clocks).
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -84,15 +89,19 @@ def structure_maps(features: torch.Tensor) -> torch.Tensor:
 def nearest_to_centroids(points: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """K-means (scikit-learn) into ``k`` clusters; the index of the point nearest each centroid, sorted.
 
-    When identical points leave fewer than ``k`` non-empty clusters, the rest are
-    the remaining points nearest their own centroid.
+    When identical points leave fewer than ``k`` distinct clusters (candidates
+    whose coarse scales agree), the rest are the remaining points nearest their
+    own centroid, and scikit-learn's warning about it is silenced.
     """
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     x = torch.as_tensor(points, dtype=torch.float64).reshape(len(points), -1).numpy()
     if k >= len(x):
         return torch.arange(len(x))
-    km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
     dist = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
     chosen = []
     for c in range(k):
@@ -241,8 +250,9 @@ class TTSVAR(Strategy):
             batches = self.plan(ctx)
             state = ctx.fresh(batches[0])
             loop = {"state": state, "history": torch.empty(batches[0], 0, dtype=torch.float64),
-                    "batches": batches, "kept": []}
+                    "batches": batches, "kept": [], "cluster_s": 0.0}
         state, history, batches, kept = loop["state"], loop["history"], loop["batches"], loop["kept"]
+        cluster_s = loop["cluster_s"]
         K = ctx.process.num_stages
         while int(state.stage.max()) < K:
             state = ctx.step(state)
@@ -251,8 +261,11 @@ class TTSVAR(Strategy):
                 break
             nxt = batches[k + 1]
             if k in self.cluster_at and nxt < len(state):
-                maps = self.extract(ctx, ctx.preview(state))
+                previews = ctx.preview(state)
+                t0 = time.perf_counter()
+                maps = self.extract(ctx, previews)
                 idx = nearest_to_centroids(maps, nxt, int(ctx.rng.numpy().integers(2 ** 31)))
+                cluster_s += time.perf_counter() - t0
                 state, history = state.select(idx), history[idx]
                 kept.append({"scale": k, "kind": "cluster", "index": idx.tolist()})
             elif k in self.resample_at:
@@ -262,12 +275,13 @@ class TTSVAR(Strategy):
                 idx = resample(log_w, nxt, "multinomial", ctx.rng.numpy())
                 state, history = state.resample(idx), history[idx]
                 kept.append({"scale": k, "kind": "resample", "index": idx.tolist()})
-            ctx.checkpoint({"state": state, "history": history, "batches": batches, "kept": kept})
+            ctx.checkpoint({"state": state, "history": history, "batches": batches, "kept": kept,
+                            "cluster_s": cluster_s})
         out = ctx.finish(state)
         s = ctx.score(out, state)
         order = top_k(s, min(self.keep, len(s)))
         return Selection(outputs=take(out, order), scores=s[order], state=state.select(order),
-                         population=out, population_scores=s, extra={"batches": batches, "kept": kept})
+                         population=out, population_scores=s, extra={"batches": batches, "kept": kept, "cluster_s": cluster_s})
 
 
 
