@@ -117,7 +117,15 @@ def save_checkpoint(path: str | os.PathLike, content: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
-    d = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if d.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has format version {d.get('version')}; this mmtts reads {CHECKPOINT_VERSION}")
+    from .errors import MmttsError
+    try:
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: any unpickling error
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise MmttsError(f"checkpoint {path} cannot be read ({type(e).__name__}: {why}); delete it to start "
+                         "afresh") from None
+    if not isinstance(d, dict) or d.get("version") != CHECKPOINT_VERSION:
+        version = d.get("version") if isinstance(d, dict) else None
+        raise MmttsError(f"checkpoint {path} has format version {version}; this mmtts reads {CHECKPOINT_VERSION}: "
+                         "delete it to start afresh")
     return _unpack(d, device)

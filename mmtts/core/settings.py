@@ -82,7 +82,8 @@ def check_keywords(cls: type, args: tuple, kwargs: dict, owner: str = "") -> Non
         for k in unknown:
             close = difflib.get_close_matches(k, valid, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SettingsError(f"{who} has no setting {', '.join(hints)}; its settings are: {', '.join(valid) or '(none)'}")
+        raise SettingsError(f"{who} has no setting {', '.join(hints)}; its settings are: "
+                            f"{', '.join(valid) or '(none)'}")
     if args:
         raise SettingsError(f"{who} takes its settings by name ({', '.join(valid) or 'none'}); got "
                             f"{len(args)} positional argument(s)")

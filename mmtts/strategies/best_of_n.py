@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.registry import STRATEGIES
+from ..core.settings import whole
 from ..core.strategy import SearchContext, Selection, Strategy, merge_top
 
 
@@ -21,10 +22,8 @@ class BestOfN(Strategy):
     """
 
     def __init__(self, n: int | None = None, batch_size: int = 64, keep: int = 1):
-        if n is not None and n < 1:
-            raise ValueError(f"best-of-n needs n >= 1 candidates, got n={n}")
-        if batch_size < 1 or keep < 1:
-            raise ValueError(f"batch_size ({batch_size}) and keep ({keep}) must be at least 1")
+        n, batch_size = whole("n", n, "best-of-n", none=True), whole("batch_size", batch_size, "best-of-n")
+        keep = whole("keep", keep, "best-of-n")
         super().__init__(n=n, batch_size=batch_size, keep=keep)
         self.n, self.batch_size, self.keep = n, batch_size, keep
 

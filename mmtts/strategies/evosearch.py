@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from ..core.batch import concat, take
-from ..core.errors import BudgetError
+from ..core.errors import BudgetError, SettingsError
 from ..core.registry import STRATEGIES
+from ..core.settings import real, whole
 from ..core.rng import StrategyRNG
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy, top_k
@@ -82,21 +83,23 @@ class EvoSearch(Strategy):
         if population is not None:
             warnings.warn("evosearch's population is now called n; pass n=", DeprecationWarning, stacklevel=2)
             n = population
-        if n < 1 or tournament < 1 or keep < 1 or (initial is not None and initial < 1):
-            raise ValueError(f"evosearch needs n, initial, tournament and keep >= 1; got "
-                             f"{n}, {initial}, {tournament}, {keep}")
-        elites = max(1, n // 4) if elites is None else elites
-        if not 0 <= elites < n and n > 1:
-            raise ValueError(f"elites={elites} must be in [0, n={n})")
-        if not 0 < archive_fraction <= 1:
-            raise ValueError(f"archive_fraction={archive_fraction} must be in (0, 1]")
-        if not 0 <= noise_beta <= 1:
-            raise ValueError(f"noise_beta={noise_beta} must be in [0, 1]")
-        if noise_generations is not None and noise_generations < 0:
-            raise ValueError(f"noise_generations={noise_generations} must be >= 0")
-        if stages is not None and (list(stages) != sorted(set(stages)) or any(e < 1 for e in stages)):
-            raise ValueError(f"evolution stages {stages} must be strictly increasing and >= 1 (the initial noise "
-                             "evolves in the noise generations)")
+        me = "evosearch"
+        n, tournament, keep = whole("n", n, me), whole("tournament", tournament, me), whole("keep", keep, me)
+        initial = whole("initial", initial, me, none=True)
+        elites = max(1, n // 4) if elites is None else whole("elites", elites, me, minimum=0)
+        if not elites < n and n > 1:
+            raise SettingsError(f"evosearch elites={elites} must be in [0, n={n})")
+        archive_fraction = real("archive_fraction", archive_fraction, me, 0.0, 1.0, low_open=True)
+        noise_beta = real("noise_beta", noise_beta, me, 0.0, 1.0)
+        latent_scale = real("latent_scale", latent_scale, me, 0.0)
+        noise_generations = whole("noise_generations", noise_generations, me, minimum=0, none=True)
+        if stages is not None:
+            if isinstance(stages, (str, bytes)) or not hasattr(stages, "__iter__"):
+                raise SettingsError(f"evosearch stages={stages!r} must be a list of stage numbers")
+            stages = [whole("stages", e, me, minimum=0) for e in stages]
+            if stages != sorted(set(stages)) or any(e < 1 for e in stages):
+                raise SettingsError(f"evolution stages {stages} must be strictly increasing and >= 1 (the initial "
+                                    "noise evolves in the noise generations)")
         super().__init__(n=n, initial=initial, elites=elites, tournament=tournament,
                          archive_fraction=archive_fraction, noise_beta=noise_beta, latent_scale=latent_scale,
                          noise_generations=noise_generations, stages=stages, keep=keep)
@@ -119,7 +122,7 @@ class EvoSearch(Strategy):
         nfe = lambda lo, hi=T: int(p.stage_nfe(torch.arange(lo, hi)).sum())  # noqa: E731
         stages = list(self.stages) if self.stages is not None else default_evolution_stages(T)
         if any(e >= T for e in stages):
-            raise ValueError(f"evolution stages {stages} must lie in [1, {T})")
+            raise SettingsError(f"evolution stages {stages} must lie in [1, {T})")
         n0, G = self.initial, self.noise_generations
         if not b.counted and G is None:  # a time-only budget: noise generations until the deadline
             if self.stages:
@@ -128,7 +131,7 @@ class EvoSearch(Strategy):
             return {"initial": n0, "noise_generations": None, "stages": []}
         if self.P == 1:  # a trajectory generation of one has nothing to select: mutation would be a random walk
             if self.stages:
-                raise ValueError(f"trajectory generations at stages {stages} need n >= 2 to select "
+                raise SettingsError(f"trajectory generations at stages {stages} need n >= 2 to select "
                                  "from; use n >= 2 or no stages")
             stages = []
             if G == 0:  # nothing evolves: the initial candidates, finished and scored
@@ -136,7 +139,7 @@ class EvoSearch(Strategy):
                 return {"initial": n0, "noise_generations": 1, "stages": []}
         if G == 0:  # the initial candidates are scored on their x0-hat at the first evolution stage
             if not stages:
-                raise ValueError("noise_generations=0 needs at least one evolution stage")
+                raise SettingsError("noise_generations=0 needs at least one evolution stage")
             need = (n0 * nfe(0, stages[0]) + self.P * nfe(stages[0]), n0 + self.P * len(stages))
             if need[0] > b.remaining_nfe or need[1] > b.remaining_verifier_calls:
                 raise BudgetError(f"{n0} initial candidates to stage {stages[0]} and a population of n={self.P} "

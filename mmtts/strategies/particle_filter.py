@@ -70,8 +70,8 @@ class ParticleFilter(Strategy):
         super().__init__(n=n, potential=potential, lmbda=lmbda, resampling=resampling, ess_threshold=ess_threshold,
                          interval=interval, final_resample=final_resample, keep=keep, fork=fork)
         self.n, self.potential, self.lmbda, self.scheme = n, potential, lmbda, resampling
-        self.ess_threshold, self.interval, self.final_resample, self.keep = ess_threshold, interval, final_resample, keep
-        self.fork = fork
+        self.ess_threshold, self.interval, self.final_resample = ess_threshold, interval, final_resample
+        self.keep, self.fork = keep, fork
 
     def plan(self, ctx: SearchContext) -> int:
         calls = ctx.process.num_stages  # one preview score per stage; the last is the final score

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..core.batch import take
-from ..core.errors import BudgetError
+from ..core.errors import BudgetError, SettingsError
 from ..core.registry import STRATEGIES
+from ..core.settings import real, whole
 from ..core.strategy import SearchContext, Selection, Strategy, top_k
 
 
@@ -31,12 +32,12 @@ class PathSearch(Strategy):
 
     def __init__(self, n: int | None = None, width: int = 4, start: float = 0.25, forward: int = 1,
                  backward: int = 2, keep: int = 1):
-        if backward <= forward or forward < 1:
-            raise ValueError(f"paths needs 1 <= forward < backward to move past the parent; got {forward}, {backward}")
-        if width < 1 or keep < 1 or (n is not None and n < 1):
-            raise ValueError(f"paths needs n, width and keep >= 1; got {n}, {width}, {keep}")
-        if not 0.0 <= start <= 1.0:
-            raise ValueError(f"start={start} is a fraction of the stages, in [0, 1]")
+        n, width, keep = whole("n", n, "paths", none=True), whole("width", width, "paths"), whole("keep", keep, "paths")
+        forward, backward = whole("forward", forward, "paths"), whole("backward", backward, "paths")
+        if backward <= forward:
+            raise SettingsError(f"paths needs 1 <= forward < backward to move past the parent; got forward={forward}, "
+                                f"backward={backward}")
+        start = real("start", start, "paths", 0.0, 1.0)
         super().__init__(n=n, width=width, start=start, forward=forward, backward=backward, keep=keep)
         self.n, self.width, self.start, self.fwd, self.bwd, self.keep = n, width, start, forward, backward, keep
 

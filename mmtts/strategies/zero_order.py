@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..core.registry import STRATEGIES
+from ..core.settings import flag, real, whole
 from ..core.strategy import SearchContext, Selection, Strategy, merge_top, top_k
 
 
@@ -56,9 +57,9 @@ class ZeroOrder(Strategy):
     """
 
     def __init__(self, neighbours: int = 8, radius: float = 0.2, restart: bool = True, keep: int = 1):
-        if neighbours < 1 or keep < 1 or radius <= 0:
-            raise ValueError(f"zero-order needs neighbours >= 1, radius > 0 and keep >= 1; got "
-                             f"{neighbours}, {radius}, {keep}")
+        neighbours, keep = whole("neighbours", neighbours, "zero-order"), whole("keep", keep, "zero-order")
+        radius = real("radius", radius, "zero-order", 0.0, low_open=True)
+        restart = flag("restart", restart, "zero-order")
         super().__init__(neighbours=neighbours, radius=radius, restart=restart, keep=keep)
         self.neighbours, self.radius, self.restart, self.keep = neighbours, radius, bool(restart), keep
 
