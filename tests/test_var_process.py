@@ -105,6 +105,8 @@ def test_token_work_equals_the_tokens_the_head_processed(models):
             assert res.budget["nfe"] == sum(seen) <= 8 * per * TOKENS
     finally:
         hook.remove()
+    greedy_last = VARProcess(tok, tf, top_k=[0, 0, 0, 0, 0, 1])
+    assert [greedy_last.is_stochastic(k) for k in range(6)] == [True] * 5 + [False]
     f = VARProcess(tok, tf, unit="forwards")
     assert f.nfe_per_candidate() == len(SCALES)
     assert VARProcess(tok, tf, unit="forwards", label=1, guidance=[1, 1, 1, 1, 1, 3]).nfe_per_candidate() == 12

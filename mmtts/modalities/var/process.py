@@ -116,6 +116,10 @@ class VARProcess(Process):
         """Tokens (or forwards) to generate the scale at ``stage`` for one candidate; x2 with guidance."""
         return self.costs[stage.clamp(max=self.num_stages - 1)]
 
+    def is_stochastic(self, stage: int) -> bool:
+        """Every scale draws its tokens from the candidates' streams, except a greedy one (top_k = 1)."""
+        return self.top_k[min(int(stage), self.num_stages - 1)] != 1
+
     def work_per_candidate(self) -> dict[str, int]:
         """Tokens and forwards one candidate costs through every scale (guidance counted)."""
         b = len(self.labels)
