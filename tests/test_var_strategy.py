@@ -22,6 +22,8 @@ TOKENS = 130
 def process():
     torch.manual_seed(1)
     tok = MultiScaleVQ(SCALES, vocab=16, code_dim=4, width=4).eval()
+    with torch.no_grad():  # centre the random decoder's output in [0, 1], so that images differ after clamping
+        tok.decoder[-1].bias.fill_(0.5)
     tf = NextScaleTransformer(SCALES, vocab=16, code_dim=4, width=16, depth=1, heads=2).eval()
     return VARProcess(tok, tf)
 

@@ -2,8 +2,10 @@
 
 A candidate's state is its token ids so far, f-hat (the sum of its scales'
 decoded codes) and the transformer's KV cache, all per-candidate tensors with
-the batch on dim 0. Selecting or resampling candidates therefore re-indexes
-the cache with them, and a copy continues from its parent's cache with its own
+the batch on dim 0 (the cache grows by each scale's positions, so copies cost
+only what a candidate holds; :meth:`VARProcess.join` concatenates candidates at
+different scales, padding their caches). Selecting or
+resampling candidates therefore re-indexes the cache with them, and a copy continues from its parent's cache with its own
 random stream. Tokens are drawn by inverse CDF from uniforms of each
 candidate's stream, so a candidate's sample never depends on its batch.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ...core.errors import MmttsError
 from ...core.process import Process
@@ -120,6 +123,12 @@ class VARProcess(Process):
         """Every scale draws its tokens from the candidates' streams, except a greedy one (top_k = 1)."""
         return self.top_k[min(int(stage), self.num_stages - 1)] != 1
 
+    def cache_shape(self, n: int, length: int) -> tuple[int, ...]:
+        """The KV cache of ``n`` candidates holding ``length`` positions: (n, branches, depth, 2, heads, length,
+        head_dim). It grows scale by scale, so copying candidates copies only the scales they have."""
+        shape = self.transformer.cache_shape(n)
+        return (n, len(self.labels)) + shape[1:-2] + (length, shape[-1])
+
     def work_per_candidate(self) -> dict[str, int]:
         """Tokens and forwards one candidate costs through every scale (guidance counted)."""
         b = len(self.labels)
@@ -131,7 +140,7 @@ class VARProcess(Process):
         codes = torch.zeros(n, tf.length, dtype=torch.int64, device=self.device)
         lat = self.tokenizer.latent
         fhat = torch.zeros(n, self.tokenizer.code_dim, lat, lat, device=self.device)
-        kv = torch.zeros((n, len(self.labels)) + tf.cache_shape(1)[1:], device=self.device)
+        kv = torch.zeros(self.cache_shape(n, 0), device=self.device)
         return State.fresh({"codes": codes, "fhat": fhat, "kv": kv}, streams, first_index)
 
     def step(self, state: State) -> State:
@@ -144,7 +153,15 @@ class VARProcess(Process):
         order = [i for pos in groups.values() for i in pos]
         inverse = torch.empty(len(order), dtype=torch.int64)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        return State.cat(parts).select(inverse)
+        return self.join(parts).select(inverse)
+
+    @staticmethod
+    def join(states: list[State]) -> State:
+        """:meth:`State.cat` for candidates at different scales: shorter KV caches are zero-padded to the longest
+        (a step reads only the positions of the scales a candidate has)."""
+        length = max(s.data["kv"].shape[-2] for s in states)
+        return State.cat([s.replace(kv=F.pad(s.data["kv"], (0, 0, 0, length - s.data["kv"].shape[-2])))
+                          for s in states])
 
     @torch.no_grad()
     def _step_scale(self, state: State, k: int) -> State:
@@ -154,7 +171,11 @@ class VARProcess(Process):
         n = len(state)
         fhat = state.data["fhat"]
         inputs = None if k == 0 else downsample(fhat, s).flatten(2).transpose(1, 2)
-        kv = state.data["kv"].clone()  # the parent state keeps its own cache
+        # a new cache holding the scales so far and room for this one (the parent state keeps its own); any
+        # padding beyond the scales so far (from batching with later candidates) is dropped
+        start = tf.bounds[k]
+        kv = torch.empty(self.cache_shape(n, tf.bounds[k + 1]), device=self.device)
+        kv[..., :start, :] = state.data["kv"][..., :start, :]
         logits = []
         for b, label in enumerate(self.labels):
             labels = torch.full((n,), label, dtype=torch.int64, device=self.device)
