@@ -29,34 +29,45 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 ROUNDS = 10
 _INV_2_24 = 1.0 / 16777216.0
 _INV_2_53 = 1.0 / 9007199254740992.0
+# A round multiplies c0 by A and c2 by B and xors the products' high words into c3 ^ k1 and c1 ^ k0. The words
+# travel as pairs: ``mult`` holds (c0, c2) on even rounds and (c2, c0) on odd ones, so a round's new multiplied
+# pair comes out already in the next round's order; ``other`` holds the pair (c3, c1) or (c1, c3) that lines up
+# with ``mult``'s high words, and so do the round keys: per round, the factors and the key increments of each pair.
+_FACTORS = (torch.tensor([_ROUND_A, _ROUND_B]), torch.tensor([_ROUND_B, _ROUND_A]))
+_KEY_STEPS = torch.tensor([[i * _KEY_B, i * _KEY_A] if i % 2 == 0 else [i * _KEY_A, i * _KEY_B] for i in range(ROUNDS)])
+
+
+def _int64(t) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) and t.dtype == torch.int64 else torch.as_tensor(t, dtype=torch.int64)
+
+
+def _on(t: torch.Tensor, device: torch.device, dim: int) -> torch.Tensor:
+    """A constant on ``device``, with ``dim`` trailing broadcast dimensions."""
+    t = t if t.device == device else t.to(device)
+    return t.view(t.shape + (1,) * dim)
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1) -> torch.Tensor:
     """Philox-4x32-10 on int64 tensors holding uint32 words; broadcasts like ordinary tensor arithmetic.
 
-    Returns the four output words as one int64 tensor of shape (4, *broadcast shape).
+    Returns the four output words as one int64 tensor of shape (4, *broadcast shape). A 32x32-bit
+    product is exact in int64, so its high word is a shift; words carry junk above bit 31 between rounds
+    and are masked only where it matters (before a product, and at the end).
     """
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.int64) for t in (c0, c1, c2, c3)))
-    k0, k1 = torch.as_tensor(k0, dtype=torch.int64), torch.as_tensor(k1, dtype=torch.int64)
-    device = c0.device
-    ones = [1] * max(c0.dim(), k0.dim(), k1.dim())
-    # A round multiplies c0 by A and c2 by B and xors the products' high words into c3 ^ k1 and c1 ^ k0. The words
-    # travel as pairs: ``mult`` holds (c0, c2) on even rounds and (c2, c0) on odd ones, so a round's new
-    # multiplied pair comes out already in the next round's order; ``other`` holds the pair (c3, c1) or (c1, c3)
-    # that lines up with ``mult``'s high words.
-    factors = [torch.tensor(f, dtype=torch.int64, device=device).reshape(2, *ones)
-               for f in ((_ROUND_A, _ROUND_B), (_ROUND_B, _ROUND_A))]
-    r = torch.arange(ROUNDS, dtype=torch.int64, device=device).reshape(ROUNDS, *ones)
-    k0, k1 = torch.broadcast_tensors(k0, k1)  # the keys keep their own (small) shape: one per candidate
-    keys = torch.stack([k1 + r * _KEY_B, k0 + r * _KEY_A], dim=1) & _M32  # (ROUNDS, 2, ...): (k1, k0) per round
-    keys[1::2] = keys[1::2].flip(1)  # (k0, k1) on odd rounds, in line with ``mult``
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(_int64(t) for t in (c0, c1, c2, c3)))
+    k0, k1 = torch.broadcast_tensors(_int64(k0), _int64(k1))
+    device, dim = c0.device, max(c0.dim(), k0.dim())
+    factors = [_on(f, device, dim) for f in _FACTORS]
+    # (k1, k0) on even rounds and (k0, k1) on odd ones, plus each round's increments: (ROUNDS, 2, ...)
+    base = torch.stack([k1, k0, k0, k1]).view((2, 2) + k0.shape).repeat((ROUNDS // 2,) + (1,) * (k0.dim() + 1))
+    keys = (base + _on(_KEY_STEPS, device, k0.dim())).unbind(0)
     mult, other = torch.stack([c0, c2]), torch.stack([c3, c1])
     for i in range(ROUNDS):
-        prod = mult * factors[i % 2]  # two 32x32-bit products, exact in 64 bits
-        # even round: (hi(A c0) ^ c3 ^ k1, hi(B c2) ^ c1 ^ k0) = (c2', c0'); odd: (c0', c2'). Arithmetic shift: mask.
-        mult = ((prod >> 32) & _M32) ^ other ^ keys[i]
-        other = (prod & _M32).flip(0)  # the low words: (c1', c3') after an even round, (c3', c1') after an odd one
-    return torch.stack([mult[0], other[1], mult[1], other[0]])  # ROUNDS is even: (c0, c1, c2, c3)
+        prod = (mult & _M32) * factors[i % 2]  # two 32x32-bit products, exact in 64 bits
+        # even round: (hi(A c0) ^ c3 ^ k1, hi(B c2) ^ c1 ^ k0) = (c2', c0'); odd: (c0', c2')
+        mult = (prod >> 32) ^ other ^ keys[i]
+        other = prod.flip(0)  # the low words: (c1', c3') after an even round, (c3', c1') after an odd one
+    return torch.stack([mult[0], other[1], mult[1], other[0]]) & _M32  # ROUNDS is even: (c0, c1, c2, c3)
 
 
 def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
@@ -66,10 +77,11 @@ def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
 
 def _words(seed: torch.Tensor, offset: torch.Tensor, quads: int) -> torch.Tensor:
     """Philox output words (4, B, quads) for counters (j, offset low, offset high, 0), j < quads."""
-    seed = seed.to(torch.int64).reshape(-1, 1)
-    offset = offset.to(torch.int64).reshape(-1, 1)
-    j = torch.arange(quads, dtype=torch.int64, device=seed.device).reshape(1, -1)
-    return philox4x32(j, offset & _M32, (offset >> 32) & _M32, 0, seed & _M32, (seed >> 32) & _M32)
+    seed = _int64(seed).reshape(-1, 1)
+    offset = _int64(offset).reshape(-1, 1)  # non-negative: its high word is offset >> 32
+    j = torch.arange(quads, dtype=torch.int64, device=seed.device)
+    return philox4x32(j, offset & _M32, offset >> 32, torch.zeros((), dtype=torch.int64, device=seed.device),
+                      seed & _M32, (seed >> 32) & _M32)
 
 
 def philox_normal_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
@@ -78,8 +90,8 @@ def philox_normal_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int
     u = words_to_uniform(_words(seed, offset, quads))  # (4, B, quads)
     radius = torch.sqrt(-2.0 * torch.log(u[0::2]))  # from words 0 and 2
     theta = (2.0 * math.pi) * u[1::2]  # from words 1 and 3
-    # element 4j + k: k = 0, 1 from words (0, 1), k = 2, 3 from words (2, 3); cos first
-    normals = torch.stack([radius * torch.cos(theta), radius * torch.sin(theta)], dim=-1)  # (2, B, quads, 2)
+    # element 4j + k: k = 0, 1 from words (0, 1), k = 2, 3 from words (2, 3): radius * (cos, sin)
+    normals = torch.view_as_real(torch.polar(radius, theta))  # (2, B, quads, 2)
     return normals.permute(1, 2, 0, 3).reshape(-1, quads * 4)[:, :numel]
 
 
