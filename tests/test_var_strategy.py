@@ -166,3 +166,21 @@ def test_bad_input_errors(process):
         TTSVAR(cluster_at=(1, 3), resample_at=(3,))
     with pytest.raises(MmttsError, match="unknown potential"):
         TTSVAR(potential="add")
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(process, tmp_path):
+    ck = tmp_path / "tts-var.ckpt"
+
+    class Stop(Exception):
+        pass
+
+    def stop(written):
+        if written == 2:  # after the second clustering scale
+            raise Stop
+
+    with pytest.raises(Stop):
+        mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2, checkpoint=ck, on_checkpoint=stop)
+    resumed = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2, checkpoint=ck, resume=True)
+    whole = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2)
+    assert torch.equal(resumed.outputs, whole.outputs) and torch.equal(resumed.scores, whole.scores)
+    assert resumed.budget["nfe"] == whole.budget["nfe"] and resumed.extra["kept"] == whole.extra["kept"]
