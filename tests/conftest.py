@@ -5,6 +5,17 @@ os.environ["MMTTS_PROGRESS"] = "0"
 
 import pytest  # noqa: E402
 
+try:  # hypothesis profiles of the fuzz suites: "ci" (the default) keeps each module short, "long" runs many more
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    pass
+else:
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=1000, deadline=None, database=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):

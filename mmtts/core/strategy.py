@@ -71,6 +71,10 @@ def merge_top(best: dict | None, out, s: torch.Tensor, state: State | None, keep
     return {"outputs": take(out, idx), "scores": s[idx], "state": None if state is None else state.select(idx)}
 
 
+#: the largest population a strategy sizes from the budget by itself (``n=None``): past it, pass the size
+AUTO_POPULATION_LIMIT = 1 << 16
+
+
 class _DeadlineReached(Exception):
     """Raised by the context instead of a model step past the deadline; :func:`run_strategy` catches it."""
 
@@ -283,6 +287,16 @@ class SearchContext:
     def candidates_affordable(self, verifier_calls_per_candidate: int = 1) -> int:
         """Complete candidates the remaining budget pays for (-1: no count cap, only time)."""
         return self.meter.capacity(self.process.nfe_per_candidate(), verifier_calls_per_candidate)
+
+    def auto_population(self, n: int, setting: str) -> int:
+        """``n`` candidates sized from the budget, refused past :data:`AUTO_POPULATION_LIMIT` (one batch of
+        millions is a typo in a budget, not a search)."""
+        if n > AUTO_POPULATION_LIMIT:
+            raise BudgetError(f"{self._identity['strategy'] or 'the strategy'} would size one batch of {n} candidates "
+                              f"from the budget ({self.budget.max_nfe} NFE, {self.budget.max_verifier_calls} "
+                              f"verifier calls), past the {AUTO_POPULATION_LIMIT} it sizes by itself; pass {setting}= "
+                              "explicitly or a smaller budget")
+        return n
 
     def require_candidates(self, n: int, verifier_calls_per_candidate: int = 1) -> None:
         """Raise a clear error when the remaining budget cannot pay for ``n`` complete candidates."""

@@ -59,7 +59,7 @@ class Beam(Strategy):
         if width is None:
             if cap == -1:
                 raise BudgetError("beam with width=None needs an NFE or verifier-call cap to size its width")
-            width = cap // self.beams
+            width = ctx.auto_population(self.beams * (cap // self.beams), "width") // self.beams
         if width < 1 or (cap != -1 and self.beams * width > cap):
             ctx.require_candidates(self.beams * max(width, 1), calls_per_candidate)
         return width, checkpoints

@@ -12,6 +12,13 @@ from ..core.strategy import SearchContext, Selection, Strategy, top_k
 from .resampling import FORKS, SCHEMES, effective_sample_size, fork_copies, fork_points, resample, warn_if_collapsed
 
 POTENTIALS = ("diff", "max", "add", "rt")
+_BOUND = 1e300  # |lmbda * potential| is held below this, so sums of a few of them stay finite
+
+
+def tempered(lmbda: float, phi: torch.Tensor) -> torch.Tensor:
+    """lmbda * phi as a log-weight: a candidate ranked last (phi = -inf) keeps weight 0 whatever lmbda (even 0),
+    and a product too large for a float is held at +-1e300 instead of overflowing to inf."""
+    return torch.where(phi == float("-inf"), phi, (lmbda * phi).clamp(-_BOUND, _BOUND))
 
 
 @STRATEGIES.register("particle-filter")
@@ -80,7 +87,7 @@ class ParticleFilter(Strategy):
         if n is None:
             if cap == -1:
                 raise BudgetError("particle-filter with n=None needs an NFE or verifier-call cap to size n")
-            n = cap
+            n = ctx.auto_population(cap, "n")
         if n < 1 or (cap != -1 and n > cap):
             ctx.require_candidates(max(n, 1), calls)
         return n
@@ -112,11 +119,11 @@ class ParticleFilter(Strategy):
             hist_sum = hist_sum + r
             if self.potential == "diff":
                 inc = torch.where(torch.isfinite(prev), r - prev, r)
-                log_w = log_w + self.lmbda * torch.nan_to_num(inc, nan=float("-inf"))
+                log_w = log_w + tempered(self.lmbda, torch.nan_to_num(inc, nan=float("-inf")))
                 prev = r
             else:
                 phi = {"max": hist_max, "add": hist_sum, "rt": r}[self.potential]
-                log_w = self.lmbda * phi
+                log_w = tempered(self.lmbda, phi)
             ess = effective_sample_size(log_w)
             ess_trace.append(ess)
             if last:

@@ -67,7 +67,7 @@ class PathSearch(Strategy):
             if cap == float("inf"):
                 raise BudgetError("paths with n=None needs an NFE or verifier-call cap to size n; pass n= to "
                                   "search under a time limit only")
-            n = int(cap)
+            n = ctx.auto_population(int(cap) * self.width, "n") // self.width
         if n < 1 or n > cap:
             raise BudgetError(f"the budget pays for {int(cap)} path(s) but paths needs {max(n, 1)}; one path costs "
                               f"{nfe_per_path} NFE and {calls_per_path} verifier calls with width={self.width}")
