@@ -148,5 +148,6 @@ def test_perturb_equals_its_formula_at_mixed_stages(eta, kind):
         want = torch.where(start, (1 - b ** 2) ** 0.5 * x + b * z, x + b * sig * z)
         got = proc.perturb(st, 0.3).data["x"]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-        per_candidate = proc.perturb(state(st_stage), torch.full((7,), 0.3, dtype=torch.float64)).data["x"]  # one scale per candidate
+        scales = torch.full((7,), 0.3, dtype=torch.float64)  # one per candidate
+        per_candidate = proc.perturb(state(st_stage), scales).data["x"]
         assert torch.equal(per_candidate, got)

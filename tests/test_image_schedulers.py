@@ -82,7 +82,7 @@ def test_flow_matching_deterministic_step_is_diffusers_euler(shift):
 
 
 def test_flow_sde_keeps_the_marginals():
-    """With x_t drawn from the model's marginal and the exact velocity, the stochastic step lands on the next marginal."""
+    """With x_t drawn from the model's marginal and the exact velocity, the stochastic step lands on its marginal."""
     sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     s = schedule_from_scheduler(sch, 10, eta=1.0)
     n, i = 200_000, 3
@@ -127,13 +127,118 @@ def test_zero_order_neighbours_lie_on_the_sphere():
 
 
 def test_bad_scheduler_settings():
-    with pytest.raises(MmttsError, match="not contiguous"):
-        schedule_from_scheduler(DDIMScheduler(num_train_timesteps=1000, timestep_spacing="linspace"), 7)
     with pytest.raises(MmttsError, match="at least 1"):
         schedule_from_scheduler(DDIMScheduler(), 0)
     from diffusers import EulerDiscreteScheduler
     with pytest.raises(MmttsError, match="not supported"):
         schedule_from_scheduler(EulerDiscreteScheduler(), 5)
+
+
+@pytest.mark.parametrize("steps", [4, 7, 10, 50])
+def test_ddim_linspace_is_refused_with_its_reason(steps):
+    """DDIM steps t to t - T // n, which linspace spacing does not feed the model next (4, 10, 50 divide 1000 too)."""
+    with pytest.raises(MmttsError, match=r"linspace.*not the\s+next timestep.*'leading'"):
+        schedule_from_scheduler(DDIMScheduler(num_train_timesteps=1000, timestep_spacing="linspace"), steps)
+    assert schedule_from_scheduler(DDIMScheduler(num_train_timesteps=1000, timestep_spacing="leading"), steps)
+    trailing = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    if 1000 % steps == 0:
+        assert schedule_from_scheduler(trailing, steps).num_stages == steps
+    else:  # trailing timesteps are 1000 / n apart, rounded; DDIM still steps by 1000 // n
+        with pytest.raises(MmttsError, match="divides num_train_timesteps=1000"):
+            schedule_from_scheduler(trailing, steps)
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
+def test_thresholding_is_refused(cls):
+    with pytest.raises(MmttsError, match="thresholding=False"):
+        schedule_from_scheduler(cls(num_train_timesteps=1000, thresholding=True), 10)
+
+
+def test_ddpm_settings_it_cannot_follow_are_refused():
+    with pytest.raises(MmttsError, match="no eta"):
+        schedule_from_scheduler(DDPMScheduler(num_train_timesteps=1000), 10, eta=0.5)
+    assert schedule_from_scheduler(DDPMScheduler(num_train_timesteps=1000), 10, update="ddim", eta=0.5).eta == 0.5
+    for variance in ("learned", "learned_range", "fixed_large_log"):
+        with pytest.raises(MmttsError, match=variance):
+            schedule_from_scheduler(DDPMScheduler(num_train_timesteps=1000, variance_type=variance), 10)
+
+
+def test_ddpm_fixed_large_noise_is_the_step_beta():
+    """variance_type='fixed_large' is read: at t = 100 of 10 steps the std is sqrt(beta), not the posterior's."""
+    sch = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", clip_sample=False)
+    s = schedule_from_scheduler(sch, 10)
+    i = int((sch.timesteps == 100).nonzero())
+    abar = sch.alphas_cumprod.double()
+    assert float(s.noise_std(torch.tensor([i]))) == pytest.approx(float((1 - abar[100] / abar[0]).sqrt()), rel=1e-6)
+    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = sch.step(out, sch.timesteps[i], x, generator=torch.Generator().manual_seed(5)).prev_sample
+    got, _, _ = step(s, out, x, stage(i), z)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_trailing_last_step_adds_noise(variance_type):
+    """Trailing spacing ends at t = 99 > 0, where diffusers still adds noise (only t = 0 adds none)."""
+    from mmtts import kernels as K
+
+    sch = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", variance_type=variance_type,
+                        clip_sample=False)
+    s = schedule_from_scheduler(sch, 10)
+    last = torch.tensor([9])
+    assert int(s.timesteps[9]) == 99
+    coefs = K.coefficients_from_scheduler(sch, sch.timesteps[9:])
+    want = float((1 - sch.alphas_cumprod.double()[99]).sqrt()) if variance_type == "fixed_large" else 1e-10
+    assert float(s.noise_std(last)) == pytest.approx(want, rel=1e-6)
+    assert float(coefs.c[0]) == pytest.approx(want, rel=1e-6)
+    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    ref = sch.step(out, sch.timesteps[9], x, generator=torch.Generator().manual_seed(9)).prev_sample
+    got, _, _ = step(s, out, x, stage(9), z)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_flow_matching_stochastic_sampling_steps_as_diffusers():
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, stochastic_sampling=True)
+    s = schedule_from_scheduler(sch, 8)
+    assert s.update == "euler" and s.eta == 1.0 and s.stochastic
+    for i in (0, 5, 7):
+        x, v = torch.randn(SHAPE), torch.randn(SHAPE)
+        sch._step_index = i
+        ref = sch.step(v, sch.timesteps[i], x, generator=torch.Generator().manual_seed(i)).prev_sample
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+        got, _, _ = step(s, v, x, stage(i), z)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    with pytest.raises(MmttsError, match="stochastic_sampling=True"):
+        schedule_from_scheduler(sch, 8, eta=0.5)
+    with pytest.raises(MmttsError, match="stochastic_sampling=True"):
+        schedule_from_scheduler(sch, 8, update="ddim")
+
+
+def test_float64_end_to_end(monkeypatch):
+    """float64 latents step in float64 (always the reference, even with kernels forced) and agree with float32."""
+    from mmtts import kernels as K
+    from mmtts.core import Streams
+    from mmtts.modalities.image import ImageProcess
+
+    s = schedule_from_scheduler(DDIMScheduler(num_train_timesteps=100, clip_sample=True), 4, eta=1.0)
+    x, out, z = (torch.randn(SHAPE, dtype=torch.float64) for _ in range(3))
+    coefs = s.step_coefficients(torch.tensor([0, 1, 3]))
+    monkeypatch.setenv("MMTTS_KERNELS", "triton")
+    got = K.denoise_step(x, out, coefs, z=z)
+    monkeypatch.setenv("MMTTS_KERNELS", "auto")
+    want = K.denoise_step_reference(x, out, coefs, z=z)
+    assert got[0].dtype == torch.float64 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    model = lambda x, t, c: 0.6 * x - 0.002 * t.reshape(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
+    outs = {}
+    for dtype in (torch.float64, torch.float32):
+        proc = ImageProcess(model, s, (1, 4, 3), dtype=dtype)
+        st = proc.perturb(proc.init(Streams.spawn(0, 3)), 0.3)
+        while int(st.stage.min()) < proc.num_stages:
+            st = proc.step(st)
+        assert st.data["x"].dtype == dtype and st.data["x0"].dtype == dtype
+        outs[dtype] = st.data["x"]
+    torch.testing.assert_close(outs[torch.float32], outs[torch.float64].float(), rtol=1e-5, atol=1e-5)
 
 
 def test_one_definition_of_the_step():

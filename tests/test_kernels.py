@@ -166,7 +166,13 @@ def test_scheduler_checks():
     with pytest.raises(ValueError, match="variance-preserving"):
         K.alpha_sigma_coefficients([0.5], [0.5], [0.7], [0.3], "flow", update="ddpm")
     with pytest.raises(ValueError, match="update"):
-        K.alpha_sigma_coefficients([0.5], [0.8], [0.7], [0.6], update="euler")
+        K.alpha_sigma_coefficients([0.5], [0.8], [0.7], [0.6], update="heun")
+    with pytest.raises(ValueError, match="no eta"):
+        K.alpha_sigma_coefficients([0.5], [0.8], [0.7], [0.6], update="ddpm", eta=0.5)
+    with pytest.raises(ValueError, match="fixed_large_log"):
+        K.ddpm_coefficients([0.5], [0.7], variance_type="fixed_large_log")
+    with pytest.raises(ValueError, match="model's output"):
+        K.ddpm_coefficients([0.5], [0.7], variance_type="learned_range")
 
 
 def test_denoise_step_input_errors():
@@ -196,25 +202,31 @@ def test_deterministic_step_and_coefficient_bookkeeping():
     x, out, _ = _data((3, 50), torch.float32)
     coefs = K.ddim_coefficients(torch.tensor([0.3, 0.4, 0.5]), torch.tensor([0.5, 0.6, 0.7]), eta=0.0)
     x_next, x0 = K.denoise_step(x, out, coefs)
-    torch.testing.assert_close(x_next, coefs.a[:, None] * x + coefs.b[:, None] * out)
+    torch.testing.assert_close(x_next, (coefs.a[:, None] * x + coefs.b[:, None] * out).float())
     assert K.denoise_step(x, out, coefs, return_x0=False)[1] is None
     picked = coefs.select(torch.tensor([2, 0]))
     torch.testing.assert_close(K.StepCoefficients.cat([picked, coefs]).a, torch.cat([coefs.a[[2, 0]], coefs.a]))
 
 
 def test_clip_corrects_only_the_clipped_elements():
-    """x_next moves by d * (clip(x0) - x0) exactly where x0 leaves the bound; inf means no bound."""
+    """x_next moves by d * (clip(x0) - x0) where x0 leaves the bound, and nowhere else; inf means no bound."""
     x, out, z = _data((3, 200), torch.float32, seed=4)
     free = K.ddim_coefficients(torch.tensor([0.02, 0.4, 0.9]), torch.tensor([0.1, 0.6, 0.95]), eta=0.5)
     bound = torch.tensor([1.0, float("inf"), 0.5])
     clipped = K.ddim_coefficients(torch.tensor([0.02, 0.4, 0.9]), torch.tensor([0.1, 0.6, 0.95]), eta=0.5, clip=bound)
-    torch.testing.assert_close(clipped.d, torch.tensor([0.1, 0.6, 0.95]).sqrt())  # x0's weight: sqrt(abar_prev)
+    torch.testing.assert_close(clipped.d, torch.tensor([0.1, 0.6, 0.95]).double().sqrt())  # x0's weight
     nxt_free, x0_free = K.denoise_step(x, out, free, z=z)
     nxt, x0 = K.denoise_step(x, out, clipped, z=z)
     want_x0 = torch.minimum(torch.maximum(x0_free, -bound[:, None]), bound[:, None])
     torch.testing.assert_close(x0, want_x0, rtol=0, atol=0)
-    torch.testing.assert_close(nxt, nxt_free + clipped.d[:, None] * (want_x0 - x0_free), rtol=1e-6, atol=1e-6)
-    assert torch.equal(nxt[1], nxt_free[1]) and float((x0_free[0].abs() > 1).float().mean()) > 0.5
+    want = nxt_free + clipped.d[:, None].float() * (want_x0 - x0_free)
+    torch.testing.assert_close(nxt, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt[1], nxt_free[1], rtol=1e-6, atol=1e-6)
+    assert float((x0_free[0].abs() > 1).float().mean()) > 0.5
+    # the clipped update never forms the unclipped x0 term: exact where x0 is huge (epsilon, alpha_bar 1e-6)
+    huge = K.ddim_coefficients(torch.tensor([1e-6]), torch.tensor([0.5]), clip=1.0)
+    x1, e1 = torch.full((1, 4), 3.0), torch.full((1, 4), 2.0)
+    torch.testing.assert_close(K.denoise_step(x1, e1, huge)[0], torch.full((1, 4), 0.5 ** 0.5 + 0.5 ** 0.5 * 2.0))
 
 
 # ---------------------------------------------------------------- in-kernel noise, reference side
@@ -535,7 +547,7 @@ def test_the_image_schedule_table_is_coefficients_from_scheduler(kind, eta, clip
     else:
         cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
         scheduler = cls(num_train_timesteps=1000, clip_sample=clip, prediction_type="v_prediction")
-    schedule = image.schedule_from_scheduler(scheduler, 10, eta=1.0 if eta is None else eta)
+    schedule = image.schedule_from_scheduler(scheduler, 10, eta=eta)
     stage = torch.tensor([0, 9, 4])
     table = schedule.step_coefficients(stage)
     direct = K.coefficients_from_scheduler(scheduler, scheduler.timesteps[stage], eta=eta)

@@ -48,6 +48,25 @@ def test_noise_on_cuda_is_the_reference_noise():
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_image_search_gives_the_cpu_result_on_cuda():
+    """Same seed, same candidates on both devices: Philox noise and the one step definition, to float32 rounding."""
+    from diffusers import DDIMScheduler
+
+    from mmtts.core import Streams
+    from mmtts.modalities.image import ImageProcess, schedule_from_scheduler
+
+    schedule = schedule_from_scheduler(DDIMScheduler(num_train_timesteps=100, clip_sample=True), 6, eta=1.0)
+    results = []
+    for device in ("cpu", "cuda"):
+        proc = ImageProcess(lambda x, t, c: 0.7 * x - 0.01 * t.reshape(-1, 1, 1, 1), schedule, (3, 17, 9),
+                            device=device)
+        st = proc.perturb(proc.init(Streams.spawn(5, 4)), 0.3)
+        while int(st.stage.min()) < proc.num_stages:
+            st = proc.step(st)
+        results.append(st.data["x"].cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("shape", [(1, 3, 1023), (7, 3), (64, 32, 7, 7), (8, 16, 56, 56)])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])

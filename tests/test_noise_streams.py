@@ -1,4 +1,4 @@
-"""Candidate noise: Streams draw Philox noise per (seed, counter), so no result depends on how candidates are batched."""
+"""Candidate noise: Streams draw Philox noise per (seed, counter), so no result depends on the batching."""
 
 import pytest
 import torch

@@ -122,7 +122,8 @@ def denoise_cases(shapes, dtypes, device):
             batch = shape[0]
             coefs = K.ddim_coefficients(torch.linspace(0.1, 0.9, batch), torch.linspace(0.2, 0.95, batch), eta=0.5)
             coefs = coefs.to(device)
-            col = [t.reshape((-1,) + (1,) * (len(shape) - 1)) for t in coefs[:5]]  # no clip: the affine step
+            # no clip: the affine step, with the float32 coefficients the kernel reads
+            col = [t.to(torch.float32).reshape((-1,) + (1,) * (len(shape) - 1)) for t in coefs[:5]]
             seeds = torch.arange(batch, dtype=torch.int64, device=device) + 1
             offsets = torch.zeros(batch, dtype=torch.int64, device=device)
             size = x.numel() * x.element_size()

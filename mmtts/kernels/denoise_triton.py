@@ -3,8 +3,8 @@
 Grid: (blocks along a candidate, candidates). A program loads its
 candidate's coefficients once, streams ``x`` and the model output as
 (quads, 4) tiles in float32, adds ``c * z`` with ``z`` loaded or drawn by
-Philox, corrects for a clipped x0 (with a bound of inf when the coefficients
-do not clip), and stores ``x_next`` and ``x0`` in the input dtype: the
+Philox, adds the clipped x0 term (weight 0 and bound inf when the
+coefficients do not clip), and stores ``x_next`` and ``x0`` in the input dtype: the
 expression and order of :func:`mmtts.kernels.denoise.denoise_step_reference`.
 """
 
@@ -45,14 +45,13 @@ def _denoise_kernel(x_ptr, out_ptr, z_ptr, seed_ptr, offset_ptr, coef_ptr, next_
     if DRAW_Z:
         cc = tl.load(coef_ptr + 2 * batch + b)
         x_next += cc * normal_block(tl.load(seed_ptr + b), tl.load(offset_ptr + b), quad)
-    # the clip correction is exactly zero where the bound is inf (a few flops: the kernel is memory-bound)
+    # the clipped x0 term: weight 0 and bound inf without clipping (a few flops: the kernel is memory-bound)
     x0_a = tl.load(coef_ptr + 3 * batch + b)
     x0_b = tl.load(coef_ptr + 4 * batch + b)
     cd = tl.load(coef_ptr + 5 * batch + b)
     bound = tl.load(coef_ptr + 6 * batch + b)
-    x0 = x0_a * x + x0_b * out
-    clipped = tl.minimum(tl.maximum(x0, -bound), bound)
-    x_next += cd * (clipped - x0)
+    clipped = tl.minimum(tl.maximum(x0_a * x + x0_b * out, -bound), bound)
+    x_next += cd * clipped
     if WRITE_X0:
         tl.store(x0_ptr + base + idx, clipped.to(x0_ptr.dtype.element_ty), mask=mask)
     tl.store(next_ptr + base + idx, x_next.to(next_ptr.dtype.element_ty), mask=mask)

@@ -3,7 +3,8 @@
 Each helper turns per-candidate scheduler quantities (tensors of shape (B,),
 so candidates may sit at different timesteps) into the
 :class:`~mmtts.kernels.denoise.StepCoefficients` of ``x0 = x0_a*x +
-x0_b*out`` and ``x_next = a*x + b*out + c*z + d*(clip(x0) - x0)``. They
+x0_b*out`` and ``x_next = a*x + b*out + c*z`` (``+ d*clip(x0)`` when x0 is
+clipped). They
 follow the update rules of diffusers' DDIMScheduler, DDPMScheduler and
 FlowMatchEulerDiscreteScheduler; :func:`coefficients_from_scheduler` reads the
 quantities from such a scheduler, and the image Process's ``Schedule`` builds
@@ -43,10 +44,17 @@ def _to_x0_eps(alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
 
 
 def _pack(a, b, c, x0_a, x0_b, d, clip=None) -> StepCoefficients:
-    """Float32 coefficients of one length; ``d`` (x0's weight in x_next) is kept only with a ``clip`` bound."""
-    parts = (a, b, c, x0_a, x0_b) + (() if clip is None else (d, _f64(clip)))
+    """Float64 coefficients of one length from ``x_next = a*x + b*out + c*z + d*x0``.
+
+    Without ``clip`` the x0 term folds into ``a`` and ``b``; with it, it stays
+    apart (x0 is clipped first), so a large x0 is never added and taken away.
+    """
+    if clip is None:
+        parts = (a + d * x0_a, b + d * x0_b, c, x0_a, x0_b)
+    else:
+        parts = (a, b, c, x0_a, x0_b, d, _f64(clip))
     n = max(t.numel() for t in parts)
-    return StepCoefficients(*(t.expand(n).to(torch.float32).contiguous() for t in parts))
+    return StepCoefficients(*(t.expand(n).contiguous() for t in parts))
 
 
 def posterior_std(alpha_t, sigma_t, alpha_next, sigma_next) -> torch.Tensor:
@@ -55,43 +63,61 @@ def posterior_std(alpha_t, sigma_t, alpha_next, sigma_next) -> torch.Tensor:
     return sn * (1 - (at * sn / (an * st)) ** 2).clamp_min(0).sqrt()
 
 
-UPDATES = ("ddim", "ddpm")
+UPDATES = ("ddim", "ddpm", "euler")
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
 
 def alpha_sigma_coefficients(alpha_t, sigma_t, alpha_next, sigma_next, prediction_type: str = "epsilon",
-                             update: str = "ddim", eta=0.0, final=None, clip=None) -> StepCoefficients:
+                             update: str = "ddim", eta=0.0, final=None, clip=None,
+                             variance: str = "fixed_small") -> StepCoefficients:
     """A step between marginals ``x = alpha*x0 + sigma*eps`` (VP: alpha = sqrt(abar); flow: alpha = 1 - sigma).
 
-    ``ddim``: ``x_next = alpha_next*x0 + sqrt(sigma_next**2 - c**2)*eps + c*z``
-    with ``c = eta * posterior_std``, the std of q(x_next | x, x0); for flow
-    matching eta = 0 is the Euler step. ``ddpm``: the ancestral posterior mean
-    plus its std (floored at 1e-10), with no noise where ``final`` is True
-    (default: where ``sigma_next`` is 0). ``clip`` bounds x0 (diffusers'
-    ``clip_sample_range``); eps stays the one the model output implies, as
-    diffusers computes it before clipping.
+    - ``ddim``: ``x_next = alpha_next*x0 + sqrt(sigma_next**2 - c**2)*eps + c*z``
+      with ``c = eta * posterior_std``, the std of q(x_next | x, x0); for flow
+      matching eta = 0 is the Euler step.
+    - ``euler``: the same with ``c = eta * sigma_next``: a fraction eta of the
+      noise part is fresh (flow matching: eta = 1 is diffusers'
+      ``stochastic_sampling``, eta = 0 the Euler step).
+    - ``ddpm``: the ancestral posterior mean plus noise with the
+      ``fixed_small`` std (the posterior's, floored at 1e-10 as diffusers
+      floors the variance at 1e-20) or the ``fixed_large`` one
+      (sqrt(1 - alpha_t**2 / alpha_next**2), the step's beta); no noise where
+      ``final`` is True (diffusers: where the timestep is 0; default: where
+      ``sigma_next`` is 0). ``eta`` must be 0.
+
+    ``clip`` bounds x0 (diffusers' ``clip_sample_range``); eps stays the one
+    the model output implies, as diffusers computes it before clipping.
     """
     at, st, an, sn, eta = _f64(alpha_t), _f64(sigma_t), _f64(alpha_next), _f64(sigma_next), _f64(eta)
-    p, q, r, s = _to_x0_eps(at, st, prediction_type)
-    posterior = posterior_std(at, st, an, sn)
-    if update == "ddim":
-        c = eta * posterior
-        direction = (sn**2 - c**2).clamp_min(0).sqrt()
-        return _pack(an * p + direction * r, an * q + direction * s, c, p, q, an, clip)
-    if update != "ddpm":
+    if update not in UPDATES:
         raise ValueError(f"update {update!r} is not one of {UPDATES}")
+    p, q, r, s = _to_x0_eps(at, st, prediction_type)
+    if update in ("ddim", "euler"):
+        c = eta * (posterior_std(at, st, an, sn) if update == "ddim" else sn)
+        direction = (sn**2 - c**2).clamp_min(0).sqrt()
+        return _pack(direction * r, direction * s, c, p, q, an, clip)
     if prediction_type == "flow":
-        raise ValueError("the ddpm update needs a variance-preserving schedule; use update='ddim' for flow matching")
+        raise ValueError("the ddpm update needs a variance-preserving schedule; use update='ddim' or 'euler' for "
+                         "flow matching")
+    if bool((eta != 0).any()):
+        raise ValueError("the ddpm update has no eta (its noise is the posterior's); use update='ddim' with eta")
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"variance {variance!r} is not one of {DDPM_VARIANCES}")
     alpha_step = (at / an) ** 2
     coef_x0 = an * (1 - alpha_step) / st**2
     coef_x = alpha_step.sqrt() * sn**2 / st**2
+    if variance == "fixed_large":
+        std = (1 - alpha_step).sqrt()
+    else:
+        std = (sn**2 / st**2 * (1 - alpha_step)).clamp_min(1e-20).sqrt()
     final = sn == 0 if final is None else torch.as_tensor(final, dtype=torch.bool).reshape(-1)
-    c = torch.where(final, torch.zeros_like(posterior), posterior.clamp_min(1e-10))
-    return _pack(coef_x0 * p + coef_x, coef_x0 * q, c, p, q, coef_x0, clip)
+    c = torch.where(final, torch.zeros_like(std), std)
+    return _pack(coef_x, torch.zeros_like(coef_x), c, p, q, coef_x0, clip)
 
 
 def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta=0.0, prediction_type: str = "epsilon",
                       clip=None) -> StepCoefficients:
-    """DDIM (Song et al.) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like variance), x0 bounded by ``clip``."""
+    """DDIM (Song et al.) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like variance), x0 within ``clip``."""
     at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
     return alpha_sigma_coefficients(at.sqrt(), (1 - at).sqrt(), ap.sqrt(), (1 - ap).sqrt(), prediction_type,
                                     "ddim", eta, clip=clip)
@@ -100,38 +126,44 @@ def ddim_coefficients(alpha_prod_t, alpha_prod_prev, eta=0.0, prediction_type: s
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
-def ddpm_coefficients(alpha_prod_t, alpha_prod_prev, prediction_type: str = "epsilon",
-                      variance_type: str = "fixed_small", clip=None) -> StepCoefficients:
-    """DDPM ancestral step (Ho et al.), x0 bounded by ``clip``; no noise on the final step (``alpha_prod_prev`` 1)."""
-    if variance_type not in DDPM_VARIANCE_TYPES:
-        raise ValueError(f"variance_type {variance_type!r} is not affine-supported; use one of {DDPM_VARIANCE_TYPES}")
-    at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
-    p, q, _, _ = _to_x0_eps(at.sqrt(), (1 - at).sqrt(), prediction_type)
-    alpha_t = at / ap
-    beta_t = 1 - alpha_t
-    coef_x0 = ap.sqrt() * beta_t / (1 - at)
-    coef_x = alpha_t.sqrt() * (1 - ap) / (1 - at)
+def ddpm_variance(variance_type: str) -> str:
+    """The ``ddpm`` update's variance for a diffusers ``variance_type``; the others are refused with the reason."""
+    if variance_type in ("fixed_small", "fixed_small_log"):  # the same std: diffusers' log form is exp(log(var) / 2)
+        return "fixed_small"
     if variance_type == "fixed_large":
-        variance = beta_t
-    else:
-        variance = ((1 - ap) / (1 - at) * beta_t).clamp_min(1e-20)
-    std = torch.where(ap < 1, variance.sqrt(), torch.zeros_like(variance))
-    return _pack(coef_x0 * p + coef_x, coef_x0 * q, std, p, q, coef_x0, clip)
+        return "fixed_large"
+    if variance_type in ("learned", "learned_range"):
+        raise ValueError(f"variance_type={variance_type!r} takes the variance from the model's output, which the "
+                         "step does not read; use 'fixed_small' or 'fixed_large'")
+    raise ValueError(f"variance_type={variance_type!r} is not supported (diffusers takes the square root of a log "
+                     f"variance for 'fixed_large_log'); use one of {DDPM_VARIANCE_TYPES}")
+
+
+def ddpm_coefficients(alpha_prod_t, alpha_prod_prev, prediction_type: str = "epsilon",
+                      variance_type: str = "fixed_small", clip=None, final=None) -> StepCoefficients:
+    """DDPM ancestral step (Ho et al.), x0 bounded by ``clip``.
+
+    No noise where ``final`` is True: diffusers adds none at timestep 0
+    (default: where ``alpha_prod_prev`` is 1, the end of a leading schedule).
+    """
+    at, ap = _f64(alpha_prod_t), _f64(alpha_prod_prev)
+    return alpha_sigma_coefficients(at.sqrt(), (1 - at).sqrt(), ap.sqrt(), (1 - ap).sqrt(), prediction_type,
+                                    "ddpm", final=ap >= 1 if final is None else final, clip=clip,
+                                    variance=ddpm_variance(variance_type))
 
 
 def flow_match_coefficients(sigma, sigma_next, eta=0.0) -> StepCoefficients:
     """Rectified-flow step for a velocity model, ``x = (1-sigma)*x0 + sigma*noise``, ``out = noise - x0``.
 
     ``x_next = (1-sigma_next)*x0 + sigma_next*(sqrt(1-eta**2)*eps + eta*z)``
-    with ``eps`` the noise implied by ``out``: eta = 0 is the Euler ODE step,
-    eta = 1 is diffusers' ``stochastic_sampling`` (fresh noise at each step);
-    every eta keeps the marginal noise level at ``sigma_next``.
+    with ``eps`` the noise implied by ``out`` (the ``euler`` update): eta = 0
+    is the Euler ODE step, eta = 1 is diffusers' ``stochastic_sampling``
+    (fresh noise at each step); every eta keeps the noise level at ``sigma_next``.
     """
     s, sn, eta = _f64(sigma), _f64(sigma_next), _f64(eta)
     if bool(((eta < 0) | (eta > 1)).any()):
         raise ValueError("eta must lie in [0, 1] for the flow-matching step")
-    keep = sn * (1 - eta**2).sqrt()
-    return _pack(1 - sn + keep, -(1 - sn) * s + keep * (1 - s), sn * eta, torch.ones_like(s), -s, 1 - sn)
+    return alpha_sigma_coefficients(1 - s, s, 1 - sn, sn, "flow", "euler", eta)
 
 
 def _clip_of(config):
@@ -145,9 +177,12 @@ def _clip_of(config):
 def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) -> StepCoefficients:
     """Coefficients of ``scheduler.step`` at per-candidate ``timesteps`` (after ``set_timesteps``).
 
-    Supports DDIMScheduler (``eta`` defaults to 0), DDPMScheduler (``eta``
-    must stay None) and FlowMatchEulerDiscreteScheduler (``eta`` defaults to 1
-    with ``stochastic_sampling`` and 0 without).
+    Supports DDIMScheduler (``eta`` defaults to 0; any timestep spacing, since
+    each step is read on its own), DDPMScheduler (``eta`` must stay None; its
+    ``variance_type`` and no noise at timestep 0, as diffusers) and
+    FlowMatchEulerDiscreteScheduler (``eta`` defaults to 1 with
+    ``stochastic_sampling`` and 0 without). ``clip_sample`` becomes the
+    ``clip`` correction; thresholding is refused.
     """
     kind = type(scheduler).__name__
     if kind not in ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"):
@@ -168,8 +203,8 @@ def coefficients_from_scheduler(scheduler, timesteps, eta: float | None = None) 
             raise ValueError("DDPMScheduler has no eta; leave eta=None (use DDIMScheduler with eta=1 instead)")
         ac = scheduler.alphas_cumprod.to(torch.float64)
         prev = torch.tensor([int(scheduler.previous_timestep(int(ti))) for ti in t])
-        ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.ones(()))
-        return ddpm_coefficients(ac[t.long()], ap, config.prediction_type, config.variance_type, clip)
+        ap = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.ones((), dtype=torch.float64))
+        return ddpm_coefficients(ac[t.long()], ap, config.prediction_type, config.variance_type, clip, final=t == 0)
     sched_t = scheduler.timesteps.to(torch.float64).cpu()  # FlowMatchEulerDiscreteScheduler
     dist = (sched_t[None, :] - t.to(torch.float64)[:, None]).abs()
     index = dist.argmin(dim=1)

@@ -96,8 +96,9 @@ class ImageProcess(Process):
 
     # -- construction from a pipeline --------------------------------------------------
     @classmethod
-    def from_pipeline(cls, pipe, *, num_inference_steps: int = 50, update: str | None = None, eta: float = 0.0,
-                      scheduler=None, class_label: int | None = None, prompt: str | None = None,
+    def from_pipeline(cls, pipe, *, num_inference_steps: int = 50, update: str | None = None,
+                      eta: float | None = None, scheduler=None, class_label: int | None = None,
+                      prompt: str | None = None,
                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                       guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
                       null_class: int | None = None, device=None, dtype=None) -> "ImageProcess":
@@ -233,19 +234,21 @@ class ImageProcess(Process):
         """x + scale * sigma_t * eps with sigma_t the stochastic std of the next step (DDPM's when deterministic).
 
         At stage 0 the initial noise is mixed instead, sqrt(1 - b^2) x + b eps with b = scale,
-        which keeps it standard normal. ``scale`` is a float or one per candidate; computed in float32.
+        which keeps it standard normal. ``scale`` is a float or one per candidate; computed in float32
+        (float64 for float64 latents).
         """
         x = state.data["x"]
         z = state.streams.randn(self.sample_shape, device=x.device)
-        stage = state.stage
-        b = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(len(state))
-        start = stage == 0
-        # per candidate: x's weight and the noise's, then one fused multiply-add over the latents
-        keep = torch.where(start, (1 - b ** 2).clamp(min=0).sqrt(), torch.ones_like(b))
-        mult = b * torch.where(start, torch.ones_like(b), self.mutation_std(stage.clamp(max=self.num_stages - 1)))
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         shape = (-1,) + (1,) * (x.ndim - 1)
-        keep, mult = (t.to(device=x.device, dtype=torch.float32).reshape(shape) for t in (keep, mult))
-        return state.replace(x=torch.addcmul(keep * x.float(), mult, z).to(x.dtype))
+        b = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(len(state))
+        start = state.stage == 0
+        # per candidate: the noise's weight, and x's where the initial noise is mixed; one multiply-add over x
+        mult = b * torch.where(start, 1.0, self.mutation_std(state.stage.clamp(max=self.num_stages - 1)))
+        xs = x.to(dtype)
+        if bool(start.any()):
+            xs = xs * torch.where(start, (1 - b * b).clamp(min=0).sqrt(), 1.0).to(x.device, dtype).view(shape)
+        return state.replace(x=torch.addcmul(xs, mult.to(x.device, dtype).view(shape), z.to(dtype)).to(x.dtype))
 
     def mutation_std(self, stage: torch.Tensor) -> torch.Tensor:
         """sigma_t of :meth:`perturb` at ``stage`` (float64): the step's own noise std, or the posterior's."""

@@ -9,15 +9,22 @@ every stage, once; a step is then :func:`mmtts.kernels.denoise_step` on the
 coefficients of each candidate's stage, so candidates at different stages
 share a batch and every device runs the one definition of the update.
 
-Two updates (:func:`mmtts.kernels.alpha_sigma_coefficients`):
+Three updates (:func:`mmtts.kernels.alpha_sigma_coefficients`):
 - ``ddim``: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
-  c = eta * sigma_s * sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2), eta times the
-  std of the true posterior q(x_s | x_t, x0); eta = 0 is deterministic. For flow matching the same formula with eta = 0 is
-  exactly the Euler step, and eta > 0 the stochastic (SDE) variant whose
-  marginals stay those of the model.
+  c = eta * sigma_s * sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2), eta
+  times the std of the true posterior q(x_s | x_t, x0); eta = 0 is
+  deterministic. For flow matching the same formula with eta = 0 is exactly
+  the Euler step, and eta > 0 a stochastic variant whose marginals stay those
+  of the model.
+- ``euler``: the same with c = eta * sigma_s (a fraction eta of the noise is
+  fresh): for flow matching, eta = 1 is diffusers' ``stochastic_sampling``.
 - ``ddpm``: the ancestral posterior q(x_s | x_t, x0) with the "fixed_small"
-  variance, written as diffusers writes it (x0 and x_t coefficients), so
-  clipping x0 behaves identically.
+  or "fixed_large" variance, written as diffusers writes it (x0 and x_t
+  coefficients), so clipping x0 behaves identically; no noise at timestep 0.
+
+:func:`schedule_from_scheduler` accepts a diffusers configuration only when
+these steps reproduce its ``scheduler.step``, and refuses the others with the
+setting to change.
 
 Forward re-noising from stage i back to an earlier (noisier) stage j:
 x_j = (alpha_j / alpha_i) x_i + sqrt(sigma_j^2 - (alpha_j / alpha_i)^2 sigma_i^2) eps.
@@ -31,8 +38,10 @@ import torch
 
 from ...core.errors import MmttsError
 from ...kernels import StepCoefficients, alpha_sigma_coefficients, posterior_std
+from ...kernels.schedules import ddpm_variance
 
-UPDATES = ("ddim", "ddpm")
+UPDATES = ("ddim", "ddpm", "euler")
+VARIANCES = ("fixed_small", "fixed_large")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 
 
@@ -44,13 +53,14 @@ class Schedule:
         timesteps: (T,) what the model is fed at each stage.
         alpha, sigma: (T + 1,) signal and noise scales at the stage boundaries (float64).
         prediction: what the model predicts: ``epsilon``, ``v_prediction``, ``sample`` or ``flow`` (velocity).
-        update: ``ddim`` (with ``eta``) or ``ddpm`` (ancestral).
-        eta: stochasticity of the ``ddim`` update (0: deterministic).
+        update: ``ddim`` or ``euler`` (with ``eta``), or ``ddpm`` (ancestral).
+        eta: stochasticity of the ``ddim`` and ``euler`` updates (0: deterministic); 0 for ``ddpm``.
         clip_sample: bound of the x0 prediction, or None.
+        variance: the ``ddpm`` noise: ``fixed_small`` (the posterior's) or ``fixed_large`` (the step's beta).
 
     Attributes:
-        coefficients: the :class:`~mmtts.kernels.StepCoefficients` of every stage, (T,) each; the last stage
-            of ``ddpm`` adds no noise.
+        coefficients: the :class:`~mmtts.kernels.StepCoefficients` of every stage, (T,) each; ``ddpm`` adds
+            no noise at timestep 0.
         posterior: (T,) std of the true posterior q(x_s | x_t, x0) from each stage to the next (float64).
     """
 
@@ -61,8 +71,10 @@ class Schedule:
     update: str = "ddim"
     eta: float = 0.0
     clip_sample: float | None = None
+    variance: str = "fixed_small"
     coefficients: StepCoefficients = field(init=False, repr=False)
     posterior: torch.Tensor = field(init=False, repr=False)
+    _table: torch.Tensor = field(init=False, repr=False)  # the coefficients stacked (fields, T): one gather per step
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -70,17 +82,25 @@ class Schedule:
         if self.update not in UPDATES:
             raise MmttsError(f"update {self.update!r} is not supported; one of {UPDATES}")
         if self.update == "ddpm" and self.prediction == "flow":
-            raise MmttsError("the ddpm update needs a variance-preserving schedule; use update='ddim' for flow matching")
-        if self.eta < 0:
-            raise MmttsError(f"eta={self.eta} must be >= 0")
+            raise MmttsError("the ddpm update needs a variance-preserving schedule; use update='ddim' or 'euler' for "
+                             "flow matching")
+        if self.update == "ddpm" and self.eta != 0:
+            raise MmttsError(f"the ddpm update has no eta (got eta={self.eta}): its noise is the posterior's; use "
+                             "update='ddim' with eta to scale it")
+        if self.eta < 0 or (self.update == "euler" and self.eta > 1):
+            raise MmttsError(f"eta={self.eta} must be >= 0 (and at most 1 for the euler update)")
+        if self.variance not in VARIANCES:
+            raise MmttsError(f"variance {self.variance!r} is not supported; one of {VARIANCES}")
         n = len(self.timesteps)
         if self.alpha.shape != (n + 1,) or self.sigma.shape != (n + 1,):
             raise MmttsError("alpha and sigma need one more entry than timesteps (the stage boundaries)")
         alpha, sigma = self.alpha.to(torch.float64).cpu(), self.sigma.to(torch.float64).cpu()
         at, st, an, sn = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
-        coefs = alpha_sigma_coefficients(at, st, an, sn, self.prediction, self.update, self.eta,
-                                         final=torch.arange(n) + 1 >= n, clip=self.clip_sample)
+        final = torch.as_tensor(self.timesteps).cpu() <= 0  # diffusers' DDPM adds no noise at timestep 0
+        coefs = alpha_sigma_coefficients(at, st, an, sn, self.prediction, self.update, self.eta, final=final,
+                                         clip=self.clip_sample, variance=self.variance)
         object.__setattr__(self, "coefficients", coefs)  # frozen: derived once, here
+        object.__setattr__(self, "_table", torch.stack([t for t in coefs if t is not None]))
         object.__setattr__(self, "posterior", posterior_std(at, st, an, sn))
 
     @property
@@ -89,14 +109,17 @@ class Schedule:
 
     @property
     def stochastic(self) -> bool:
+        """Whether a step draws fresh noise (even where its std is 0, as on a DDPM schedule's last step)."""
         return self.update == "ddpm" or self.eta > 0
 
     def step_coefficients(self, stage: torch.Tensor) -> StepCoefficients:
         """The coefficients of each candidate's step, for per-candidate ``stage`` (B,) in [0, T)."""
         stage = torch.as_tensor(stage).cpu()
-        if bool(((stage < 0) | (stage >= self.num_stages)).any()):
-            raise MmttsError(f"stages {stage.tolist()} outside [0, {self.num_stages}); finished candidates take no step")
-        return self.coefficients.select(stage)
+        lo, hi = torch.aminmax(stage)
+        if int(lo) < 0 or int(hi) >= self.num_stages:
+            raise MmttsError(f"stages {stage.tolist()} outside [0, {self.num_stages}): finished candidates take no "
+                             "step")
+        return StepCoefficients(*self._table[:, stage].unbind(0))
 
     def posterior_std(self, stage: torch.Tensor) -> torch.Tensor:
         """Std of the true posterior q(x_s | x_t, x0) from ``stage`` to the next (float64)."""
@@ -121,17 +144,28 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def schedule_from_scheduler(scheduler, num_inference_steps: int, update: str | None = None, eta: float = 0.0,
+def schedule_from_scheduler(scheduler, num_inference_steps: int, update: str | None = None, eta: float | None = None,
                             clip_sample: bool | float | None = None) -> Schedule:
     """Read a configured diffusers scheduler (DDIM, DDPM or flow-matching Euler) into a Schedule.
 
-    ``update`` defaults to the scheduler's own kind (DDPMScheduler -> "ddpm",
-    anything else -> "ddim"). ``clip_sample`` defaults to the scheduler's config.
+    With ``update`` and ``eta`` left None the schedule steps as the
+    scheduler's own ``step`` does: DDIMScheduler -> ``ddim`` with eta 0,
+    DDPMScheduler -> ``ddpm`` with its ``variance_type``,
+    FlowMatchEulerDiscreteScheduler -> the Euler step (``euler`` with eta 1
+    under ``stochastic_sampling``). ``update`` and ``eta`` choose another
+    update over the same noise levels. ``clip_sample`` defaults to the
+    scheduler's config. Settings the steps cannot reproduce (dynamic
+    thresholding, learned variances, DDIM's linspace spacing) are refused
+    with the setting to change.
     """
     name = type(scheduler).__name__
     cfg = scheduler.config
     if num_inference_steps < 1:
         raise MmttsError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    if cfg.get("thresholding", False):
+        raise MmttsError(f"{name} has thresholding=True: dynamic thresholding clips each x0 at a quantile of its "
+                         "own values, which the denoising step does not do; build the scheduler with "
+                         "thresholding=False (clip_sample=True clips at a fixed bound and is supported)")
     scheduler.set_timesteps(num_inference_steps)
     if clip_sample is None:
         clip_sample = cfg.get("clip_sample_range", 1.0) if cfg.get("clip_sample", False) else None
@@ -144,13 +178,28 @@ def schedule_from_scheduler(scheduler, num_inference_steps: int, update: str | N
         if len(sig) != num_inference_steps + 1:
             raise MmttsError(f"{name} gave {len(sig)} sigmas for {num_inference_steps} steps")
         timesteps = scheduler.timesteps.cpu()
-        return Schedule(timesteps, 1 - sig, sig, "flow", update or "ddim", eta, clip_sample)
+        if cfg.get("stochastic_sampling", False):
+            if update not in (None, "euler") or eta not in (None, 1.0):
+                raise MmttsError(f"{name} has stochastic_sampling=True, which is update='euler' with eta=1 (fresh "
+                                 f"noise at every step); got update={update!r}, eta={eta!r}: leave them unset, or "
+                                 "build the scheduler with stochastic_sampling=False to choose them")
+            update, eta = "euler", 1.0
+        return Schedule(timesteps, 1 - sig, sig, "flow", update or "ddim", eta or 0.0, clip_sample)
     if name not in ("DDIMScheduler", "DDPMScheduler"):
         raise MmttsError(f"{name} is not supported: use a DDIM, DDPM or flow-matching Euler scheduler "
                          "(e.g. DDIMScheduler.from_config(pipe.scheduler.config))")
     abar = scheduler.alphas_cumprod.to(torch.float64).cpu()
     timesteps = scheduler.timesteps.cpu().to(torch.int64)
     kind = update or ("ddpm" if name == "DDPMScheduler" else "ddim")
+    variance = "fixed_small"
+    if kind == "ddpm":
+        if eta:
+            raise MmttsError(f"the ddpm update has no eta (got eta={eta}): its noise is the posterior's; pass "
+                             "update='ddim' with eta to scale the posterior noise, or leave eta unset")
+        try:
+            variance = ddpm_variance(cfg.get("variance_type", "fixed_small"))
+        except ValueError as e:
+            raise MmttsError(f"{name}: {e}") from None
     if name == "DDIMScheduler":
         final = 1.0 if cfg.get("set_alpha_to_one", True) else float(abar[0])
         prev = timesteps - cfg["num_train_timesteps"] // num_inference_steps
@@ -160,8 +209,12 @@ def schedule_from_scheduler(scheduler, num_inference_steps: int, update: str | N
     abar_t = abar[timesteps]
     abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.full_like(abar_t, final))
     bounds = torch.cat([abar_t, abar_prev[-1:]])
-    if not torch.allclose(abar_prev[:-1], abar_t[1:]):
-        raise MmttsError(f"{name}'s timestep spacing is not contiguous for {num_inference_steps} steps; "
-                         "use timestep_spacing='leading' or a step count that divides the training steps")
+    if not torch.equal(prev[:-1], timesteps[1:]):
+        spacing = cfg.get("timestep_spacing", "leading")
+        raise MmttsError(f"{name} with timestep_spacing={spacing!r} and {num_inference_steps} steps steps each "
+                         f"timestep t to t - {cfg['num_train_timesteps'] // num_inference_steps}, which is not the "
+                         f"next timestep it feeds the model ({timesteps[:3].tolist()}...), so a stage would not "
+                         f"end where the next begins; use timestep_spacing='leading' (or 'trailing' with a step "
+                         f"count that divides num_train_timesteps={cfg['num_train_timesteps']})")
     pred = cfg.get("prediction_type", "epsilon")
-    return Schedule(timesteps, bounds.sqrt(), (1 - bounds).sqrt(), pred, kind, eta, clip_sample)
+    return Schedule(timesteps, bounds.sqrt(), (1 - bounds).sqrt(), pred, kind, eta or 0.0, clip_sample, variance)
