@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmtts
-from mmtts.core import MmttsError, Process, State, Verifier
+from mmtts.core import FunctionVerifier, MmttsError, Process, State, Verifier
 from mmtts.core.errors import ProcessError, SettingsError
 from mmtts.core.strategy import run_strategy
 from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, QuadraticReward
@@ -142,3 +142,22 @@ def test_an_unreadable_checkpoint_is_refused(tmp_path):
 def test_settings_checks_keep_valid_values():
     assert math.isclose(mmtts.create_strategy("particle-filter", lmbda=0).lmbda, 0.0)
     assert mmtts.create_strategy("evosearch", n=4, stages=(1, 3)).stages == [1, 3]
+
+
+def test_particle_filter_weights_stay_defined_at_the_edges():
+    p = GMMDiffusion(DEFAULT_MIXTURE, 3)
+    nan = FunctionVerifier(lambda x: torch.full((len(x),), float("nan")), name="nan")
+    with pytest.warns(RuntimeWarning):  # ranked last, then resampled uniformly
+        r = mmtts.search(p, nan, "particle-filter", n=4, budget=12, lmbda=0.0)
+    assert r.best_score == float("-inf") and len(r.population) == 4
+    big = FunctionVerifier(lambda x: 1e300 * (100.0 + REWARD.score(x)), name="big")
+    r = mmtts.search(p, big, "particle-filter", n=4, budget=12, lmbda=1e308, ess_threshold=1.0)
+    assert math.isfinite(r.best_score) and r.extra["resampled_at"][-1] == 3
+    assert all(1.0 <= e <= 4.0 for e in r.extra["ess"])
+
+
+@pytest.mark.parametrize("strategy, setting", [("particle-filter", "n"), ("beam", "width"), ("paths", "n")])
+def test_a_population_sized_by_the_budget_alone_is_capped(strategy, setting):
+    p = GMMDiffusion(DEFAULT_MIXTURE, 4)
+    with pytest.raises(mmtts.BudgetError, match=f"past the 65536 it sizes by itself; pass {setting}="):
+        mmtts.search(p, REWARD, strategy, budget=10 ** 9)

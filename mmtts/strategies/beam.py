@@ -35,7 +35,7 @@ class Beam(Strategy):
 
     Args:
         beams: survivors kept at each scoring.
-        width: children per survivor (None: as many as the budget pays for).
+        width: children per survivor (None: as many as the budget pays for, up to 65536 candidates in all).
         interval: stages between scorings.
         keep: how many of the best finished candidates to return.
         fork: how children of one parent come to differ: ``"noise"`` (their own fresh noise) or

@@ -54,7 +54,7 @@ class ParticleFilter(Strategy):
     :class:`~mmtts.core.errors.CollapseWarning` says when some are copies.
 
     Args:
-        n: the number of particles (None: as many as the budget pays for).
+        n: the number of particles (None: as many as the budget pays for, up to 65536).
         potential: ``diff``, ``max``, ``add`` or ``rt`` (see above).
         lmbda: the inverse temperature of the potentials.
         resampling: ``systematic`` or ``multinomial``.

@@ -22,7 +22,7 @@ class PathSearch(Strategy):
     strategy is best-of-n.
 
     Args:
-        n: the number of paths kept (None: as many as the budget pays for).
+        n: the number of paths kept (None: as many as the budget pays for, up to 65536 children a round).
         width: children per path in each round.
         start: the fraction of the stages denoised before the first round, in [0, 1].
         forward: stages re-noised in each round.
