@@ -12,6 +12,11 @@ Groups are formed by prompt id, whatever the batch holds: several prompts
 per batch, in any order, and rows that repeat a prompt id pool their
 samples into one group. The published code assumes one prompt per batch.
 
+``published=True`` computes the reward as the published training code does
+(:func:`published_region_rewards`): edges truncated with ``int()``, and in
+its UI-TARS branch every answer grown by ``point_expand_size`` pixels per
+side, in its Qwen branch none (a click there is an empty box and earns 0).
+
 The policy is a model ``model(images, tokens) -> logits (B, rows, cols)``
 over a grid of screen cells (as :class:`mmtts.modalities.gui.model.GroundingNet`),
 so the policy's distribution, its log-probabilities and the KL are exact.
@@ -20,6 +25,7 @@ so the policy's distribution, its log-probabilities and the KL are exact.
 from __future__ import annotations
 
 import fnmatch
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,7 +37,10 @@ from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
 from ..core.rng import derive_seed
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..strategies.region_vote import point_boxes, region_rewards, renamed_n
+from ..strategies.region_vote import as_coords, point_boxes, region_rewards, renamed_n
+
+#: the published reward's branches: how much an answer grows per side before it votes
+BRANCHES = ("ui-tars", "qwen")
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -53,11 +62,48 @@ def grouped_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict, 
     """Region-consistency reward of each answer within the group of its prompt id (``sizes``: id -> (w, h)).
 
     Answers vote with ``boxes`` (n, 4) pixels when given (box answers), else with alpha-squares on the clicks."""
-    votes = point_boxes(points, alpha) if boxes is None else np.asarray(boxes, dtype=np.float64)
-    out = np.zeros(len(points))
+    votes = point_boxes(points, alpha) if boxes is None else as_coords(boxes, "boxes", 4)
+    return _per_group(votes, groups, sizes, published=False)
+
+
+def published_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict, alpha: float = 0.0,
+                             boxes: np.ndarray | None = None, *, branch: str = "ui-tars",
+                             point_expand_size: int = 100) -> np.ndarray:
+    """GUI-RCPO's reward as the published training code computes it (``alpha`` is not used).
+
+    Every answer is a box: a box answer itself, a click (x, y) the empty box
+    (x, y, x, y). Each edge is truncated with ``int()``; the ``"ui-tars"``
+    branch then moves x1, y1 out by ``point_expand_size`` pixels and x2, y2
+    likewise, the ``"qwen"`` branch moves nothing (so clicks cast no vote and
+    earn 0). The boxes vote with truncated edges (:func:`region_rewards` with
+    ``published=True``), within the group of their prompt id.
+    """
+    if branch not in BRANCHES:
+        raise MmttsError(f"branch={branch!r}; the published reward has the branches {', '.join(BRANCHES)}")
+    grow = int(point_expand_size)
+    if grow != point_expand_size or grow < 0:
+        raise MmttsError(f"point_expand_size={point_expand_size!r} must be a whole number of pixels >= 0 "
+                         "(the published reward grows answers by it per side)")
+    p = as_coords(points, "points", 2)
+    b = np.concatenate([p, p], 1)
+    if boxes is not None:
+        given = as_coords(boxes, "boxes", 4)
+        use = np.isfinite(given).all(1)
+        b[use] = given[use]
+    b = np.trunc(b)
+    if branch == "ui-tars":
+        b += np.array([-grow, -grow, grow, grow], dtype=np.float64)
+    return _per_group(b, groups, sizes, published=True)
+
+
+def _per_group(votes: np.ndarray, groups: np.ndarray, sizes: dict, published: bool) -> np.ndarray:
+    groups = np.asarray(groups).reshape(-1)
+    if len(groups) != len(votes):
+        raise MmttsError(f"{len(groups)} prompt ids for {len(votes)} answers; pass one id per answer")
+    out = np.zeros(len(votes))
     for g in np.unique(groups):
         m = groups == g
-        out[m] = region_rewards(votes[m], *sizes[g])
+        out[m] = region_rewards(votes[m], *sizes[g], published=published)
     return out
 
 
@@ -89,6 +135,11 @@ class GUIRCPO(Adapter):
             ``sizes`` a dict id -> (width, height); with box answers it is also passed ``boxes=`` (N, 4)
             pixels. It must give one finite number per click; a reward that reads labels makes this
             supervised RL, which is how the update itself is checked.
+        published: compute the reward as the published training code does
+            (:func:`published_region_rewards`; ``alpha`` is then unused). docs/gui.md lists the differences.
+        branch: with ``published``, the published reward's branch: "ui-tars" (answers grown by
+            ``point_expand_size`` per side) or "qwen" (no growth; clicks earn 0).
+        point_expand_size: with ``published``, pixels the "ui-tars" branch adds to every side of an answer.
         samples: deprecated spelling of ``n``.
     """
 
@@ -97,7 +148,8 @@ class GUIRCPO(Adapter):
     def __init__(self, model: torch.nn.Module, *, n: int | None = None, temperature: float = 1.0,
                  alpha: float = 50.0, beta: float = 0.04, lr: float = 1e-4, include: Sequence[str] | None = None,
                  seed: int = 0, episodic: bool = False, answers: str = "point",
-                 reward: Callable[..., np.ndarray] | None = None, samples: int | None = None):
+                 reward: Callable[..., np.ndarray] | None = None, published: bool = False,
+                 branch: str = "ui-tars", point_expand_size: int = 100, samples: int | None = None):
         n = renamed_n(n, "gui-rcpo", samples=samples)
         n = 16 if n is None else n
         if int(n) != n or n < 2:
@@ -115,6 +167,13 @@ class GUIRCPO(Adapter):
         self.answers = answers
         self.patterns = list(include) if include else ["*"]
         self.seed, self.updates = int(seed), 0
+        if published and reward is not None:
+            raise MmttsError("published=True sets the reward; pass either reward= or published=True")
+        if published:
+            published_region_rewards(np.zeros((1, 2)), np.zeros(1), {0: (1, 1)}, branch=branch,
+                                     point_expand_size=point_expand_size)  # refuses a bad branch or size now
+            reward = partial(published_region_rewards, branch=branch, point_expand_size=point_expand_size)
+        self.published = bool(published)
         self.reward = grouped_region_rewards if reward is None else reward
         super().__init__(model, norm_kinds=(), episodic=episodic)
 

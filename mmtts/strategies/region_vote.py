@@ -30,6 +30,12 @@ Two constructions give identical answers:
 The region-consistency reward of GUI-RCPO (:func:`region_rewards`) is each
 box's mean vote over its own area divided by the maximum vote: 1 for a box
 lying entirely inside the consensus, smaller the more it strays.
+
+Every function here takes ``published``: False (the default) lets a box
+cover every cell it overlaps (x1, y1 floored, x2, y2 ceiled); True truncates
+every edge toward zero as the published GUI-RC and GUI-RCPO code does
+(``int()``), so a box thinner than a cell after truncation casts no vote and
+a vote can end with no answer where the default gives one.
 """
 
 from __future__ import annotations
@@ -67,49 +73,96 @@ class Consensus:
 
 
 def check_extent(width: int, height: int) -> tuple[int, int]:
-    w, h = int(width), int(height)
-    if w != width or h != height or w < 1 or h < 1:
-        raise MmttsError(f"grid size {width}x{height} must be positive whole numbers of cells "
+    """The grid size as two positive ints, or an MmttsError naming what was given."""
+    try:
+        w, h = int(width), int(height)
+        whole = w == width and h == height
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if isinstance(width, bool) or isinstance(height, bool) or not whole or w < 1 or h < 1:
+        raise MmttsError(f"grid size {width!r} x {height!r} must be positive whole numbers of cells "
                          "(the image size in pixels)")
     return w, h
 
 
+def as_coords(values, name: str, cols: int) -> np.ndarray:
+    """``values`` as a float64 (K, cols) array, or an MmttsError naming ``name``, what it needs and what came.
+
+    NaN marks a missing answer and is kept; infinities, non-numeric dtypes and
+    other shapes are refused (a sample with no answer is a NaN row, never inf).
+    """
+    what = "x, y" if cols == 2 else "x1, y1, x2, y2"
+    if isinstance(values, torch.Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise MmttsError(f"{name} must hold real coordinates ({what}); got a torch tensor of dtype {values.dtype}")
+        values = values.detach().to("cpu", torch.float64).numpy()
+    try:
+        a = np.asarray(values)
+    except ValueError:  # ragged nested lists
+        raise MmttsError(f"{name} must be an array of shape (K, {cols}) ({what} per sample); got rows of "
+                         "different lengths") from None
+    if a.dtype.kind not in "iuf":
+        raise MmttsError(f"{name} must hold real numbers ({what} per sample, NaN for a missing answer); "
+                         f"got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != cols:
+        raise MmttsError(f"{name} must have shape (K, {cols}) ({what} per sample); got shape {a.shape}")
+    a = a.astype(np.float64)
+    if np.isinf(a).any():
+        raise MmttsError(f"{name} holds infinite coordinates in {int(np.isinf(a).any(1).sum())} of {len(a)} rows; "
+                         "mark a sample with no usable answer with NaN")
+    return a
+
+
+def check_alpha(alpha) -> float:
+    """``alpha`` as a positive finite float, or an MmttsError naming it."""
+    try:
+        ok = not isinstance(alpha, bool) and 0 < float(alpha) < float("inf")
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MmttsError(f"alpha={alpha!r} must be a positive, finite box side in pixels (GUI-RC uses 50)")
+    return float(alpha)
+
+
 def point_boxes(points, alpha: float) -> np.ndarray:
     """Squares of side ``alpha`` centred on points (K, 2) -> boxes (K, 4); NaN points stay NaN."""
-    if not alpha > 0:
-        raise MmttsError(f"alpha={alpha} must be a positive box side in pixels (GUI-RC uses 50)")
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    half = alpha / 2.0
+    half = check_alpha(alpha) / 2.0
+    p = as_coords(points, "points", 2)
     return np.concatenate([p - half, p + half], axis=1)
 
 
-def grid_boxes(boxes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def grid_boxes(boxes, width: int, height: int, published: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Float boxes (K, 4) -> integer cell ranges (K, 4) clipped to the grid, and which of them vote.
 
-    A box covers cell i when it overlaps [i, i+1): x1 is floored and x2
-    ceiled. Rows with NaN, inverted corners (x2 < x1) or nothing left inside
-    the grid after clipping cast no vote; they come back as zero boxes with
-    ``votes`` False.
+    By default a box covers cell i when it overlaps [i, i+1): x1 is floored
+    and x2 ceiled. With ``published`` every edge is truncated toward zero
+    (``int()``), then x1, y1 raised to 0 and x2, y2 lowered to the grid size,
+    as the published code does. Rows with NaN, inverted corners (x2 < x1) or
+    nothing left inside the grid cast no vote; they come back as zero boxes
+    with ``votes`` False.
     """
     w, h = check_extent(width, height)
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise MmttsError(f"boxes must have shape (K, 4) as x1, y1, x2, y2; got {b.shape}")
+    b = as_coords(boxes, "boxes", 4)
     finite = np.isfinite(b).all(1)
     safe = np.where(finite[:, None], b, 0.0)
+    if published:
+        t = np.trunc(safe)
+        edges = np.stack([np.maximum(t[:, 0], 0), np.maximum(t[:, 1], 0),
+                          np.minimum(t[:, 2], w), np.minimum(t[:, 3], h)], 1)
+        votes = finite & (edges[:, 2] > edges[:, 0]) & (edges[:, 3] > edges[:, 1])
+    else:
+        edges = np.concatenate([np.floor(safe[:, :2]), np.ceil(safe[:, 2:])], 1)
+        votes = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
     out = np.empty(b.shape, dtype=np.int64)
-    out[:, 0] = np.clip(np.floor(safe[:, 0]), 0, w)
-    out[:, 1] = np.clip(np.floor(safe[:, 1]), 0, h)
-    out[:, 2] = np.clip(np.ceil(safe[:, 2]), 0, w)
-    out[:, 3] = np.clip(np.ceil(safe[:, 3]), 0, h)
-    votes = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
+    out[:, 0::2] = np.clip(edges[:, 0::2], 0, w)
+    out[:, 1::2] = np.clip(edges[:, 1::2], 0, h)
     votes &= (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
     out[~votes] = 0
     return out, votes
 
 
 def _check_samples(boxes) -> None:
-    if len(boxes) == 0:
+    if np.ndim(boxes) > 0 and len(boxes) == 0:
         raise MmttsError("no samples to vote over (K = 0); draw at least one answer per example")
 
 
@@ -135,9 +188,9 @@ def largest_region(mask: np.ndarray, areas: np.ndarray | None = None) -> tuple[s
 
 # -- the reference construction ----------------------------------------------------------
 
-def vote_grid_reference(boxes, width: int, height: int) -> np.ndarray:
+def vote_grid_reference(boxes, width: int, height: int, published: bool = False) -> np.ndarray:
     """Votes per cell on the full grid (H, W), one slice-add per box."""
-    ib, votes = grid_boxes(boxes, width, height)
+    ib, votes = grid_boxes(boxes, width, height, published)
     grid = np.zeros((int(height), int(width)), dtype=np.int32)
     for x1, y1, x2, y2 in ib[votes]:
         grid[y1:y2, x1:x2] += 1
@@ -158,11 +211,12 @@ def consensus_of_grid(grid: np.ndarray, samples: int | None = None, votes: int |
                      votes=int(votes if votes is not None else top), samples=k)
 
 
-def consensus_reference(boxes, width: int, height: int) -> Consensus:
-    """GUI-RC's answer by the published construction: full-resolution grid, labels over all of it."""
+def consensus_reference(boxes, width: int, height: int, published: bool = False) -> Consensus:
+    """GUI-RC's answer built as the published code builds it: a full-resolution grid, labels over all of it."""
     _check_samples(boxes)
-    _, valid = grid_boxes(boxes, width, height)
-    return consensus_of_grid(vote_grid_reference(boxes, width, height), samples=len(valid), votes=int(valid.sum()))
+    _, valid = grid_boxes(boxes, width, height, published)
+    grid = vote_grid_reference(boxes, width, height, published)
+    return consensus_of_grid(grid, samples=len(valid), votes=int(valid.sum()))
 
 
 # -- the compressed grid ---------------------------------------------------------------------
@@ -182,10 +236,10 @@ class CompressedVotes:
         return np.diff(self.ys)[:, None] * np.diff(self.xs)[None, :]
 
 
-def compress_votes(boxes, width: int, height: int) -> CompressedVotes:
+def compress_votes(boxes, width: int, height: int, published: bool = False) -> CompressedVotes:
     """Build the compressed vote grid with a 2-D difference array over edge indices (cost depends on K only)."""
     w, h = check_extent(width, height)
-    ib, valid = grid_boxes(boxes, w, h)
+    ib, valid = grid_boxes(boxes, w, h, published)
     vb = ib[valid]
     xs = np.unique(np.concatenate([[0, w], vb[:, 0], vb[:, 2]]))
     ys = np.unique(np.concatenate([[0, h], vb[:, 1], vb[:, 3]]))
@@ -217,20 +271,23 @@ def consensus_of_compressed(cv: CompressedVotes) -> Consensus:
                      votes=int(cv.valid.sum()), samples=k)
 
 
-def consensus(boxes, width: int, height: int) -> Consensus:
-    """GUI-RC's answer on the compressed grid; identical to :func:`consensus_reference`."""
+def consensus(boxes, width: int, height: int, published: bool = False) -> Consensus:
+    """GUI-RC's answer on the compressed grid; identical to :func:`consensus_reference`.
+
+    ``published`` truncates box edges as the published code does (see :func:`grid_boxes`).
+    """
     _check_samples(boxes)
-    return consensus_of_compressed(compress_votes(boxes, width, height))
+    return consensus_of_compressed(compress_votes(boxes, width, height, published))
 
 
-def region_rewards(boxes, width: int, height: int) -> np.ndarray:
+def region_rewards(boxes, width: int, height: int, published: bool = False) -> np.ndarray:
     """GUI-RCPO's reward per box: votes inside it / (max vote * its area); 0 for boxes that cast no vote.
 
     Computed with a 2-D prefix sum of area-weighted votes over the
     compressed grid, so it is exact and independent of the screen size.
     """
     _check_samples(boxes)
-    cv = compress_votes(boxes, width, height)
+    cv = compress_votes(boxes, width, height, published)
     out = np.zeros(len(cv.valid), dtype=np.float64)
     top = int(cv.votes.max()) if cv.votes.size else 0
     if top <= 0:
@@ -250,10 +307,13 @@ def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
         raise MmttsError("region voting needs points (K, 2) or boxes (K, 4) to vote with")
     if boxes is None:
         return point_boxes(points, alpha)
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    b = as_coords(boxes, "boxes", 4)
     if points is None:
         return b
     from_points = point_boxes(points, alpha)
+    if len(from_points) != len(b):
+        raise MmttsError(f"points ({len(from_points)} rows) and boxes ({len(b)} rows) must hold one row per "
+                         "sample each (NaN where a sample gave the other kind of answer)")
     use_box = np.isfinite(b).all(1)
     return np.where(use_box[:, None], b, from_points)
 
@@ -293,20 +353,21 @@ class RegionVote(Strategy):
     Args:
         n: samples to draw (GUI-RC uses 64); None draws as many as the NFE budget pays for.
         alpha: side, in grid cells, of the square a point answer votes with (GUI-RC uses 50).
+        published: truncate box edges with ``int()`` as the published GUI-RC code does (docs/gui.md lists
+            what changes); the default lets a box cover every cell it overlaps.
         samples: deprecated spelling of ``n``.
         k: deprecated spelling of ``n``.
     """
 
-    def __init__(self, n: int | None = None, alpha: float = 50.0, *, samples: int | None = None,
-                 k: int | None = None):
+    def __init__(self, n: int | None = None, alpha: float = 50.0, *, published: bool = False,
+                 samples: int | None = None, k: int | None = None):
         n = renamed_n(n, "region-vote", samples=samples, k=k)
         if n is not None and (int(n) != n or n < 1):
             raise MmttsError(f"region-vote needs a whole number n >= 1 of samples (got n = {n}); GUI-RC uses 64")
-        if not alpha > 0:
-            raise MmttsError(f"alpha={alpha} must be a positive box side in grid cells (GUI-RC uses 50)")
+        check_alpha(alpha)
         n = None if n is None else int(n)
-        super().__init__(n=n, alpha=alpha)
-        self.n, self.alpha = n, float(alpha)
+        super().__init__(n=n, alpha=alpha, published=bool(published))
+        self.n, self.alpha, self.published = n, float(alpha), bool(published)
 
     def run(self, ctx: SearchContext) -> Selection:
         process = ctx.process
@@ -322,19 +383,14 @@ class RegionVote(Strategy):
             ctx.require_candidates(max(n, 1), calls)
         state = ctx.advance(ctx.fresh(n))
         out = ctx.finish(state)
-        c = consensus(vote_boxes(_np(out.get("points")), _np(out.get("boxes")), self.alpha), *process.extent)
+        c = consensus(vote_boxes(out.get("points"), out.get("boxes"), self.alpha), *process.extent,
+                      published=self.published)
         population_scores = ctx.score(out, state) if ctx.verifier is not None else None
         point = torch.tensor([c.point if c.point is not None else (float("nan"),) * 2], dtype=torch.float64)
         return Selection(outputs=point, scores=torch.full((1,), float("nan"), dtype=torch.float64), state=None,
                          votes=torch.tensor([c.max_vote / n], dtype=torch.float64),
                          population=out, population_scores=population_scores,
                          extra={"consensus": c, "n": n, "voted": c.votes, "missing": n - c.votes})
-
-
-def _np(x):
-    if x is None:
-        return None
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 class RegionConsistency(Verifier):
@@ -347,19 +403,18 @@ class RegionConsistency(Verifier):
         width: the grid's width in cells (the screenshot's pixels).
         height: the grid's height in cells.
         alpha: side, in cells, of the square a point answer votes with (GUI-RC uses 50).
+        published: truncate box edges with ``int()`` as the published code does.
     """
 
     name = "region-consistency"
 
-    def __init__(self, width: int, height: int, alpha: float = 50.0):
+    def __init__(self, width: int, height: int, alpha: float = 50.0, published: bool = False):
         super().__init__("error")
         self.extent = check_extent(width, height)
-        if not alpha > 0:
-            raise MmttsError(f"alpha={alpha} must be a positive box side in grid cells (GUI-RC uses 50)")
-        self.alpha = float(alpha)
+        self.alpha, self.published = check_alpha(alpha), bool(published)
 
     def score(self, outputs, context=None) -> torch.Tensor:
         if not isinstance(outputs, dict):
             raise MmttsError("region-consistency scores a dict of 'points' (K, 2) and/or 'boxes' (K, 4)")
-        boxes = vote_boxes(_np(outputs.get("points")), _np(outputs.get("boxes")), self.alpha)
-        return torch.from_numpy(region_rewards(boxes, *self.extent))
+        boxes = vote_boxes(outputs.get("points"), outputs.get("boxes"), self.alpha)
+        return torch.from_numpy(region_rewards(boxes, *self.extent, published=self.published))

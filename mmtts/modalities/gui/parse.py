@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ...core.errors import MmttsError
 from .coords import CoordSpace
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -65,7 +66,18 @@ class ParsedAnswers:
 
 
 def parse_answers(texts: Sequence, space: CoordSpace | str, image_size: tuple[int, int]) -> ParsedAnswers:
-    """Parse K answers and convert them from ``space`` to pixels of an image of ``image_size`` (w, h)."""
+    """Parse K answers and convert them from ``space`` to pixels of an image of ``image_size`` (w, h).
+
+    An answer that parses but lands outside the float range once converted is a missing answer too.
+    """
+    from ...strategies.region_vote import check_extent
+
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise MmttsError(f"texts must be a list of K answers (one string per sample); got {type(texts).__name__}")
+    try:
+        image_size = check_extent(*image_size)
+    except TypeError:
+        raise MmttsError(f"image_size must be the screenshot's (width, height); got {image_size!r}") from None
     space = CoordSpace.parse(space)
     k = len(texts)
     points = np.full((k, 2), np.nan)
@@ -76,7 +88,10 @@ def parse_answers(texts: Sequence, space: CoordSpace | str, image_size: tuple[in
         if a is None:
             continue
         kind, vals = a
-        px = space.to_pixels(np.array(vals), image_size)
+        with np.errstate(over="ignore"):
+            px = space.to_pixels(np.array(vals), image_size)
+        if not np.isfinite(px).all():
+            continue
         if kind == "box":
             boxes[i] = px
             points[i] = [(px[0] + px[2]) / 2, (px[1] + px[3]) / 2]

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...core.errors import ProcessError
 from ...core.process import Process
 from ...core.rng import Streams
 from ...core.state import State
+from ...strategies.region_vote import check_extent
 from .parse import parse_answers
 from .sampler import ClickSampler
 
@@ -49,7 +51,7 @@ class ClickProcess(Process):
         self.sampler = sampler
         self.image = image
         self.instruction = instruction
-        self.extent = (int(image_size[0]), int(image_size[1]))
+        self.extent = check_extent(*image_size)
         self.temperature = float(temperature)
 
     def init(self, streams: Streams, first_index: int = 0) -> State:
@@ -65,7 +67,8 @@ class ClickProcess(Process):
         state.streams.counters += 1
         texts = self.sampler.sample(self.image, self.instruction, seeds, self.temperature)
         if len(texts) != len(state):
-            raise RuntimeError(f"{type(self.sampler).__name__} returned {len(texts)} answers for {len(state)} seeds")
+            raise ProcessError(f"{type(self.sampler).__name__} returned {len(texts)} answers for {len(state)} seeds; "
+                               "a sampler gives one answer per seed")
         p = parse_answers(texts, self.sampler.space, self.extent)
         data = {"points": torch.from_numpy(p.points), "boxes": torch.from_numpy(p.boxes),
                 "parsed": torch.from_numpy(np.asarray(p.ok)), "text": encode_texts(texts)}
