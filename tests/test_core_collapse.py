@@ -93,7 +93,7 @@ def test_fork_perturb_needs_a_process_that_can_perturb():
 
     with pytest.raises(MmttsError, match=r"NoPerturb.perturb\(\)"):
         mmtts.search(NoPerturb(MIX, 5, sampler="ddim", eta=0.0), REWARD, "beam", budget=100, fork="perturb")
-    with pytest.raises(MmttsError, match="fork='nosie'; choose one of .*did you mean 'noise'"):
+    with pytest.raises(MmttsError, match="beam unknown fork 'nosie'; choose one of .*did you mean 'noise'"):
         mmtts.search(NoPerturb(MIX, 5), REWARD, "beam", budget=100, fork="nosie")
 
 

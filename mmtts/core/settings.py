@@ -60,7 +60,7 @@ def choice(name: str, value: Any, options: Iterable[str], owner: str = "") -> st
     if not isinstance(value, str) or value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SettingsError(f"{_owner(owner)}{name}={value!r}; choose one of {options}{hint}")
+        raise SettingsError(f"{_owner(owner)}unknown {name} {value!r}; choose one of {options}{hint}")
     return value
 
 
