@@ -226,3 +226,14 @@ def test_click_process_checks_the_sampler_count():
     with pytest.raises(RuntimeError, match="returned 1 answers for 4"):
         run_strategy(STRATEGIES.create("region-vote", n=4), ClickProcess(Short(), IMAGE, "x", (10, 10)),
                      None, budget=4)
+
+
+def test_parser_refuses_malformed_arguments_and_drops_answers_past_the_float_range():
+    with pytest.raises(MmttsError, match="texts must be a list of K answers.*got str"):
+        parse_answers("(3, 4)", "pixel", (10, 10))
+    with pytest.raises(MmttsError, match=r"image_size must be the screenshot's \(width, height\); got 10"):
+        parse_answers(["(3, 4)"], "pixel", 10)
+    with pytest.raises(MmttsError, match="grid size 10 x nan"):
+        parse_answers(["(3, 4)"], "pixel", (10, float("nan")))
+    p = parse_answers(["(1e308, 0.5)", "(0.25, 0.5)"], "unit", (100, 50))   # 1e308 * 100 px is past float64
+    assert p.ok.tolist() == [False, True] and np.isnan(p.points[0]).all() and p.points[1].tolist() == [25.0, 25.0]

@@ -152,3 +152,55 @@ def test_bad_input():
     # a box partly outside is clipped to the image
     c = consensus(np.array([[-5, -5, 3, 4]]), 10, 10)
     assert c.region == (0, 0, 3, 4) and c.votes == 1
+
+
+def test_malformed_answers_are_refused_naming_the_argument_what_it_needs_and_what_came():
+    good = np.array([[10.0, 10.0], [12.0, 11.0]])
+    cases = [  # (call, words the message must hold)
+        (lambda: point_boxes(np.zeros((5, 3)), 50), ["points", "(K, 2)", "(5, 3)"]),
+        (lambda: point_boxes(np.zeros(4), 50), ["points", "(K, 2)", "(4,)"]),
+        (lambda: point_boxes(np.array([["a", "b"]]), 50), ["points", "real numbers", "<U1"]),
+        (lambda: point_boxes(np.array([[1 + 2j, 3]]), 50), ["points", "complex"]),
+        (lambda: point_boxes([[1, 2], [3]], 50), ["points", "(K, 2)", "different lengths"]),
+        (lambda: point_boxes(torch.ones(2, 2, dtype=torch.bool), 50), ["points", "torch.bool"]),
+        (lambda: point_boxes([[np.inf, 3.0]], 50), ["points", "infinite", "NaN"]),
+        (lambda: consensus(np.zeros((5, 3)), 10, 10), ["boxes", "(K, 4)", "(5, 3)"]),
+        (lambda: vote_boxes(good, np.zeros((3, 4))), ["points (2 rows)", "boxes (3 rows)"]),
+        (lambda: consensus(point_boxes(good, 5), float("nan"), 10), ["grid size", "nan"]),
+        (lambda: consensus(point_boxes(good, 5), "640", 10), ["grid size", "'640'"]),
+        (lambda: point_boxes(good, float("inf")), ["alpha=inf"]),
+        (lambda: RegionConsistency(10, 10).score({"points": np.zeros((5, 3))}), ["points", "(5, 3)"]),
+    ]
+    for call, words in cases:
+        with pytest.raises(MmttsError) as err:
+            call()
+        for w in words:
+            assert w in str(err.value), (w, str(err.value))
+    # accepted as given: integer and float32 arrays, bfloat16 tensors, lists; NaN rows are missing answers
+    want = consensus(point_boxes(good, 5), 40, 40)
+    for same in (good.astype(np.int64), good.astype(np.float32), torch.tensor(good).bfloat16(), good.tolist()):
+        assert consensus(point_boxes(same, 5), 40, 40) == want
+    c = consensus(point_boxes(np.vstack([good, [np.nan, np.nan]]), 5), 40, 40)
+    assert c.votes == 2 and c.samples == 3 and c.point == want.point
+
+
+def test_region_vote_strategy_refuses_malformed_points_from_its_process():
+    from mmtts.core.process import Process
+    from mmtts.core.state import State
+    import mmtts
+
+    class Bad(Process):
+        num_stages, nfe_per_stage, extent = 1, 1, (100, 100)
+
+        def init(self, streams, first_index=0):
+            return State.fresh({"x": torch.zeros(len(streams), 1)}, streams, first_index)
+
+        def step(self, state):
+            return State(state.data, state.stage + 1, state.streams, state.ids, state.parents, state.origin,
+                         state.meta)
+
+        def finish(self, state):
+            return {"points": torch.zeros(len(state), 3)}
+
+    with pytest.raises(MmttsError, match=r"points must have shape \(K, 2\).*\(5, 3\)"):
+        mmtts.search(Bad(), None, "region-vote", budget=5, seed=0, n=5)
