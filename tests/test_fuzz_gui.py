@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import mmtts
@@ -36,7 +36,7 @@ from mmtts.strategies.region_vote import (RegionConsistency, consensus, consensu
 
 HANG_SECONDS = 20
 NAN, INF = float("nan"), float("inf")
-DTYPES = ["float64"] * 6 + ["float32", "float16", "int64", "uint8", "bool", "complex128", "object", "str"]
+ODD_DTYPES = ["float32", "float16", "int64", "uint8", "bool", "complex128", "object", "str"]
 
 
 @contextmanager
@@ -58,29 +58,37 @@ def guarded(call):
     with no_hang(), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         try:
-            return call()
+            out = call()
         except MmttsError as e:
             assert str(e), "an MmttsError must say what is wrong"
+            event("refused with an MmttsError")
             return None
+    event("answered")
+    return out
 
 
-values = st.one_of(
-    st.floats(-60, 2000, allow_nan=False).map(lambda v: round(v, 1)),      # one-decimal coordinates
-    st.integers(-5, 300).map(float),
-    st.sampled_from([NAN, NAN, INF, -INF, 1e300, -1e300, 0.0]),
-)
+def mostly(valid, bad, percent_bad: int = 15):
+    """``valid`` most of the time, ``bad`` in about ``percent_bad`` % of draws."""
+    return st.integers(0, 99).flatmap(lambda r: bad if r < percent_bad else valid)
+
+
+coords = st.one_of(st.floats(-60, 500, allow_nan=False).map(lambda v: round(v, 1)),   # one-decimal coordinates
+                   st.integers(-5, 300).map(float))
+specials = st.sampled_from([NAN] * 6 + [INF, -INF, 1e300, -1e300])
+values = mostly(coords, specials, 3)
+ROWS = [0, 1, 1, 2, 3, 5, 8, 16]
 
 
 @st.composite
-def coord_arrays(draw, cols: int):
-    """Mostly (K, cols) float arrays, sometimes other shapes, dtypes and containers."""
-    if draw(st.integers(0, 9)) < 7:
-        shape = (draw(st.sampled_from([0, 1, 1, 2, 3, 5, 8, 16])), cols)
+def coord_arrays(draw, cols: int, rows: int | None = None):
+    """Mostly (rows, cols) float arrays (rows drawn when not given), sometimes other shapes, dtypes, containers."""
+    if draw(st.integers(0, 9)) < 8:
+        shape = (draw(st.sampled_from(ROWS)) if rows is None else rows, cols)
     else:
         shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
     size = int(np.prod(shape)) if shape else 1
     a = np.array(draw(st.lists(values, min_size=size, max_size=size)), dtype=np.float64).reshape(shape)
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(mostly(st.just("float64"), st.sampled_from(ODD_DTYPES), 20))
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = a.astype(dtype)
@@ -92,11 +100,9 @@ def coord_arrays(draw, cols: int):
     return a
 
 
-extents = st.one_of(
-    st.tuples(st.integers(1, 400), st.integers(1, 400)),
-    st.tuples(st.sampled_from([0, -3, 2.5, NAN, INF, "640", None, True]), st.integers(1, 50)),
-)
-alphas = st.one_of(st.sampled_from([50.0, 50.0, 9.0, 1.0, 0.5]), st.sampled_from([0.0, -5.0, NAN, INF, "50"]))
+extents = mostly(st.tuples(st.integers(1, 400), st.integers(1, 400)),
+                 st.tuples(st.sampled_from([0, -3, 2.5, NAN, INF, "640", None, True]), st.integers(1, 50)), 10)
+alphas = mostly(st.sampled_from([50.0, 50.0, 9.0, 1.0, 0.5]), st.sampled_from([0.0, -5.0, NAN, INF, "50"]), 10)
 
 
 def check_consensus(c, k: int, extent) -> None:
@@ -130,8 +136,19 @@ def test_consensus_and_rewards_of_boxes(boxes, extent, published):
         assert c is None or c.max_vote == 0 or r.max() > 0
 
 
-@given(points=coord_arrays(2), boxes=coord_arrays(4), extent=extents, alpha=alphas, published=st.booleans())
-def test_mixed_answers_vote_and_score(points, boxes, extent, alpha, published):
+def points_and_boxes(rows=st.sampled_from(ROWS), boxes_may_be_none: bool = False):
+    """(points, boxes) of one row count (sometimes boxes of another); boxes may be None if asked."""
+    def pair(k):
+        boxes = coord_arrays(4, k)
+        if boxes_may_be_none:
+            boxes = st.one_of(st.none(), boxes)
+        return st.tuples(st.just(k), coord_arrays(2, k), mostly(boxes, coord_arrays(4), 10))
+    return rows.flatmap(pair)
+
+
+@given(answers=points_and_boxes(), extent=extents, alpha=alphas, published=st.booleans())
+def test_mixed_answers_vote_and_score(answers, extent, alpha, published):
+    _, points, boxes = answers
     b = guarded(lambda: vote_boxes(points, boxes, alpha))
     if b is not None:
         assert b.shape == (len(boxes), 4) and b.dtype == np.float64 and not np.isinf(b).any()
@@ -142,11 +159,11 @@ def test_mixed_answers_vote_and_score(points, boxes, extent, alpha, published):
         assert ((0 <= scores) & (scores <= 1 + 1e-12)).all()
 
 
-@given(points=coord_arrays(2), boxes=st.one_of(st.none(), coord_arrays(4)), data=st.data(),
-       branch=st.sampled_from(["ui-tars", "qwen", "intern"]), grow=st.sampled_from([100, 0, 25, -1, 2.5]))
-def test_grouped_rewards_default_and_published(points, boxes, data, branch, grow):
-    shape = tuple(points.shape) if hasattr(points, "shape") else (len(points),) if isinstance(points, list) else ()
-    k = shape[0] if shape else 0
+@given(answers=points_and_boxes(boxes_may_be_none=True), data=st.data(),
+       branch=mostly(st.sampled_from(["ui-tars", "qwen"]), st.just("intern"), 10),
+       grow=mostly(st.sampled_from([100, 0, 25]), st.sampled_from([-1, 2.5]), 10))
+def test_grouped_rewards_default_and_published(answers, data, branch, grow):
+    k, points, boxes = answers
     groups = np.array(data.draw(st.lists(st.integers(0, 2), min_size=k, max_size=k)), dtype=np.int64)
     sizes = {g: data.draw(st.tuples(st.integers(1, 300), st.integers(1, 300))) for g in range(3)}
     for reward in (lambda: grouped_region_rewards(points, groups, sizes, 50.0, boxes=boxes),
@@ -171,13 +188,15 @@ class Answers(Process):
     def step(self, state):
         return State(state.data, state.stage + 1, state.streams, state.ids, state.parents, state.origin, state.meta)
 
-    def finish(self, state):
-        return dict(self.outputs)
+    def finish(self, state):  # numeric numpy arrays come out as tensors, as a real process returns them
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype.kind in "fiucb" else v
+                for k, v in self.outputs.items()}
 
 
-@given(points=coord_arrays(2), boxes=st.one_of(st.none(), coord_arrays(4)), extent=extents,
-       n=st.sampled_from([1, 1, 2, 3, 5, 8, 16]), alpha=alphas, published=st.booleans(), seed=st.integers(0, 2**32))
-def test_region_vote_strategy_answers_inside_the_extent_or_refuses(points, boxes, extent, n, alpha, published, seed):
+@given(answers=points_and_boxes(st.sampled_from([1, 1, 2, 3, 5, 8, 16]), boxes_may_be_none=True), extent=extents,
+       alpha=alphas, published=st.booleans(), seed=st.integers(0, 2**32))
+def test_region_vote_strategy_answers_inside_the_extent_or_refuses(answers, extent, alpha, published, seed):
+    n, points, boxes = answers
     out = {"points": points} if boxes is None else {"points": points, "boxes": boxes}
     res = guarded(lambda: mmtts.search(Answers(out, extent), None, "region-vote", budget=n, seed=seed, n=n,
                                        alpha=alpha, published=published))
@@ -202,8 +221,9 @@ answer_texts = st.one_of(
 )
 
 
-@given(texts=st.one_of(st.lists(answer_texts, max_size=8), answer_texts),
-       space=st.sampled_from(["pixel", "unit", "permille", "resized:1288x728", "resized:0x5", "inches"]),
+@given(texts=mostly(st.lists(answer_texts, max_size=8), answer_texts, 10),
+       space=mostly(st.sampled_from(["pixel", "unit", "permille", "resized:1288x728"]),
+                    st.sampled_from(["resized:0x5", "inches"]), 10),
        size=extents)
 def test_parser_gives_pixels_or_a_missing_answer(texts, space, size):
     p = guarded(lambda: parse_answers(texts, space, size))

@@ -179,6 +179,10 @@ def test_published_rcpo_refuses_bad_settings():
         GUIRCPO(net, published=True, point_expand_size=2.5)
     with pytest.raises(MmttsError, match="either reward= or published=True"):
         GUIRCPO(net, published=True, reward=lambda *a, **k: np.zeros(1))
+    with pytest.raises(MmttsError, match=r"points \(0 rows\) and boxes \(1 rows\)"):
+        published_region_rewards(np.zeros((0, 2)), np.zeros(0), {}, boxes=np.zeros((1, 4)))
+    with pytest.raises(MmttsError, match=r"points must have shape \(K, 2\).*\(5, 3\)"):
+        published_region_rewards(np.zeros((5, 3)), np.zeros(5), {0: (10, 10)})
 
 
 def test_published_rcpo_adapter_steps_on_the_published_reward():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmtts.core.errors import BudgetError, MmttsError
+from mmtts.core.errors import BudgetError, MmttsError, ProcessError
 from mmtts.core.registry import STRATEGIES
 from mmtts.core.strategy import run_strategy
 from mmtts.modalities.gui import ClickProcess, ClickSampler, GroundingNet, HeatmapSampler, TransformersSampler
@@ -223,9 +223,11 @@ def test_click_process_checks_the_sampler_count():
         def sample(self, image, instruction, seeds, temperature):
             return ["(1, 2)"]
 
-    with pytest.raises(RuntimeError, match="returned 1 answers for 4"):
+    with pytest.raises(ProcessError, match="returned 1 answers for 4 seeds; a sampler gives one answer per seed"):
         run_strategy(STRATEGIES.create("region-vote", n=4), ClickProcess(Short(), IMAGE, "x", (10, 10)),
                      None, budget=4)
+    with pytest.raises(MmttsError, match="grid size 0 x 10"):
+        ClickProcess(Short(), IMAGE, "x", (0, 10))
 
 
 def test_parser_refuses_malformed_arguments_and_drops_answers_past_the_float_range():

@@ -88,6 +88,9 @@ def published_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict
     b = np.concatenate([p, p], 1)
     if boxes is not None:
         given = as_coords(boxes, "boxes", 4)
+        if len(given) != len(b):
+            raise MmttsError(f"points ({len(b)} rows) and boxes ({len(given)} rows) must hold one row per answer "
+                             "each (NaN where an answer is a click)")
         use = np.isfinite(given).all(1)
         b[use] = given[use]
     b = np.trunc(b)
