@@ -94,7 +94,10 @@ def coord_arrays(draw, cols: int, rows: int | None = None):
         a = a.astype(dtype)
     container = draw(st.sampled_from(["numpy", "numpy", "list", "torch"]))
     if container == "list":
-        return a.tolist()
+        rows = a.tolist()
+        if a.ndim == 2 and len(rows) > 1 and draw(st.integers(0, 9)) == 0:
+            rows[-1] = rows[-1][:-1]                      # ragged rows
+        return rows
     if container == "torch" and a.dtype.kind in "fiub":
         return torch.from_numpy(np.ascontiguousarray(a)).to(draw(st.sampled_from([None, torch.bfloat16])))
     return a

@@ -165,6 +165,8 @@ def test_malformed_answers_are_refused_naming_the_argument_what_it_needs_and_wha
         (lambda: point_boxes(torch.ones(2, 2, dtype=torch.bool), 50), ["points", "torch.bool"]),
         (lambda: point_boxes([[np.inf, 3.0]], 50), ["points", "infinite", "NaN"]),
         (lambda: consensus(np.zeros((5, 3)), 10, 10), ["boxes", "(K, 4)", "(5, 3)"]),
+        (lambda: consensus([[1, 2, 3, 4], [1, 2]], 10, 10), ["boxes", "(K, 4)", "different lengths"]),
+        (lambda: region_rewards(torch.tensor(3.0), 10, 10), ["boxes", "(K, 4)", "()"]),
         (lambda: vote_boxes(good, np.zeros((3, 4))), ["points (2 rows)", "boxes (3 rows)"]),
         (lambda: consensus(point_boxes(good, 5), float("nan"), 10), ["grid size", "nan"]),
         (lambda: consensus(point_boxes(good, 5), "640", 10), ["grid size", "'640'"]),

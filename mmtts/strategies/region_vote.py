@@ -161,9 +161,11 @@ def grid_boxes(boxes, width: int, height: int, published: bool = False) -> tuple
     return out, votes
 
 
-def _check_samples(boxes) -> None:
-    if np.ndim(boxes) > 0 and len(boxes) == 0:
+def _check_samples(boxes) -> np.ndarray:
+    b = as_coords(boxes, "boxes", 4)
+    if len(b) == 0:
         raise MmttsError("no samples to vote over (K = 0); draw at least one answer per example")
+    return b
 
 
 def _no_vote(k: int) -> Consensus:
@@ -213,7 +215,7 @@ def consensus_of_grid(grid: np.ndarray, samples: int | None = None, votes: int |
 
 def consensus_reference(boxes, width: int, height: int, published: bool = False) -> Consensus:
     """GUI-RC's answer built as the published code builds it: a full-resolution grid, labels over all of it."""
-    _check_samples(boxes)
+    boxes = _check_samples(boxes)
     _, valid = grid_boxes(boxes, width, height, published)
     grid = vote_grid_reference(boxes, width, height, published)
     return consensus_of_grid(grid, samples=len(valid), votes=int(valid.sum()))
@@ -276,7 +278,7 @@ def consensus(boxes, width: int, height: int, published: bool = False) -> Consen
 
     ``published`` truncates box edges as the published code does (see :func:`grid_boxes`).
     """
-    _check_samples(boxes)
+    boxes = _check_samples(boxes)
     return consensus_of_compressed(compress_votes(boxes, width, height, published))
 
 
@@ -286,7 +288,7 @@ def region_rewards(boxes, width: int, height: int, published: bool = False) -> n
     Computed with a 2-D prefix sum of area-weighted votes over the
     compressed grid, so it is exact and independent of the screen size.
     """
-    _check_samples(boxes)
+    boxes = _check_samples(boxes)
     cv = compress_votes(boxes, width, height, published)
     out = np.zeros(len(cv.valid), dtype=np.float64)
     top = int(cv.votes.max()) if cv.votes.size else 0
