@@ -103,10 +103,7 @@ def _tiny_image_process(eta):
     from image_fixtures import tiny_unet
     from mmtts.modalities.image import ImageProcess
 
-    proc = ImageProcess(tiny_unet(), _schedule(DDIMScheduler(num_train_timesteps=100), eta), (1, 8, 8))
-    if type(proc).is_stochastic is Process.is_stochastic:  # the declaration the image process makes
-        proc.is_stochastic = lambda stage: bool(proc.schedule.noise_std(torch.tensor([stage]))[0] > 0)
-    return proc
+    return ImageProcess(tiny_unet(), _schedule(DDIMScheduler(num_train_timesteps=100), eta), (1, 8, 8))
 
 
 def _schedule(sched, eta):
@@ -116,6 +113,8 @@ def _schedule(sched, eta):
 
 def test_on_a_tiny_image_process():
     pytest.importorskip("diffusers")
+    assert [_tiny_image_process(1.0).is_stochastic(t) for t in range(4)] == [True, True, True, False]
+    assert not any(_tiny_image_process(0.0).is_stochastic(t) for t in range(4))
     mean = mmtts.core.FunctionVerifier(lambda x: x.mean((1, 2, 3)), name="brightness")
     with pytest.raises(MmttsError, match=r"ImageProcess draws no fresh noise.*eta > 0"):
         mmtts.search(_tiny_image_process(0.0), mean, "beam", beams=2, budget=4 * 8, seed=0)

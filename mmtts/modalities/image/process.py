@@ -230,6 +230,11 @@ class ImageProcess(Process):
             ctx["prompt"] = [self.prompt] * n
         return ctx or None
 
+    def is_stochastic(self, stage: int) -> bool:
+        """Whether the step from ``stage`` adds fresh noise: the schedule's noise std there is > 0 (never for
+        DDIM with eta = 0, nor at DDIM's last step at any eta)."""
+        return bool(self.schedule.noise_std(torch.tensor([int(stage)]))[0] > 0)
+
     def perturb(self, state: State, scale: float | torch.Tensor) -> State:
         """x + scale * sigma_t * eps with sigma_t the stochastic std of the next step (DDPM's when deterministic).
 
