@@ -1,11 +1,11 @@
 """Per-candidate, counter-based random streams.
 
 Every candidate in a search owns a stream identified by ``(seed, counter)``.
-Drawing noise seeds a fresh generator from a hash of the pair and then bumps
-the counter, so a stream is a pair of integers: it can be copied with its
-candidate, saved in a checkpoint and resumed exactly, and it never depends on
-how candidates were batched together. The same (seed, offset) pair is what
-the Triton kernels feed to their in-kernel Philox generator.
+A draw is Philox-4x32-10 keyed by the seed at the counter (the Triton kernel
+on CUDA, its torch reference elsewhere, :mod:`mmtts.kernels.philox`), after
+which the counter is bumped; so a stream is a pair of integers: it can be
+copied with its candidate, saved in a checkpoint and resumed exactly, and its
+noise never depends on how candidates were batched together or on the device.
 
 When a resampling step duplicates a candidate, the first copy keeps the
 stream and every further copy is *forked*: it gets a new seed derived from the
@@ -149,7 +149,11 @@ class Streams:
         return int(self.seeds.numel())
 
     def draw_seeds(self) -> list[int]:
-        """The generator seed of every stream's next draw (what :meth:`generator` seeds with), in order."""
+        """One integer seed per stream for its next draw, hashed from (seed, counter), in order.
+
+        For samplers that take a seed per answer rather than a tensor of noise
+        (the GUI samplers); the caller advances the counters after using them.
+        """
         if len(self) < _PER_ITEM_BELOW:  # derive_seeds' per-item path, without the round trip through numpy
             return [derive_seed(s, c) for s, c in zip(self.seeds.tolist(), self.counters.tolist())]
         return derive_seeds(self.seeds, self.counters).tolist()
