@@ -99,3 +99,24 @@ def test_search_refuses_seeds_that_would_collide(seed, msg):
     with pytest.raises(mmtts.MmttsError, match=msg):
         mmtts.search(GMMDiffusion(DEFAULT_MIXTURE, num_stages=4), QuadraticReward(DEFAULT_TARGET), budget=8,
                      seed=seed)
+
+
+def test_misspelt_settings_list_the_valid_ones_for_every_kind():
+    import torch
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(mmtts.MmttsError, match=r"adapter 'tent' has no setting 'lr_rate'; "
+                                               r"its settings are: model, lr,"):
+        mmtts.adapt(model, "tent", lr_rate=1e-3)
+    with pytest.raises(mmtts.MmttsError, match="adapter 'bn' has no setting 'alfa'.*did you mean 'alpha'"):
+        mmtts.adapt(model, "bn", alfa=0.5)
+    with pytest.raises(mmtts.MmttsError, match="task 'toy-gmm' has no setting 'sed'"):
+        mmtts.create_task("toy-gmm", sed=1)
+    assert mmtts.adapt(model, "tent", lr=1e-3).name == "tent"  # a valid setting still builds
+
+
+def test_lazy_modules_are_refused_with_the_fix():
+    import torch
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(3))
+    with pytest.raises(mmtts.MmttsError, match="uninitialized lazy parameters.*run one forward pass"):
+        mmtts.adapt(model, "tent")

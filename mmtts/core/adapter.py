@@ -97,6 +97,10 @@ class Adapter(nn.Module):
             raise TypeError(f"an adapter wraps a torch nn.Module, not {type(model).__name__}")
         self.model = model
         self.episodic = bool(episodic)
+        lazy = [n for n, p in model.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise MmttsError(f"{type(model).__name__} has uninitialized lazy parameters (e.g. {lazy[0]!r}); run one "
+                             "forward pass on a batch of its inputs before adapting it")
         kinds = tuple(norm_kinds) if norm_kinds is not None else self.norm_kinds
         frozen = [n for n, m in model.named_modules() if is_frozen_batchnorm(m)]
         self.norm_modules = select_norm_modules(model, kinds, include, exclude)

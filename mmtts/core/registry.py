@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import warnings
 from typing import Callable, Generic, TypeVar
 
@@ -67,7 +68,19 @@ class Registry(Generic[T]):
         return name
 
     def create(self, name: str, *args, **kwargs) -> T:
-        return self.get(name)(*args, **kwargs)
+        """Build the class registered as ``name``; a setting it does not take is refused, listing the ones it does."""
+        cls = self.get(name)
+        valid = accepted_settings(cls)
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            from .errors import SettingsError
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, valid, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise SettingsError(f"{self.kind} {self._canonical(name)!r} has no setting {', '.join(hints)}; its "
+                                f"settings are: {', '.join(valid) or '(none)'}")
+        return cls(*args, **kwargs)
 
     def names(self) -> list[str]:
         return sorted(set(self._items) | set(self._catalog))
@@ -79,6 +92,21 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         name = self._canonical(name)
         return name in self._items or name in self._catalog
+
+
+def accepted_settings(cls: type) -> list[str]:
+    """The keyword settings ``cls(...)`` takes: its ``__init__``'s named parameters, and those of every base
+    ``__init__`` that the keywords are passed on to (through ``**kwargs``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def _modules(package: str, names: dict[str, str]) -> dict[str, str]:
