@@ -73,13 +73,8 @@ class Registry(Generic[T]):
         valid = accepted_settings(cls)
         unknown = [k for k in kwargs if k not in valid]
         if unknown:
-            from .errors import SettingsError
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, valid, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise SettingsError(f"{self.kind} {self._canonical(name)!r} has no setting {', '.join(hints)}; its "
-                                f"settings are: {', '.join(valid) or '(none)'}")
+            from .settings import unknown_settings
+            raise unknown_settings(f"{self.kind} {self._canonical(name)!r}", unknown, valid)
         return cls(*args, **kwargs)
 
     def names(self) -> list[str]:

@@ -64,6 +64,15 @@ def choice(name: str, value: Any, options: Iterable[str], owner: str = "") -> st
     return value
 
 
+def unknown_settings(who: str, unknown: Iterable[str], valid: list[str]) -> SettingsError:
+    """The error for settings ``who`` does not take: each named with its closest valid one, then all valid ones."""
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, valid, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return SettingsError(f"{who} has no setting {', '.join(hints)}; its settings are: {', '.join(valid) or '(none)'}")
+
+
 def check_keywords(cls: type, args: tuple, kwargs: dict, owner: str = "") -> None:
     """Refuse arguments ``cls(*args, **kwargs)`` would not take, listing the settings it does take."""
     sig = inspect.signature(cls.__init__)
@@ -78,12 +87,7 @@ def check_keywords(cls: type, args: tuple, kwargs: dict, owner: str = "") -> Non
     unknown = [k for k in kwargs if k not in valid]
     who = owner or cls.__name__
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, valid, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SettingsError(f"{who} has no setting {', '.join(hints)}; its settings are: "
-                            f"{', '.join(valid) or '(none)'}")
+        raise unknown_settings(who, unknown, valid)
     if args:
         raise SettingsError(f"{who} takes its settings by name ({', '.join(valid) or 'none'}); got "
                             f"{len(args)} positional argument(s)")
