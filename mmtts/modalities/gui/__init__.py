@@ -2,9 +2,9 @@
 
     sampler = TransformersSampler(model, processor, space="permille")   # or HeatmapSampler(net)
     process = ClickProcess(sampler, image, "click the Save button", image.size)
-    result = run_strategy(STRATEGIES.create("region-vote", samples=64, alpha=50),
-                          process, RegionConsistency(*image.size), budget=64)
+    result = mmtts.search(process, None, "region-vote", budget=64, n=64, alpha=50)   # no verifier: a vote
     x, y = result.outputs[0]                                            # pixels of the screenshot
+    result.votes[0]                                                     # the winning region's vote share
 
 The voting itself is modality-free and lives in :mod:`mmtts.strategies.region_vote`;
 GUI-RCPO is the ``gui-rcpo`` adapter (:mod:`mmtts.adapters.gui_rcpo`).
