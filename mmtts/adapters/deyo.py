@@ -83,7 +83,7 @@ class DeYO(EntropyAdapter):
         self.generator.set_state(state["generator"])
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.logits(x)
         num_classes = logits.shape[1]
         ent = softmax_entropy(logits)
         keep = ent < entropy_margin(self.entropy_fraction, num_classes) if self.filter_entropy \

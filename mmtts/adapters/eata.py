@@ -30,7 +30,10 @@ def redundancy_margin(num_classes: int, scale: float = REDUNDANCY_SCALE) -> floa
 
 def _batches(data, batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(data, torch.Tensor):
-        yield from data.split(batch_size)
+        chunks = list(data.split(batch_size))
+        if len(chunks) > 1 and chunks[-1].shape[0] == 1:  # no chunk of one: batch statistics need two samples
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        yield from chunks
         return
     for item in data:
         yield item[0] if isinstance(item, (tuple, list)) else item
@@ -98,7 +101,7 @@ class EATA(EntropyAdapter):
         n_batches = 0
         for x in _batches(data, batch_size):
             self.check(x)
-            logits = self.model(x)
+            logits = self.logits(x)
             F.cross_entropy(logits, logits.argmax(1).detach()).backward()
             for n, p in self.params:
                 if p.grad is not None:
@@ -123,7 +126,7 @@ class EATA(EntropyAdapter):
             self.ma_momentum * self._ma_probs + (1 - self.ma_momentum) * mean
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.logits(x)
         num_classes = logits.shape[1]
         e0 = entropy_margin(self.entropy_fraction, num_classes)
         ent = softmax_entropy(logits)

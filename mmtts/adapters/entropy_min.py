@@ -95,6 +95,19 @@ class EntropyAdapter(Adapter):
         """One forward and (possibly) one update; returns the detached logits of the forward."""
         raise NotImplementedError
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward on ``x``, refused unless it is class logits of shape (B, C): the entropy of a
+        feature map or of a single score is not a prediction's uncertainty."""
+        out = self.model(x)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0] or out.shape[1] < 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MmttsError(
+                f"{self.name} minimizes the entropy of class predictions and needs logits of shape "
+                f"({x.shape[0]}, C) with C >= 2; {type(self.model).__name__} returned {shape}. Give it a model "
+                "that ends in a classifier head (e.g. pooling and a linear layer), or use 'bn' / 'alpha-bn', "
+                "which need no logits.")
+        return out
+
     def update(self, loss: torch.Tensor | None, n_backward: int) -> None:
         """Back-propagate ``loss`` over ``n_backward`` samples and step; no step when nothing was selected."""
         if n_backward > 0:

@@ -72,7 +72,7 @@ class SAR(EntropyAdapter):
         return moves
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.logits(x)
         num_classes = logits.shape[1]
         margin = entropy_margin(self.entropy_fraction, num_classes)
         ent = softmax_entropy(logits)

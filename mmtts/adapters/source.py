@@ -6,7 +6,7 @@ import torch
 
 from ..core.adapter import Adapter
 from ..core.registry import ADAPTERS
-from .common import check_batch, expected_ndim
+from .common import CostCounter, check_batch, expected_ndim
 
 
 @ADAPTERS.register("source")
@@ -23,7 +23,12 @@ class Source(Adapter):
 
     needs_norm_layers = False
 
+    def __init__(self, model, **kw):
+        super().__init__(model, **kw)
+        self.cost = CostCounter()
+
     @torch.no_grad()
     def forward_and_adapt(self, x):
         check_batch(x, self.model, expected_ndim(self.model))
+        self.cost.add(samples=x.shape[0], forward_samples=x.shape[0])
         return self.model(x)

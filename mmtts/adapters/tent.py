@@ -30,6 +30,6 @@ class Tent(EntropyAdapter):
     default_lr = 1e-3
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.logits(x)
         self.update(softmax_entropy(logits).mean(), x.shape[0])
         return logits.detach()

@@ -39,7 +39,7 @@ class Registry(Generic[T]):
             if name in self._items and self._items[name] is not cls:
                 raise ValueError(f"{self.kind} {name!r} is already registered to {self._items[name].__name__}")
             self._items[name] = cls
-            if getattr(cls, "name", None) in (None, ""):
+            if not cls.__dict__.get("name"):  # a subclass registered under its own name does not keep its base's
                 cls.name = name
             return cls
         return deco
