@@ -197,3 +197,30 @@ class _Toy(Process):
 
     def finish(self, state):
         return state.data["x"]
+
+
+def test_observations_are_converted_or_refused_at_the_door():
+    import numpy as np
+    import torch as _torch
+
+    from mmtts.core.errors import MmttsError
+    from mmtts.modalities.vla import ActionProcess, ActionSpace, GaussianPolicy
+
+    class Head(_torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = _torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            mean, log_std = self.lin(x).chunk(2, -1)
+            return mean, log_std
+
+    policy = GaussianPolicy(Head(), 3)
+    space = ActionSpace(low=_torch.full((2,), -1.0), high=_torch.full((2,), 1.0))
+    obs = np.random.default_rng(0).normal(size=(2, 3))  # a float64 numpy observation, as gymnasium returns
+    as_numpy = ActionProcess(policy, {"observation.state": obs}, space)
+    as_float32 = ActionProcess(policy, {"observation.state": _torch.as_tensor(obs, dtype=_torch.float32)}, space)
+    assert as_numpy.observations["observation.state"].dtype == _torch.float32
+    assert _torch.equal(as_numpy.observations["observation.state"], as_float32.observations["observation.state"])
+    with pytest.raises(MmttsError, match=r"empty \(0 observations\)"):
+        ActionProcess(policy, {"observation.state": _torch.zeros(0, 3)}, space)

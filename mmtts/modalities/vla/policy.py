@@ -59,6 +59,35 @@ def expand_rows(batch: Mapping[str, Any], n: int) -> dict:
     return out
 
 
+def as_observations(batch: Mapping[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """The batch with numpy arrays as tensors and floating tensors in the policy's ``dtype``.
+
+    These conversions are unambiguous (a gymnasium observation is a float64
+    numpy array; the policy's weights decide the precision), so they are made
+    rather than refused. Anything else is left for the shape checks.
+    """
+    if not isinstance(batch, Mapping):
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if type(v).__module__ == "numpy" and hasattr(v, "dtype"):
+            v = torch.as_tensor(v)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and dtype is not None and v.dtype != dtype:
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def parameter_dtype(obj: Any) -> torch.dtype | None:
+    """The floating dtype of the first parameter of ``obj`` or of the module it wraps (None when it has none)."""
+    for m in (obj, getattr(obj, "module", None), getattr(obj, "model", None)):
+        if isinstance(m, nn.Module):
+            for p in m.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+    return None
+
+
 def batch_rows(batch: Mapping[str, Any]) -> int:
     """The number of observations B in a LeRobot-shaped batch, checking every entry agrees."""
     if not isinstance(batch, Mapping):
@@ -76,7 +105,11 @@ def batch_rows(batch: Mapping[str, Any]) -> int:
         raise MmttsError("the observation batch holds no tensors or lists; nothing to act on")
     if len(set(sizes.values())) != 1:
         raise MmttsError(f"batch entries disagree on the number of observations: {sizes}")
-    return next(iter(sizes.values()))
+    rows = next(iter(sizes.values()))
+    if rows == 0:
+        raise MmttsError("the observation batch is empty (0 observations); skip the call when there is nothing to "
+                         "act on")
+    return rows
 
 
 def check_shapes(batch: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> int:

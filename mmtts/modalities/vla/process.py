@@ -23,7 +23,8 @@ from ...core.errors import MmttsError
 from ...core.process import Process
 from ...core.rng import Streams
 from ...core.state import State
-from .policy import SamplingPolicy, all_finite, check_shapes, expand_rows, take_rows
+from .policy import (SamplingPolicy, all_finite, as_observations, check_shapes, expand_rows, parameter_dtype,
+                     take_rows)
 from .space import ActionSpace
 
 
@@ -42,7 +43,8 @@ class ActionProcess(Process):
     Args:
         policy: a :class:`~mmtts.modalities.vla.policy.SamplingPolicy` (``GaussianPolicy``, ``NoisePolicy``,
             ``TokenActionPolicy``, or anything with ``draw_noise`` and ``actions_from_noise``).
-        observations: a LeRobot-shaped batch of B observations (``"observation.state"`` (B, S), ...).
+        observations: a LeRobot-shaped batch of B >= 1 observations (``"observation.state"`` (B, S), ...);
+            numpy arrays become tensors and floating entries take the policy's dtype.
         space: the action space the samples must fit.
     """
 
@@ -58,6 +60,7 @@ class ActionProcess(Process):
         if not isinstance(space, ActionSpace):
             raise MmttsError(f"space must be an ActionSpace (e.g. ActionSpace.from_gym(env.action_space)), "
                              f"not {type(space).__name__}")
+        observations = as_observations(observations, parameter_dtype(policy))
         self.rows = check_shapes(observations, getattr(policy, "input_shapes", None) or {})
         self.policy, self.observations, self.space = policy, observations, space
 

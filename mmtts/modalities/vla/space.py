@@ -67,8 +67,8 @@ class ActionSpace:
         cache = self.__dict__.setdefault("_bounds", {})
         key = (like.dtype, like.device)
         if key not in cache:
-            cache[key] = (torch.tensor(self.low, dtype=like.dtype, device=like.device),
-                          torch.tensor(self.high, dtype=like.dtype, device=like.device))
+            cache[key] = (torch.as_tensor(self.low).to(dtype=like.dtype, device=like.device),
+                          torch.as_tensor(self.high).to(dtype=like.dtype, device=like.device))
         return cache[key]
 
     def clip(self, actions: torch.Tensor) -> torch.Tensor:
