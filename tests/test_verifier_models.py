@@ -73,3 +73,22 @@ def test_mean_rank_ensemble_of_real_verifiers():
     s = ens(torch.rand(5, 3, 32, 32))
     assert s.shape == (5,) and float(s.min()) >= 0 and float(s.max()) <= 1
     assert {"classifier", "clip"} <= set(mmtts.list_verifiers())
+
+
+def test_clip_takes_uint8_pixels_and_refuses_other_scales_and_transformers_models():
+    model, tok = tiny_clip()
+    v = CLIPScore(model, tok, prompt="a bold digit")
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(v(pixels), v(pixels.float() / 255.0))
+    with pytest.raises(MmttsError, match="divide 0-255 pixels by 255"):
+        v(pixels.float())
+    with pytest.raises(MmttsError, match="dtype torch.int64"):
+        v(pixels.long())
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2},
+                                  vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                                 "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                                  projection_dim=8)
+    with pytest.raises(MmttsError, match="a transformers CLIPModel.*open_clip"):
+        CLIPScore(transformers.CLIPModel(cfg), tok)

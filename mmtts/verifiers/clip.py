@@ -18,8 +18,9 @@ class CLIPScore(Verifier):
     """Score = 100 * cosine(image embedding, text embedding), the usual CLIP score.
 
     ``prompt`` fixes the text; without it each candidate's prompt comes from the
-    process context (``context["prompt"]``). Images (B, C, H, W) in [0, 1] are
-    resized to the model's input size and normalised with CLIP's statistics.
+    process context (``context["prompt"]``). Images (B, C, H, W) in [0, 1]
+    (or uint8 pixels, divided by 255) are resized to the model's input size and
+    normalised with CLIP's statistics; images far outside [0, 1] are refused.
     Build with :meth:`from_pretrained` for a named open_clip architecture and a
     local weights file, or pass any open_clip model and tokenizer.
     """
@@ -27,6 +28,12 @@ class CLIPScore(Verifier):
     def __init__(self, model, tokenizer, prompt: str | None = None, mean=CLIP_MEAN, std=CLIP_STD,
                  name: str = "clip", nonfinite: str = "last"):
         super().__init__(nonfinite)
+        if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+            kind = ("a transformers CLIPModel" if hasattr(model, "get_image_features")
+                    else f"a {type(model).__name__}")
+            raise MmttsError(f"CLIPScore needs an open_clip model (encode_image / encode_text); got {kind}. Load the "
+                             "checkpoint with open_clip (CLIPScore.from_pretrained(arch, weights)), or wrap the model "
+                             "in a Verifier of your own")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompt = prompt
@@ -62,8 +69,19 @@ class CLIPScore(Verifier):
     @torch.no_grad()
     def score(self, outputs, context=None):
         if not isinstance(outputs, torch.Tensor) or outputs.ndim != 4 or outputs.shape[1] not in (1, 3):
-            raise MmttsError("CLIP scores RGB or grey image batches (B, C, H, W) in [0, 1]")
-        imgs = outputs.float()
+            got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise MmttsError(f"CLIP scores RGB or grey image batches (B, C, H, W) in [0, 1]; got {got}")
+        if outputs.dtype == torch.uint8:  # 0-255 pixels: the conversion is unambiguous
+            imgs = outputs.float() / 255.0
+        elif outputs.is_floating_point():
+            imgs = outputs.float()
+            finite = imgs[torch.isfinite(imgs)]
+            if finite.numel() and (float(finite.max()) > 1.5 or float(finite.min()) < -0.5):
+                raise MmttsError(f"CLIP scores images in [0, 1]; these span [{float(finite.min()):.3g}, "
+                                 f"{float(finite.max()):.3g}]: divide 0-255 pixels by 255, or map [-1, 1] images "
+                                 "with (x + 1) / 2")
+        else:
+            raise MmttsError(f"CLIP scores float images in [0, 1] or uint8 pixels; got dtype {outputs.dtype}")
         if imgs.shape[1] == 1:
             imgs = imgs.expand(-1, 3, -1, -1)
         imgs = F.interpolate(imgs, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
