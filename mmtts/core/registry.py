@@ -71,7 +71,7 @@ class Registry(Generic[T]):
         """Build the class registered as ``name``; a setting it does not take is refused, listing the ones it does."""
         cls = self.get(name)
         valid = accepted_settings(cls)
-        unknown = [k for k in kwargs if k not in valid]
+        unknown = [] if valid is None else [k for k in kwargs if k not in valid]
         if unknown:
             from .settings import unknown_settings
             raise unknown_settings(f"{self.kind} {self._canonical(name)!r}", unknown, valid)
@@ -89,19 +89,22 @@ class Registry(Generic[T]):
         return name in self._items or name in self._catalog
 
 
-def accepted_settings(cls: type) -> list[str]:
+def accepted_settings(cls: type) -> list[str] | None:
     """The keyword settings ``cls(...)`` takes: its ``__init__``'s named parameters, and those of every base
-    ``__init__`` that the keywords are passed on to (through ``**kwargs``)."""
+    ``__init__`` that the keywords are passed on to (through ``**kwargs``). None when some ``__init__`` takes
+    any keyword itself (a task's options): the class then checks its own."""
     names: list[str] = []
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
+        if klass is object:
+            return None
         params = list(inspect.signature(init).parameters.values())[1:]
         names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
         if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return names
+            return names
+    return None
 
 
 def _modules(package: str, names: dict[str, str]) -> dict[str, str]:
