@@ -34,3 +34,17 @@ def test_fisher_estimate_never_makes_a_chunk_of_one():
     data = torch.randn(65, 3, 8, 8)  # 65 = 64 + 1: the last chunk would hold one sample
     ad = mmtts.adapt(classifier(), "eata", fisher_data=data, fisher_batch_size=64)
     assert ad.fisher and all(torch.isfinite(f).all() for f, _ in ad.fisher.values())
+
+
+@pytest.mark.parametrize("method", ["source", "bn", "alpha-bn", "tent", "eta", "deyo", "sar"])
+def test_other_precisions_and_layouts_are_converted_and_wrong_channels_refused(method):
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = mmtts.adapt(classifier(), method)(x)
+    for variant in (x.double(), x.to(memory_format=torch.channels_last)):
+        out = mmtts.adapt(classifier(), method)(variant)
+        assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(mmtts.adapt(classifier(), method)(x.half()), ref, atol=1e-2)
+    with pytest.raises(mmtts.MmttsError, match=r"takes 3 channel\(s\).*has 2 on dimension 1"):
+        mmtts.adapt(classifier(), method)(x[:, :2])
+    with pytest.raises(mmtts.MmttsError, match="channels last"):
+        mmtts.adapt(classifier(), method)(x.permute(0, 2, 3, 1))  # (B, H, W, C) given for (B, C, H, W)

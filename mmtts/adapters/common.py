@@ -38,6 +38,11 @@ def check_batch(x, model: nn.Module, ndim: int | None) -> None:
                          "for a single sample use x.unsqueeze(0)")
     if x.shape[0] == 0:
         raise MmttsError("empty batch (0 samples); skip the call instead")
+    stem = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    if stem is not None and x.ndim == stem.weight.ndim and x.shape[1] != stem.in_channels:
+        hint = " (channels last? use x.permute(0, 3, 1, 2))" if x.shape[-1] == stem.in_channels else ""
+        raise MmttsError(f"{type(model).__name__}'s first convolution takes {stem.in_channels} channel(s); the batch "
+                         f"of shape {tuple(x.shape)} has {x.shape[1]} on dimension 1{hint}")
     finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
     if not bool(finite.all()):
         bad = int((~finite).sum())

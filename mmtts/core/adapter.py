@@ -241,6 +241,12 @@ class Adapter(nn.Module):
         return self.model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict on the batch ``x`` and adapt on it. A floating batch in another precision than the model's
+        (float64 from numpy, half) is converted to the model's dtype, and a channels-last batch to contiguous
+        memory: both conversions are unambiguous."""
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
+            x = x.to(dtype).contiguous()
         if self.episodic:
             self.reset()
         with self.batch_norm_patch():
