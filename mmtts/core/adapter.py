@@ -81,7 +81,16 @@ def select_norm_modules(model: nn.Module, kinds: Sequence[str], include: Sequenc
 
 
 class Adapter(nn.Module):
-    """Base class of test-time adaptation methods. ``adapter(x)`` predicts and adapts."""
+    """Base class of test-time adaptation methods. ``adapter(x)`` predicts and adapts.
+
+    Args:
+        model: the network to adapt (a torch ``nn.Module`` with initialised parameters).
+        include: glob patterns of module names; only matching normalization layers adapt.
+        exclude: glob patterns of module names whose normalization layers are left alone.
+        norm_kinds: normalization kinds to adapt (keys of ``NORM_KINDS``); defaults to the
+            method's ``norm_kinds``.
+        episodic: reset the model to its initial state before every batch.
+    """
 
     name: ClassVar[str] = ""
     #: norm kinds the method adapts by default (see NORM_KINDS)

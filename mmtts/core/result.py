@@ -30,6 +30,22 @@ class Result:
     search ended before its strategy finished: ``"deadline"`` when the
     budget's ``max_seconds`` struck (the outputs are then the best candidates
     finished before the deadline), None when the strategy ran to its end.
+
+    Attributes:
+        outputs: the chosen candidates, best first.
+        scores: their search-verifier scores.
+        heldout: held-out verifier name -> its scores of ``outputs``.
+        trace: one entry per scoring of finished candidates (budget, best score, batch scores).
+        budget: the budget meter's report of what the search spent.
+        strategy: the strategy's name.
+        settings: the strategy's settings.
+        seed: the seed of the run.
+        lineage: ``ids``, ``parents`` and ``origin`` of the chosen candidates (empty without states).
+        population: the final population's outputs, for strategies that keep one.
+        population_scores: their scores.
+        extra: strategy-specific facts (sizes, ESS trace, ...).
+        votes: for a voting strategy, the share of candidates behind each output.
+        stopped: ``"deadline"`` when the time limit ended the search, else None.
     """
 
     outputs: Any

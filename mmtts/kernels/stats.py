@@ -127,6 +127,9 @@ class StreamingStats:
     multiplied by ``forget`` first, so old batches fade geometrically (an
     exponential moving average that, unlike a momentum update, weighs batches
     by their size and keeps the between-batch spread of the means).
+
+    Args:
+        forget: factor in (0, 1] applied to the history's weight before each batch; 1 keeps all history.
     """
 
     def __init__(self, forget: float = 1.0):

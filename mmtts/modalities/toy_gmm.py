@@ -38,7 +38,13 @@ from ..core.verifier import Verifier
 
 @dataclass(frozen=True)
 class GaussianMixture:
-    """Isotropic Gaussian mixture: weights (K,), means (K, D), stds (K,)."""
+    """Isotropic Gaussian mixture.
+
+    Attributes:
+        weights: (K,) mixture weights.
+        means: (K, D) component means.
+        stds: (K,) component standard deviations.
+    """
 
     weights: tuple[float, ...]
     means: tuple[tuple[float, ...], ...]
@@ -112,7 +118,15 @@ def cosine_abar(num_stages: int) -> torch.Tensor:
 
 
 class GMMDiffusion(Process):
-    """The staged sampler of the mixture; one stage is one denoising step (1 NFE)."""
+    """The staged sampler of the mixture; one stage is one denoising step (1 NFE).
+
+    Args:
+        mixture: the :class:`GaussianMixture` the data come from.
+        num_stages: number of denoising steps (at least 1).
+        sampler: ``"exact"`` (closed-form posterior) or ``"ddim"``.
+        eta: DDIM noise level, 0 deterministic, 1 ancestral.
+        denoiser: optional ``denoiser(x, abar) -> x0_hat`` replacing the exact E[x0 | x_t]; ddim only.
+    """
 
     SAMPLERS = ("exact", "ddim")
 
@@ -251,7 +265,13 @@ class GMMDiffusion(Process):
 
 @VERIFIERS.register("toy-quadratic")
 class QuadraticReward(Verifier):
-    """r(x) = -|x - c|^2 / (2 width^2): higher is closer to the target point c."""
+    """r(x) = -|x - c|^2 / (2 width^2): higher is closer to the target point c.
+
+    Args:
+        center: the target point c.
+        width: the length scale of the reward.
+        name: the verifier's name.
+    """
 
     def __init__(self, center, width: float = 1.0, name: str = "quadratic"):
         super().__init__()
@@ -289,7 +309,12 @@ class QuadraticReward(Verifier):
 
 @VERIFIERS.register("toy-log-density")
 class MixtureLogDensity(Verifier):
-    """log p(x) under the data mixture: a held-out check that search stays on the data distribution."""
+    """log p(x) under the data mixture: a held-out check that search stays on the data distribution.
+
+    Args:
+        mixture: the :class:`GaussianMixture` whose density is evaluated.
+        name: the verifier's name.
+    """
 
     def __init__(self, mixture: GaussianMixture, name: str = "log_density"):
         super().__init__()

@@ -56,12 +56,15 @@ from ..core.verifier import Verifier
 class Consensus:
     """The outcome of a vote.
 
-    ``point`` is the answer (x, y) in continuous grid coordinates, cell i
-    covering [i, i+1); ``region`` the bounding box (x1, y1, x2, y2) of the
-    consensus region, exclusive at x2, y2; ``area`` its size in cells;
-    ``max_vote`` the number of boxes covering it; ``votes`` the boxes that
-    voted (non-empty on the grid) out of ``samples``. ``point`` and
-    ``region`` are None when no box voted.
+    ``point`` and ``region`` are None when no box voted.
+
+    Attributes:
+        point: the answer (x, y) in continuous grid coordinates, cell i covering [i, i+1).
+        region: the bounding box (x1, y1, x2, y2) of the consensus region, exclusive at x2, y2.
+        area: the region's size in cells.
+        max_vote: the number of boxes covering it.
+        votes: the boxes that voted (non-empty on the grid).
+        samples: the number of boxes cast.
     """
 
     point: tuple[float, float] | None
@@ -225,7 +228,15 @@ def consensus_reference(boxes, width: int, height: int, published: bool = False)
 
 @dataclass(frozen=True)
 class CompressedVotes:
-    """Votes on the grid of distinct box edges: cell (i, j) spans xs[j]..xs[j+1] by ys[i]..ys[i+1]."""
+    """Votes on the grid of distinct box edges: cell (i, j) spans xs[j]..xs[j+1] by ys[i]..ys[i+1].
+
+    Attributes:
+        xs: the sorted distinct x edges.
+        ys: the sorted distinct y edges.
+        votes: (len(ys) - 1, len(xs) - 1) int64 vote counts per cell.
+        boxes: (K, 4) compressed indices of each voting box (j1, i1, j2, i2).
+        valid: (K,) which boxes vote.
+    """
 
     xs: np.ndarray
     ys: np.ndarray

@@ -15,9 +15,13 @@ class Task(ABC):
     ``methods`` are compared at equal ``budget`` (in ``budget_unit``) against
     ``baseline`` on ``primary_metric``, within each of the task's experimental
     ``settings`` (e.g. "continual/bs64"). A task without a budget sweep sets
-    ``budget_unit = None`` and receives ``budget=None``. ``options`` are
-    task-specific knobs (strings from the CLI's ``--option key=value``),
-    declared with their defaults in ``option_defaults``.
+    ``budget_unit = None`` and receives ``budget=None``.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version (fewer data, models and budgets) for a fast check.
+        **options: task-specific knobs (strings from the CLI's ``--option key=value``),
+            declared with their defaults in ``option_defaults``; unknown names are refused.
     """
 
     name: ClassVar[str] = ""

@@ -37,6 +37,12 @@ def config_hash(config: dict) -> str:
 
 
 class ModelCache:
+    """A directory of trained weights, one entry per model name and config hash.
+
+    Args:
+        root: the cache directory; defaults to ``default_cache_dir()``.
+    """
+
     WEIGHTS = "model.safetensors"
     CONFIG = "config.json"
 

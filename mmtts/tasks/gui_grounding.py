@@ -95,6 +95,17 @@ KINDS = ("text", "icon", "position")
 
 @TASKS.register("gui-grounding")
 class GUIGrounding(Task):
+    """GUI grounding on procedural screenshots: greedy vs GUI-RC region voting vs GUI-RCPO test-time RL.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``screens`` (screens per seed; 8 when quick), ``per_screen`` (instructions
+            per screen), ``temperature`` (sampling temperature; None for the per-setting default),
+            ``alpha`` (side in pixels of region voting's boxes), and GUI-RCPO's ``rcpo_samples``
+            (clicks per prompt), ``rcpo_epochs``, ``rcpo_prompts``, ``rcpo_lr`` and ``rcpo_beta``.
+    """
+
     description = "GUI grounding on procedural screenshots: greedy vs GUI-RC region voting vs GUI-RCPO test-time RL"
     methods = ("greedy", "argmax", "gui-rc", "gui-rcpo", "gui-rcpo+rc")
     baseline = "gui-rc"

@@ -161,7 +161,15 @@ def train_unet(config: dict) -> dict[str, torch.Tensor]:
 
 
 class BoldDigitReward(Verifier):
-    """log p_A(target | x) - |ink(x) - ink*| / scale, with ink the mean intensity in [0, 1]."""
+    """log p_A(target | x) - |ink(x) - ink*| / scale, with ink the mean intensity in [0, 1].
+
+    Args:
+        classifier: the :class:`ClassifierLogProb` giving log p_A(target | x).
+        target: the target digit.
+        ink_target: the target mean intensity ink*.
+        scale: the intensity difference that costs one nat.
+        name: the verifier's name.
+    """
 
     def __init__(self, classifier: ClassifierLogProb, target: int, ink_target: float, scale: float = 0.05,
                  name: str = "reward"):
@@ -187,6 +195,15 @@ STOCHASTIC = ("particle-filter", "beam")
 
 @TASKS.register("image-search")
 class ImageSearch(Task):
+    """MNIST diffusion steered to a bold target digit: noise and path search at equal NFE.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``steps`` (denoising steps; 4 when quick) and ``keep`` (candidates a
+            strategy keeps).
+    """
+
     description = "MNIST diffusion steered to a bold target digit: noise and path search at equal NFE"
     methods = ("best-of-n", "zero-order", "paths", "evosearch", "particle-filter", "beam")
     baseline = "best-of-n"

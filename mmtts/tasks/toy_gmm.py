@@ -29,7 +29,12 @@ from .base import Task
 
 
 class MLPDenoiser(nn.Module):
-    """x0-prediction network for the mixture: (x_t, abar) -> x0_hat."""
+    """x0-prediction network for the mixture: (x_t, abar) -> x0_hat.
+
+    Args:
+        dim: dimension of the data.
+        hidden: width of the hidden layers.
+    """
 
     def __init__(self, dim: int = 2, hidden: int = 128):
         super().__init__()
@@ -76,6 +81,15 @@ def train_denoiser(config: dict) -> dict[str, torch.Tensor]:
 
 @TASKS.register("toy-gmm")
 class ToyGMM(Task):
+    """2-D Gaussian-mixture diffusion with an exact score: strategies against closed-form optima.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``model`` (``"exact"`` denoiser or a ``"learned"`` one), ``stages``
+            (denoising steps) and ``lmbda`` (the particle filter's potential weight).
+    """
+
     description = "2-D Gaussian-mixture diffusion with an exact score: strategies against closed-form optima"
     methods = ("best-of-n", "particle-filter", "beam")
     baseline = "best-of-n"

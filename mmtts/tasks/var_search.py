@@ -94,6 +94,14 @@ POTENTIAL_METHODS = {"tts-var": "value", "tts-var-diff": "diff", "tts-var-sum": 
 
 @TASKS.register("var-search")
 class VARSearch(Task):
+    """MNIST VAR steered scale by scale to a bold target digit: TTS-VAR against best-of-N.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``keep`` (candidates a strategy keeps) and ``lmbda`` (the potential's weight).
+    """
+
     description = "MNIST VAR steered scale by scale to a bold target digit: TTS-VAR against best-of-N at equal token work"
     methods = ("best-of-n", *POTENTIAL_METHODS, "beam", "particle-filter")
     baseline = "best-of-n"

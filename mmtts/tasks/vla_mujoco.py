@@ -97,7 +97,11 @@ def make_env(gear: float = 1.0, radius: tuple[float, float] = DEMO_RADIUS):
     gym = require_gymnasium()
 
     class PlacedTarget(gym.Wrapper):
-        """Targets at a seeded radius in ``radius`` and any angle; actuators at ``gear`` of their strength."""
+        """Targets at a seeded radius in ``radius`` and any angle; actuators at ``gear`` of their strength.
+
+        Args:
+            env: the Reacher environment to wrap.
+        """
 
         def __init__(self, env):
             super().__init__(env)
@@ -140,7 +144,13 @@ def collect_demonstrations(config: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GaussianMLP(nn.Module):
-    """state -> (mean, log_std) of a diagonal Gaussian over actions, with the input standardisation as buffers."""
+    """state -> (mean, log_std) of a diagonal Gaussian over actions, with the input standardisation as buffers.
+
+    Args:
+        state_dim: size of the state.
+        action_dim: size of the action.
+        hidden: width of the hidden layers.
+    """
 
     def __init__(self, state_dim: int = STATE_DIM, action_dim: int = ACTION_DIM, hidden: int = 128):
         super().__init__()
@@ -248,6 +258,16 @@ def power_law_fit(budgets, errors) -> tuple[float, float]:
 
 @TASKS.register("vla-mujoco")
 class VLAMujoco(Task):
+    """RoboMonkey action sampling and verification on MuJoCo Reacher: BC policy, learned verifier.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version for a fast check.
+        **options: ``episodes`` (evaluation episodes; 3 when quick), ``samples`` (actions
+            sampled per step), ``success_radius`` (final distance counted as success) and
+            ``ood_gear`` (actuator strength in the ``ood-dynamics`` setting).
+    """
+
     description = "RoboMonkey action sampling and verification on MuJoCo Reacher: BC policy, learned verifier"
     methods = ("policy", "robomonkey", "sample-verify")
     baseline = "policy"

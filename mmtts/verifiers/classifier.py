@@ -16,12 +16,19 @@ from ..core.verifier import Verifier
 class ClassifierLogProb(Verifier):
     """Score = log p(target | image) under ``model``.
 
-    ``target`` fixes the class for every candidate; without it the class comes
-    from the process context (``context["label"]``, one per candidate), as a
-    class-conditional process provides. ``transform`` maps the batch of outputs
-    (B, C, H, W) in [0, 1] to the model's input (resize, normalise); it defaults
-    to resizing to ``input_size`` when given. ``features`` optionally returns the
-    penultimate features, for diversity measures.
+    ``features`` optionally returns the penultimate features, for diversity measures.
+
+    Args:
+        model: the image classifier.
+        target: the class of every candidate; without it the class comes from the
+            process context (``context["label"]``, one per candidate), as a
+            class-conditional process provides.
+        transform: maps the batch of outputs (B, C, H, W) in [0, 1] to the model's input
+            (resize, normalise); defaults to resizing to ``input_size`` when given.
+        input_size: (H, W) the outputs are resized to when no ``transform`` is given.
+        batch_size: images per classifier forward.
+        name: the verifier's name.
+        nonfinite: what a NaN or infinite score does (``"last"`` ranks it last, ``"error"`` raises).
     """
 
     def __init__(self, model: torch.nn.Module, target: int | None = None, transform: Callable | None = None,

@@ -17,12 +17,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class CLIPScore(Verifier):
     """Score = 100 * cosine(image embedding, text embedding), the usual CLIP score.
 
-    ``prompt`` fixes the text; without it each candidate's prompt comes from the
-    process context (``context["prompt"]``). Images (B, C, H, W) in [0, 1]
-    (or uint8 pixels, divided by 255) are resized to the model's input size and
-    normalised with CLIP's statistics; images far outside [0, 1] are refused.
-    Build with :meth:`from_pretrained` for a named open_clip architecture and a
-    local weights file, or pass any open_clip model and tokenizer.
+    Images (B, C, H, W) in [0, 1] (or uint8 pixels, divided by 255) are resized
+    to the model's input size and normalised with CLIP's statistics; images far
+    outside [0, 1] are refused. Build with :meth:`from_pretrained` for a named
+    open_clip architecture and a local weights file, or pass any open_clip model
+    and tokenizer.
+
+    Args:
+        model: an open_clip model (``encode_image`` / ``encode_text``).
+        tokenizer: its tokenizer.
+        prompt: the text of every candidate; without it each candidate's prompt comes
+            from the process context (``context["prompt"]``).
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        name: the verifier's name.
+        nonfinite: what a NaN or infinite score does (``"last"`` ranks it last, ``"error"`` raises).
     """
 
     def __init__(self, model, tokenizer, prompt: str | None = None, mean=CLIP_MEAN, std=CLIP_STD,

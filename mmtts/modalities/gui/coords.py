@@ -21,7 +21,12 @@ KINDS = ("pixel", "resized", "unit", "permille")
 
 @dataclass(frozen=True)
 class CoordSpace:
-    """A coordinate space; ``resized`` is the (width, height) of the resized image for kind "resized"."""
+    """A coordinate space in which a model states its answers.
+
+    Attributes:
+        kind: one of ``KINDS``: ``"pixel"``, ``"resized"``, ``"unit"`` (0-1) or ``"permille"`` (0-1000).
+        resized: the (width, height) of the resized image for kind ``"resized"``.
+    """
 
     kind: str = "pixel"
     resized: tuple[int, int] | None = None

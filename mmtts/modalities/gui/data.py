@@ -35,7 +35,18 @@ from ...core.errors import MmttsError
 
 @dataclass
 class GroundingExample:
-    """One instruction on one screenshot. ``box`` is (x1, y1, x2, y2) in pixels, or None when unlabeled."""
+    """One instruction on one screenshot.
+
+    Attributes:
+        image: the screenshot, as a path or a PIL image.
+        instruction: the text naming the element to find.
+        image_size: (width, height) of the screenshot in pixels.
+        box: the target element's (x1, y1, x2, y2) in pixels, or None when unlabeled.
+        element_type: the kind of element the metric splits by, ``"unknown"`` if not given.
+        platform: the platform the screenshot comes from, ``"unknown"`` if not given.
+        id: an identifier of the example.
+        meta: any further fields of the source record.
+    """
 
     image: str | Path | Image.Image
     instruction: str

@@ -66,6 +66,16 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class GroundingNet(nn.Module):
+    """Screenshot and instruction tokens in, logits (B, rows, cols) over the cell grid out.
+
+    A small convolutional encoder-decoder whose feature maps are modulated
+    (FiLM) by a bag-of-words embedding of the instruction.
+
+    Args:
+        width: channels of the first stage (later stages use twice as many).
+        text_dim: size of the instruction's word embeddings.
+    """
+
     def __init__(self, width: int = 32, text_dim: int = 64):
         super().__init__()
         self.cells = CELLS
@@ -107,8 +117,14 @@ class GroundingNet(nn.Module):
 
 
 class ElementBoxNet(nn.Module):
-    """Screenshot in, the box of the element under every cell out: extents (B, 4, rows, cols), the
-    distances in cells from each cell's centre to the element's left, top, right and bottom edges."""
+    """Screenshot in, the box of the element under every cell out.
+
+    The output is extents (B, 4, rows, cols), the distances in cells from each
+    cell's centre to the element's left, top, right and bottom edges.
+
+    Args:
+        width: channels of the first stage (later stages use twice as many).
+    """
 
     def __init__(self, width: int = 24):
         super().__init__()
@@ -131,8 +147,15 @@ class ElementBoxNet(nn.Module):
 
 
 class BoxGrounding(nn.Module):
-    """A grounding policy that answers with boxes: ``policy`` says where (its logits are this module's),
-    ``boxes`` (an :class:`ElementBoxNet`) says the extent of the element under the chosen cell."""
+    """A grounding policy that answers with boxes.
+
+    ``policy`` says where (its logits are this module's), ``boxes`` says the
+    extent of the element under the chosen cell.
+
+    Args:
+        policy: the :class:`GroundingNet` that scores the cells.
+        boxes: the :class:`ElementBoxNet` on the same cell grid that gives each cell's element box.
+    """
 
     has_boxes = True
 

@@ -53,8 +53,13 @@ def parse_answer(text) -> tuple[str, tuple[float, ...]] | None:
 
 @dataclass
 class ParsedAnswers:
-    """K answers in original pixels: ``points`` (K, 2) (a box's centre for box answers),
-    ``boxes`` (K, 4) (NaN for point answers), ``ok`` (K,) which answers parsed."""
+    """K answers in original pixels.
+
+    Attributes:
+        points: (K, 2) answer points (a box's centre for box answers).
+        boxes: (K, 4) answer boxes (NaN for point answers).
+        ok: (K,) which answers parsed.
+    """
 
     points: np.ndarray
     boxes: np.ndarray

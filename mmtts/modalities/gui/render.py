@@ -43,6 +43,18 @@ THEMES = {
 
 @dataclass
 class Element:
+    """One element drawn on a procedural screen.
+
+    Attributes:
+        box: (x1, y1, x2, y2) of the element in pixels.
+        role: its kind: ``"control"``, ``"icon"``, ``"menu"``, ``"row"`` or ``"button"``.
+        label: its text, if any.
+        color: its colour name (icons).
+        shape: its shape name (icons).
+        index: its position within its group.
+        count: the size of its group.
+    """
+
     box: tuple[int, int, int, int]
     role: str          # "control", "icon", "menu", "row", "button"
     label: str = ""
@@ -54,6 +66,15 @@ class Element:
 
 @dataclass
 class Screen:
+    """A rendered screenshot and the elements on it.
+
+    Attributes:
+        image: the screenshot.
+        elements: the elements drawn, with their boxes.
+        platform: the platform whose look was drawn.
+        theme: the colour theme, ``"light"`` or ``"dark"``.
+    """
+
     image: Image.Image
     elements: list[Element]
     platform: str

@@ -53,17 +53,22 @@ def denoiser_call(model) -> Callable:
 class ImageProcess(Process):
     """Search over the denoising trajectory of an image (or latent) diffusion model.
 
-    Parameters
-    ----------
-    model: the denoiser (diffusers model or ``fn(x, t, cond)``).
-    schedule: a :class:`Schedule` (see ``schedule_from_scheduler``).
-    sample_shape: (C, H, W) of one latent.
-    cond: conditioning of every candidate: a class label (int) or a (L, D) text embedding, or None.
-    uncond: the unconditional input for guidance: the null class label or a (L, D) empty-prompt embedding.
-    guidance_scale: classifier-free guidance weight; > 1 with ``uncond`` costs 2 forwards per step.
-    vae: decodes latents; ``vae_scale`` is its scaling factor. Without it outputs are the pixels.
-    context: what verifiers receive per candidate (e.g. the target class or the prompt); by default
-        ``{"label": cond}`` for class conditioning and ``{"prompt": prompt}`` when a prompt is given.
+    What verifiers receive per candidate (:meth:`context`) is ``{"label": cond}``
+    for class conditioning and ``{"prompt": prompt}`` when a prompt is given.
+
+    Args:
+        model: the denoiser (diffusers model or ``fn(x, t, cond)``).
+        schedule: a :class:`Schedule` (see ``schedule_from_scheduler``).
+        sample_shape: (C, H, W) of one latent.
+        cond: conditioning of every candidate: a class label (int) or a (L, D) text embedding, or None.
+        uncond: the unconditional input for guidance: the null class label or a (L, D) empty-prompt embedding.
+        guidance_scale: classifier-free guidance weight; != 1 needs ``uncond`` and costs 2 forwards per step.
+        vae: decodes latents. Without it outputs are the pixels.
+        vae_scale: the latents' scaling factor; defaults to the VAE's ``config.scaling_factor`` (1 without a VAE).
+        prompt: the text prompt passed to verifiers in the context.
+        device: where latents are drawn and the model runs.
+        dtype: dtype of the latents.
+        output_range: (low, high) of the decoded images, mapped to [0, 1].
     """
 
     latent_key = "x"

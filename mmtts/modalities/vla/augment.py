@@ -28,12 +28,18 @@ PAIRWISE_LIMIT = 1 << 20  # compare all pairs below this many element comparison
 
 @dataclass
 class Candidates:
-    """The candidates of each observation: ``draws`` (B, K, H, D) padded, ``keep`` (B, K) marks the distinct ones.
+    """The candidates of each observation, padded, with a mask of the distinct ones.
 
     A kept row is the first valid occurrence of its value, so the distinct
     candidates of an observation are ``draws[b][keep[b]]``, in draw order
     (slot 0 is always kept, unless it is an invalid sample of ``SampleSet``).
     ``keep`` is ``None`` when every row is distinct and valid, the usual case.
+
+    Attributes:
+        draws: (B, K, H, D) candidate action chunks, padded.
+        keep: (B, K) bool marking the distinct ones, or None when all are kept.
+        mean: (B, H, D) fitted mean.
+        std: (B, H, D) fitted standard deviation.
     """
 
     draws: torch.Tensor  # (B, K, H, D)

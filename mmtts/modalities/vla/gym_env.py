@@ -21,8 +21,12 @@ class GymPolicy:
     """Act in a gymnasium loop with any LeRobot-shaped policy: ``action = agent(obs)``.
 
     ``obs`` is one flat observation (S,) or a vector env's batch (E, S); the
-    action comes back with the matching shape as float32 numpy. An optional
-    ``instruction`` is passed to the policy as the batch's ``"task"``.
+    action comes back with the matching shape as float32 numpy.
+
+    Args:
+        policy: a LeRobot-style policy with ``select_action(batch)`` and ``reset()``.
+        state_key: the batch key under which the observation is passed.
+        instruction: optional text passed to the policy as the batch's ``"task"``.
     """
 
     def __init__(self, policy, state_key: str = STATE_KEY, instruction: str | None = None):

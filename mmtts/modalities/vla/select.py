@@ -20,6 +20,10 @@ class Selector:
     Call it with the scores of one observation's candidates (M,) and a
     generator for an index; :meth:`select` chooses for B observations at once
     from a padded (B, K) score matrix.
+
+    Args:
+        mode: ``"argmax"`` (greedy) or ``"softmax"`` (sample in proportion to exp(score / temperature)).
+        temperature: positive softmax temperature.
     """
 
     MODES = ("argmax", "softmax")

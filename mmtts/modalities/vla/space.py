@@ -18,10 +18,15 @@ from ...core.errors import MmttsError
 
 @dataclass(frozen=True)
 class ActionSpace:
-    """Per-dimension bounds ``low``/``high`` (D,) and the indices of binary dimensions.
+    """Per-dimension action bounds and the indices of binary dimensions.
 
     A binary dimension takes the value ``low`` or ``high`` (a gripper's 0 and
     1); a sample votes for ``high`` when it lies at or above the midpoint.
+
+    Attributes:
+        low: (D,) lower bounds.
+        high: (D,) upper bounds.
+        discrete: indices of the binary dimensions.
     """
 
     low: tuple[float, ...]

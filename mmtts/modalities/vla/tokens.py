@@ -25,7 +25,13 @@ from .space import ActionSpace
 
 
 class ActionTokenizer:
-    """Uniform bins over each dimension of ``space``, mapped to the last ``bins`` ids of a vocabulary."""
+    """Uniform bins over each dimension of ``space``, mapped to the last ``bins`` ids of a vocabulary.
+
+    Args:
+        space: the :class:`ActionSpace` whose bounds are binned.
+        bins: number of bins per dimension (from 2 to ``vocab_size``).
+        vocab_size: size of the vocabulary whose last ``bins`` ids stand for the bins.
+    """
 
     def __init__(self, space: ActionSpace, bins: int, vocab_size: int):
         if bins < 2 or bins > vocab_size:

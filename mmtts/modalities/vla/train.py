@@ -32,6 +32,15 @@ def bradley_terry_margin_loss(score_win: torch.Tensor, score_lose: torch.Tensor,
 
 @dataclass
 class PreferencePairs:
+    """Pairs of perturbed demonstration actions, the better one first.
+
+    Attributes:
+        index: (P,) the demonstration each pair perturbs.
+        win: (P, H, D) the candidate nearer the demonstrated action.
+        lose: (P, H, D) the other candidate.
+        gap: (P,) RMSE(lose) - RMSE(win) >= 0.
+    """
+
     index: torch.Tensor  # (P,) the demonstration each pair perturbs
     win: torch.Tensor  # (P, H, D) the candidate nearer the demonstrated action
     lose: torch.Tensor  # (P, H, D)

@@ -58,7 +58,11 @@ class QuadraticFeatures(nn.Module):
     Selections, sums and differences are its linear part; products, such as a
     vector turned into the frame of an observed angle (``cos a * x + sin a * y``),
     its quadratic part. Because the map is fixed, a scorer folds it into its
-    first layer when scoring. ``linear`` is (F, S), ``quadratic`` (F, S, S).
+    first layer when scoring.
+
+    Args:
+        linear: (F, S) linear part L.
+        quadratic: (F, S, S) quadratic part Q; zeros when None.
     """
 
     def __init__(self, linear: torch.Tensor, quadratic: torch.Tensor | None = None):
