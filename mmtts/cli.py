@@ -39,8 +39,7 @@ def _parse_options(pairs: list[str] | None) -> dict:
 
 
 def _make_task(name: str, quick: bool = False, options: list[str] | None = None):
-    from .core.registry import TASKS
-    import mmtts  # noqa: F401  (registers everything)
+    from .core.registry import TASKS  # lazy: the task's module is imported on first use of its name
     return TASKS.create(name, quick=quick, **_parse_options(options))
 
 

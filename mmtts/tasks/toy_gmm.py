@@ -24,7 +24,6 @@ from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..core.threads import one_thread
 from ..modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, MixtureLogDensity, QuadraticReward
-from ..core.threads import one_thread
 from .base import Task
 
 
