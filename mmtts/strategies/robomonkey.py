@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
 from ..core.state import State
 from ..core.strategy import SearchContext, Strategy
@@ -37,18 +38,24 @@ class RoboMonkey(SampleVerify):
         temperature: the softmax temperature.
         deadline_s: seconds from the start of the search after which no more candidates are scored
             (``None``: only a ``Budget(max_seconds=...)`` limits the time).
+        published: augment as the published RoboMonkey code does (spread with ``np.var``, gripper by the
+            samples' mean, the raw sample when all samples agree; see
+            :class:`~mmtts.modalities.vla.augment.GaussianAugmenter`).
     """
 
     def __init__(self, n: int | None = None, policy_samples: int | None = None, decimals: int | None = None,
                  chunk: int | None = None, select: str = "argmax", temperature: float = 1.0,
-                 deadline_s: float | None = None, *,
+                 deadline_s: float | None = None, published: bool = False, *,
                  num_candidates: int | None = None, k: int | None = None, num_samples: int | None = None):
+        if not isinstance(published, bool):
+            raise MmttsError(f"robomonkey published={published!r} must be True or False")
+        self.published = published
         self._setup(count_setting(self.name, "n", n, 16, num_candidates=num_candidates, k=k), decimals, chunk,
                     select, temperature, deadline_s)
         self._policy_samples = check_count(self.name, "policy_samples", count_setting(
             self.name, "policy_samples", policy_samples, 8, num_samples=num_samples))
         Strategy.__init__(self, n=self.n, policy_samples=self._policy_samples, decimals=decimals, chunk=chunk,
-                          select=select, temperature=temperature, deadline_s=deadline_s)
+                          select=select, temperature=temperature, deadline_s=deadline_s, published=published)
 
     @property
     def policy_samples(self) -> int:
@@ -59,5 +66,5 @@ class RoboMonkey(SampleVerify):
         b = samples.shape[0]
         first = torch.arange(b)  # round 0: the first sample of every observation, whose stream draws the noise
         noise = state.streams.select(first, fork_duplicates=False).randn((self.n, *samples.shape[2:]))
-        cands = GaussianAugmenter(ctx.process.space, self.decimals)(samples, noise, valid)
+        cands = GaussianAugmenter(ctx.process.space, self.decimals, self.published)(samples, noise, valid)
         return cands, first[:, None].expand(b, self.n)

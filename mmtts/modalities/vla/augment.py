@@ -140,14 +140,22 @@ class GaussianAugmenter:
     samples' majority vote, every candidate is clipped to the bounds, and
     duplicates are marked.
 
+    With ``published=True`` it follows the published RoboMonkey code instead:
+    the variance divides by N (``np.var``), a discrete dimension is ``high``
+    when the samples' mean is in the upper half of its range, and when all of
+    an observation's valid samples are equal its candidates are that raw sample
+    (neither voted nor clipped).
+
     Args:
         space: the bounds and discrete dimensions.
         decimals: round before de-duplication (``None``: exact duplicates only).
+        published: the published construction (see above) instead of mmtts's.
     """
 
-    def __init__(self, space: ActionSpace, decimals: int | None = None):
+    def __init__(self, space: ActionSpace, decimals: int | None = None, published: bool = False):
         self.space = space
         self.decimals = decimals
+        self.published = bool(published)
 
     @staticmethod
     def fit(samples: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,18 +168,20 @@ class GaussianAugmenter:
         return mean, std ** 2
 
     @staticmethod
-    def fit_std(samples: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and standard deviation (square root of the unbiased variance), as :meth:`fit`."""
+    def fit_std(samples: torch.Tensor, valid: torch.Tensor | None = None,
+                ddof: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and standard deviation (square root of the variance dividing by N - ``ddof``: 1,
+        unbiased, by default; 0 as ``np.var``), as :meth:`fit`."""
         if valid is None:
             if samples.shape[1] == 1:
                 return samples[:, 0], torch.zeros_like(samples[:, 0])
-            std, mean = torch.std_mean(samples, 1)
+            std, mean = torch.std_mean(samples, 1, correction=ddof)
             return mean, std
         w = valid.to(samples.dtype)[:, :, None, None]
         x = torch.where(w > 0, samples, torch.zeros_like(samples))
         n = w.sum(1)
         mean = (w * x).sum(1) / n
-        var = (w * (x - mean[:, None]) ** 2).sum(1) / (n - 1).clamp(min=1)
+        var = (w * (x - mean[:, None]) ** 2).sum(1) / (n - ddof).clamp(min=1)
         return mean, var.sqrt()
 
     @staticmethod
@@ -193,12 +203,18 @@ class GaussianAugmenter:
         if noise.ndim != 4 or noise.shape[0] != samples.shape[0] or noise.shape[2:] != samples.shape[2:]:
             raise MmttsError(f"noise must be (batch, K, horizon, action_dim) = ({samples.shape[0]}, K, "
                              f"{', '.join(map(str, samples.shape[2:]))}); got {tuple(noise.shape)}")
-        mean, std = self.fit_std(samples, valid)
+        mean, std = self.fit_std(samples, valid, ddof=0 if self.published else 1)
         draws = self.draw(mean, std, noise)
         if self.space.discrete:
             idx = list(self.space.discrete)
-            draws[..., idx] = self.space.vote(samples, valid)[:, None].expand(-1, draws.shape[1], -1, -1)
+            rule = "mean" if self.published else "majority"
+            draws[..., idx] = self.space.vote(samples, valid, rule)[:, None].expand(-1, draws.shape[1], -1, -1)
         draws = self.space.clip(draws)
+        if self.published:  # all valid samples equal: the raw sample, neither voted nor clipped
+            ok = torch.ones(samples.shape[:2], dtype=torch.bool, device=samples.device) if valid is None else valid
+            first = samples[torch.arange(samples.shape[0]), ok.to(torch.int64).argmax(1)]  # a valid sample
+            same = ((samples == first[:, None]) | ~ok[:, :, None, None]).flatten(2).all(-1).all(-1)
+            draws = torch.where(same[:, None, None, None], first[:, None].expand_as(draws), draws)
         return Candidates(draws, distinct_rows(draws.flatten(2), self.decimals), mean, std)
 
 

@@ -81,18 +81,25 @@ class ActionSpace:
         lo, hi = self.bounds(actions)
         return torch.clamp(actions, lo, hi)
 
-    def vote(self, samples: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Majority value of each discrete dimension over the sample axis: (B, N, H, D) -> (B, H, len(discrete)).
+    def vote(self, samples: torch.Tensor, valid: torch.Tensor | None = None, rule: str = "majority") -> torch.Tensor:
+        """The value of each discrete dimension over the sample axis: (B, N, H, D) -> (B, H, len(discrete)).
 
-        Only samples marked ``valid`` (B, N) vote. Ties go to ``high``
-        (RoboMonkey's rule "mean >= 0.5" for a {0, 1} gripper).
+        Only samples marked ``valid`` (B, N) vote. ``rule="majority"``: ``high``
+        when at least half of the samples lie in the upper half of the range
+        (ties go to ``high``). ``rule="mean"``: ``high`` when the samples' mean
+        does (the published RoboMonkey rule, mean >= 0.5 for a {0, 1} gripper);
+        the two differ on even-N ties such as {0.0, 0.99608}.
         """
+        if rule not in ("majority", "mean"):
+            raise MmttsError(f"unknown vote rule {rule!r}; choose 'majority' or 'mean'")
         idx = list(self.discrete)
         lo, hi = self.bounds(samples)
         lo, hi = lo[idx], hi[idx]
         if valid is None:
             valid = torch.ones(samples.shape[:2], dtype=torch.bool, device=samples.device)
         w = valid.to(samples.dtype)[:, :, None, None]
-        high = (samples[..., idx] >= (lo + hi) / 2).to(samples.dtype)
-        share = (w * high).sum(1) / w.sum(1)
+        x = samples[..., idx]
+        if rule == "mean":
+            return torch.where((w * x).sum(1) / w.sum(1) >= (lo + hi) / 2, hi, lo)
+        share = (w * (x >= (lo + hi) / 2).to(samples.dtype)).sum(1) / w.sum(1)
         return torch.where(share >= 0.5, hi, lo)
