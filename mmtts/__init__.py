@@ -77,20 +77,6 @@ def adapt(model, method: str = "tent", **overrides) -> Adapter:
     return _registry("ADAPTERS").create(method, model, **overrides)
 
 
-def _check_seed(seed) -> int:
-    """A seed is a whole number in [0, 2**63): anything else would silently collide with another seed's run."""
-    import numbers
-
-    from .core import MmttsError
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise MmttsError(f"seed must be a whole number in [0, 2**63), not {type(seed).__name__} {seed!r}; "
-                         "pass e.g. seed=0")
-    if not 0 <= int(seed) < 2 ** 63:
-        raise MmttsError(f"seed={seed} is outside [0, 2**63); pass a seed in that range (distinct seeds in it "
-                         "give distinct runs)")
-    return int(seed)
-
-
 def search(process: Process, verifier: Verifier | Callable, strategy: str | Strategy = "best-of-n", *,
            budget: Budget | int, seed: int = 0,
            heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
@@ -104,7 +90,6 @@ def search(process: Process, verifier: Verifier | Callable, strategy: str | Stra
     """
     from .core import MmttsError, Strategy
     from .core.strategy import run_strategy
-    seed = _check_seed(seed)
     if isinstance(strategy, Strategy):
         if settings:
             raise MmttsError(f"settings {sorted(settings)} given with a Strategy instance; set them on the instance")

@@ -36,8 +36,9 @@ from ..core.adapter import Adapter
 from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
 from ..core.rng import derive_seed
+from ..core.settings import renamed
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..strategies.region_vote import as_coords, point_boxes, region_rewards, renamed_n
+from ..strategies.region_vote import as_coords, point_boxes, region_rewards
 
 #: the published reward's branches: how much an answer grows per side before it votes
 BRANCHES = ("ui-tars", "qwen")
@@ -153,7 +154,7 @@ class GUIRCPO(Adapter):
                  seed: int = 0, episodic: bool = False, answers: str = "point",
                  reward: Callable[..., np.ndarray] | None = None, published: bool = False,
                  branch: str = "ui-tars", point_expand_size: int = 100, samples: int | None = None):
-        n = renamed_n(n, "gui-rcpo", samples=samples)
+        n = renamed("gui-rcpo", "n", n, samples=samples)
         n = 16 if n is None else n
         if int(n) != n or n < 2:
             raise MmttsError(f"GUI-RCPO needs n >= 2 clicks per prompt to form a group (got n = {n})")

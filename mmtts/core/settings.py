@@ -11,6 +11,7 @@ import difflib
 import inspect
 import math
 import numbers
+import warnings
 from typing import Any, Iterable
 
 from .errors import SettingsError
@@ -62,6 +63,22 @@ def choice(name: str, value: Any, options: Iterable[str], owner: str = "") -> st
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SettingsError(f"{_owner(owner)}unknown {name} {value!r}; choose one of {options}{hint}")
     return value
+
+
+def renamed(owner: str, name: str, value: Any, default: Any = None, **old: Any) -> Any:
+    """The value of setting ``name``, or of its one old spelling among ``old`` (``samples=``, ``population=``)
+    with a DeprecationWarning naming ``name``; ``default`` when neither is given. Both, or two old spellings,
+    are refused."""
+    given = {k: v for k, v in old.items() if v is not None}
+    if len(given) > 1 or (given and value is not None):
+        got = ([name] if value is not None else []) + sorted(given)
+        raise SettingsError(f"{owner} got {name} twice ({', '.join(got)}); give it once, as {name}=")
+    if given:
+        (k, v), = given.items()
+        warnings.warn(f"{owner}: {k}= is deprecated; use {name}=: pass {name}={v!r}", DeprecationWarning,
+                      stacklevel=3)
+        return v
+    return default if value is None else value
 
 
 def unknown_settings(who: str, unknown: Iterable[str], valid: list[str]) -> SettingsError:

@@ -414,9 +414,12 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
 def _check_seed(seed) -> int:
     """A whole number in [0, 2**63); anything else would silently share another seed's run."""
     import numbers
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2 ** 63:
-        raise MmttsError(f"seed={seed!r} must be a whole number in [0, 2**63) (distinct seeds in it give distinct "
-                         "runs); pass e.g. seed=0")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise MmttsError(f"seed must be a whole number in [0, 2**63), not {type(seed).__name__} {seed!r}; "
+                         "pass e.g. seed=0")
+    if not 0 <= int(seed) < 2 ** 63:
+        raise MmttsError(f"seed={seed} is outside [0, 2**63); pass a seed in that range (distinct seeds in it "
+                         "give distinct runs)")
     return int(seed)
 
 

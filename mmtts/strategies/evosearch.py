@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -11,7 +10,7 @@ import torch
 from ..core.batch import concat, take
 from ..core.errors import BudgetError, SettingsError
 from ..core.registry import STRATEGIES
-from ..core.settings import real, whole
+from ..core.settings import real, renamed, whole
 from ..core.rng import StrategyRNG
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy, top_k
@@ -76,14 +75,12 @@ class EvoSearch(Strategy):
         keep: how many of the best finished candidates to return.
     """
 
-    def __init__(self, n: int = 8, initial: int | None = None, elites: int | None = None,
+    def __init__(self, n: int | None = None, initial: int | None = None, elites: int | None = None,
                  tournament: int = 2, archive_fraction: float = 0.9, noise_beta: float = 0.2,
                  latent_scale: float = 1.0, noise_generations: int | None = None, stages: list[int] | None = None,
                  keep: int = 1, population: int | None = None):
-        if population is not None:
-            warnings.warn("evosearch's population is now called n; pass n=", DeprecationWarning, stacklevel=2)
-            n = population
         me = "evosearch"
+        n = renamed(me, "n", n, 8, population=population)  # default 8
         n, tournament, keep = whole("n", n, me), whole("tournament", tournament, me), whole("keep", keep, me)
         initial = whole("initial", initial, me, none=True)
         elites = max(1, n // 4) if elites is None else whole("elites", elites, me, minimum=0)

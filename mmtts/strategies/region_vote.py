@@ -40,7 +40,6 @@ a vote can end with no answer where the default gives one.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +47,7 @@ import torch
 
 from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
+from ..core.settings import renamed
 from ..core.strategy import SearchContext, Selection, Strategy
 from ..core.verifier import Verifier
 
@@ -333,18 +333,6 @@ def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
 
 # -- the strategy ------------------------------------------------------------------------------
 
-def renamed_n(n: int | None, owner: str, **old: int | None) -> int | None:
-    """``n`` or its one deprecated spelling (``samples=``, ``k=``), with a DeprecationWarning naming ``n``."""
-    given = {name: v for name, v in old.items() if v is not None}
-    if not given:
-        return n
-    if n is not None or len(given) > 1:
-        raise MmttsError(f"{owner} got the number of candidates twice ({', '.join(['n', *given][-2:])}); pass n only")
-    (name, value), = given.items()
-    warnings.warn(f"{owner}: {name}= is deprecated; the number of candidates is n=", DeprecationWarning, stacklevel=3)
-    return value
-
-
 @STRATEGIES.register("region-vote")
 class RegionVote(Strategy):
     """Draw n candidates and answer with the consensus of their votes (GUI-RC); no verifier is needed.
@@ -374,7 +362,7 @@ class RegionVote(Strategy):
 
     def __init__(self, n: int | None = None, alpha: float = 50.0, *, published: bool = False,
                  samples: int | None = None, k: int | None = None):
-        n = renamed_n(n, "region-vote", samples=samples, k=k)
+        n = renamed("region-vote", "n", n, samples=samples, k=k)
         if n is not None and (int(n) != n or n < 1):
             raise MmttsError(f"region-vote needs a whole number n >= 1 of samples (got n = {n}); GUI-RC uses 64")
         check_alpha(alpha)

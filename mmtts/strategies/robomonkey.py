@@ -17,10 +17,11 @@ import torch
 
 from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
+from ..core.settings import renamed, whole
 from ..core.state import State
 from ..core.strategy import SearchContext, Strategy
 from ..modalities.vla.augment import Candidates, GaussianAugmenter
-from .sample_verify import SampleVerify, check_count, count_setting
+from .sample_verify import SampleVerify
 
 
 @STRATEGIES.register("robomonkey")
@@ -50,9 +51,9 @@ class RoboMonkey(SampleVerify):
         if not isinstance(published, bool):
             raise MmttsError(f"robomonkey published={published!r} must be True or False")
         self.published = published
-        self._setup(count_setting(self.name, "n", n, 16, num_candidates=num_candidates, k=k), decimals, chunk,
+        self._setup(renamed(self.name, "n", n, 16, num_candidates=num_candidates, k=k), decimals, chunk,
                     select, temperature, deadline_s)
-        self._policy_samples = check_count(self.name, "policy_samples", count_setting(
+        self._policy_samples = whole("policy_samples", renamed(
             self.name, "policy_samples", policy_samples, 8, num_samples=num_samples))
         Strategy.__init__(self, n=self.n, policy_samples=self._policy_samples, decimals=decimals, chunk=chunk,
                           select=select, temperature=temperature, deadline_s=deadline_s, published=published)

@@ -33,37 +33,17 @@ candidates' verifier scores, NaN where the verifier was skipped.
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 
 from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
+from ..core.settings import renamed, whole
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy
 from ..modalities.vla.augment import Candidates, SampleSet
 from ..modalities.vla.process import ActionProcess, NoValidActionError
 from ..modalities.vla.select import Selector
-
-
-def count_setting(owner: str, name: str, value, default, **old):
-    """The value of a count setting ``name``, or of its one deprecated spelling among ``old`` (with a
-    DeprecationWarning naming ``name``); ``default`` when neither is given."""
-    given = {k: v for k, v in old.items() if v is not None}
-    if len(given) > 1 or (given and value is not None):
-        got = sorted(given) + ([name] if value is not None else [])
-        raise MmttsError(f"{owner}: give the count once, as {name}= (got {got})")
-    if given:
-        (k, v), = given.items()
-        warnings.warn(f"{owner}: {k}= is deprecated; use {name}=", DeprecationWarning, stacklevel=3)
-        return v
-    return default if value is None else value
-
-
-def check_count(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise MmttsError(f"{owner}: {name}={value!r} must be a whole number >= 1")
-    return int(value)
 
 
 @STRATEGIES.register("sample-verify")
@@ -84,15 +64,15 @@ class SampleVerify(Strategy):
     def __init__(self, n: int | None = None, decimals: int | None = None, chunk: int | None = None,
                  select: str = "argmax", temperature: float = 1.0, deadline_s: float | None = None, *,
                  num_samples: int | None = None, samples: int | None = None, k: int | None = None):
-        self._setup(count_setting(self.name, "n", n, 16, num_samples=num_samples, samples=samples, k=k),
+        self._setup(renamed(self.name, "n", n, 16, num_samples=num_samples, samples=samples, k=k),
                     decimals, chunk, select, temperature, deadline_s)
         super().__init__(n=self.n, decimals=decimals, chunk=chunk, select=select, temperature=temperature,
                          deadline_s=deadline_s)
 
     def _setup(self, n, decimals, chunk, select, temperature, deadline_s) -> None:
         """Check and keep the settings both action strategies share."""
-        self.n = check_count(self.name, "n", n)
-        self.chunk = None if chunk is None else check_count(self.name, "chunk", chunk)
+        self.n = whole("n", n, self.name)
+        self.chunk = None if chunk is None else whole("chunk", chunk, self.name)
         if deadline_s is not None and not deadline_s > 0:
             raise MmttsError(f"{self.name}: deadline_s={deadline_s} must be positive seconds, or None")
         self.decimals, self.selector, self.deadline_s = decimals, Selector(select, temperature), deadline_s

@@ -152,7 +152,8 @@ class RoboMonkeyPolicy:
                  n_action_steps: int | None = None, *, num_samples: int | None = None,
                  num_candidates: int | None = None):
         from ...strategies.robomonkey import RoboMonkey
-        from ...strategies.sample_verify import SampleVerify, count_setting
+        from ...core.settings import renamed
+        from ...strategies.sample_verify import SampleVerify
 
         if not isinstance(space, ActionSpace):
             raise MmttsError(f"space must be an ActionSpace (e.g. ActionSpace.from_gym(env.action_space)), "
@@ -172,9 +173,8 @@ class RoboMonkeyPolicy:
             raise MmttsError(f"on_deadline={on_deadline!r}; choose one of {DEADLINE_POLICIES}")
         if n_action_steps is not None and n_action_steps < 1:
             raise MmttsError(f"n_action_steps={n_action_steps} must be >= 1, or None to use whole chunks")
-        n = count_setting("RoboMonkeyPolicy", "n", n, 16, num_candidates=num_candidates)
-        policy_samples = count_setting("RoboMonkeyPolicy", "policy_samples", policy_samples, None,
-                                       num_samples=num_samples)
+        n = renamed("RoboMonkeyPolicy", "n", n, 16, num_candidates=num_candidates)
+        policy_samples = renamed("RoboMonkeyPolicy", "policy_samples", policy_samples, None, num_samples=num_samples)
         selector = selector or Selector("argmax")
         common = {"decimals": dedupe_decimals, "chunk": verifier_chunk, "select": selector.mode,
                   "temperature": selector.temperature, "deadline_s": deadline_s}
