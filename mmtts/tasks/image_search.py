@@ -193,6 +193,22 @@ QUICK = {"unet": {"arch": ARCH, "width": 8, "steps": 60, "batch": 32, "lr": 2e-3
 STOCHASTIC = ("particle-filter", "beam")
 
 
+def digit_verifiers(models: dict, target: int, transform) -> tuple[BoldDigitReward, ClassifierLogProb]:
+    """The search reward (classifier A's log-probability of ``target`` with the ink term) and the held-out
+    classifier B, for outputs that ``transform`` maps to the classifiers' input."""
+    guide = ClassifierLogProb(models["A"], target=target, transform=transform, name="classifier-A")
+    held = ClassifierLogProb(models["B"], target=target, transform=transform, name="classifier-B")
+    return BoldDigitReward(guide, target, models["ink"][target]), held
+
+
+@torch.no_grad()
+def feature_diversity(classifier: nn.Module, inputs: torch.Tensor) -> float:
+    """Mean pairwise distance of ``inputs`` in ``classifier``'s feature space (0 for fewer than two)."""
+    if len(inputs) < 2:
+        return 0.0
+    return float(torch.pdist(classifier.features(inputs)).mean())
+
+
 @TASKS.register("image-search")
 class ImageSearch(Task):
     """MNIST diffusion steered to a bold target digit: noise and path search at equal NFE.
@@ -275,11 +291,7 @@ class ImageSearch(Task):
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
         self.check_method(method)
         self.check_setting(setting)
-        m = self.models()
-        target = seed % 10
-        guide = ClassifierLogProb(m["A"], target=target, transform=to_unit, name="classifier-A")
-        reward = BoldDigitReward(guide, target, m["ink"][target])
-        held = ClassifierLogProb(m["B"], target=target, transform=to_unit, name="classifier-B")
+        reward, held = digit_verifiers(self.models(), seed % 10, to_unit)
         strategy = STRATEGIES.create(method, **self.strategy_settings(method, budget))
         process = self.process(method)
         res = run_strategy(strategy, process, reward, budget, seed=seed, heldout={"heldout": held})
@@ -288,13 +300,9 @@ class ImageSearch(Task):
                 "diversity": self.diversity(res.outputs), "nfe": float(res.budget["nfe"]), "wall_s": sec["wall"],
                 "model_s": sec["model"], "decode_s": sec["decode"], "verifier_s": sec["verifier"]}
 
-    @torch.no_grad()
     def diversity(self, images: torch.Tensor) -> float:
         """Mean pairwise distance of the kept outputs in classifier B's feature space (0 for one output)."""
-        if len(images) < 2:
-            return 0.0
-        f = self.models()["B"].features(to_unit(images))
-        return float(torch.pdist(f).mean())
+        return feature_diversity(self.models()["B"], to_unit(images))
 
     def references(self, budgets: list[int]) -> dict[str, list[float]]:
         return {"ceiling (sup reward)": [0.0] * len(budgets)}

@@ -161,15 +161,10 @@ class VARSearch(Task):
 
     @one_thread()
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
-        from ..verifiers.classifier import ClassifierLogProb
-        from .image_search import BoldDigitReward
+        from .image_search import digit_verifiers
         self.check_method(method)
         self.check_setting(setting)
-        m = self.models()
-        target = seed % 10
-        guide = ClassifierLogProb(m["A"], target=target, transform=to_classifier, name="classifier-A")
-        reward = BoldDigitReward(guide, target, m["ink"][target])
-        held = ClassifierLogProb(m["B"], target=target, transform=to_classifier, name="classifier-B")
+        reward, held = digit_verifiers(self.models(), seed % 10, to_classifier)
         name = "tts-var" if method in POTENTIAL_METHODS else method
         strategy = STRATEGIES.create(name, **self.strategy_settings(method, budget))
         process = self.process()
@@ -182,12 +177,10 @@ class VARSearch(Task):
                 "decode_s": sec["decode"], "verifier_s": sec["verifier"],
                 "cluster_s": float(res.extra.get("cluster_s", 0.0))}
 
-    @torch.no_grad()
     def diversity(self, images: torch.Tensor) -> float:
         """Mean pairwise distance of the kept outputs in classifier B's feature space (0 for one output)."""
-        if len(images) < 2:
-            return 0.0
-        return float(torch.pdist(self.models()["B"].features(to_classifier(images))).mean())
+        from .image_search import feature_diversity
+        return feature_diversity(self.models()["B"], to_classifier(images))
 
     def references(self, budgets: list[int]) -> dict[str, list[float]]:
         return {"ceiling (sup reward)": [0.0] * len(budgets)}
