@@ -365,8 +365,13 @@ def _jsonable(x):
 def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Callable | None, budget: Budget | int,
                  seed: int = 0, heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                 on_checkpoint: Callable[[int], None] | None = None) -> Result:
+                 on_checkpoint: Callable[[int], None] | None = None, distributed: bool = False) -> Result:
     """Run one strategy and score its choice with the held-out verifiers (``verifier`` None: a vote needs none).
+
+    With ``distributed=True``, under ``accelerate launch``, the candidates'
+    model and verifier work is split over the processes and every process
+    returns the Result one process returns with the same seed (see
+    :mod:`mmtts.distributed.search`).
 
     With ``Budget.max_seconds``, the first model step past the deadline is not
     taken: the search stops and returns the best candidates finished so far
@@ -388,6 +393,9 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
     held = _heldout_dict(heldout)
     if any(v is verifier for v in held.values()):
         raise MmttsError("a held-out verifier must not be the search verifier itself")
+    if distributed:
+        from ..distributed.search import shard_search
+        process, verifier = shard_search(process, verifier, budget, checkpoint)
     ctx = SearchContext(process, verifier, budget, seed, strategy=strategy.name, settings=strategy.settings,
                         checkpoint=checkpoint, resume=resume, on_checkpoint=on_checkpoint)
     try:
