@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
@@ -11,21 +12,29 @@ from .common import entropy_margin, softmax_entropy
 from .entropy_min import EntropyAdapter
 
 
-def patch_shuffle(x: torch.Tensor, grid: int, generator: torch.Generator) -> torch.Tensor:
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of (N, C, H, W) images: what torchvision's ``Resize`` does to a float tensor."""
+    if tuple(size) == tuple(x.shape[-2:]):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def patch_shuffle(x: torch.Tensor, grid: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Cut each image into a ``grid x grid`` array of patches and permute them (one permutation per image).
 
     An image whose side is not a multiple of ``grid`` is resized to the nearest
-    multiple below it first and back afterwards, as the reference does.
+    multiple below it first and back afterwards with :func:`resize` (antialiased,
+    as the reference does). The permutations draw from ``generator``, or from
+    torch's global generator when it is None (as the reference does).
     """
     n, c, h, w = x.shape
     ph, pw = max(h // grid, 1), max(w // grid, 1)
-    resized = (ph * grid, pw * grid) != (h, w)
-    y = F.interpolate(x, size=(ph * grid, pw * grid), mode="bilinear", align_corners=False) if resized else x
+    y = resize(x, (ph * grid, pw * grid))
     patches = y.reshape(n, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, c, ph, pw)
     perm = torch.argsort(torch.rand(n, grid * grid, generator=generator), dim=1).to(x.device)
     patches = patches[torch.arange(n, device=x.device).unsqueeze(1), perm]
     y = patches.reshape(n, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, ph * grid, pw * grid)
-    return F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False) if resized else y
+    return resize(y, (h, w))
 
 
 @ADAPTERS.register("deyo")
@@ -42,6 +51,13 @@ class DeYO(EntropyAdapter):
     forward pass on x'). The shuffle draws from a generator seeded by ``seed``
     and restored by ``reset``, so a rerun repeats exactly.
 
+    ``published=True`` does what the published code does instead: it runs the
+    whole model in training mode, adapts only BatchNorm2d, LayerNorm and
+    GroupNorm layers whose names contain none of ``layer4``, ``blocks.9``,
+    ``blocks.10``, ``blocks.11``, ``norm.`` (nor are ``norm``), and draws the
+    shuffle from torch's global generator (seed it with ``torch.manual_seed``;
+    ``seed`` is unused), which ``reset`` leaves alone.
+
     Args:
         model: the classifier to adapt.
         entropy_margin: entropy filter as a fraction of ln C.
@@ -51,9 +67,12 @@ class DeYO(EntropyAdapter):
         reweight_entropy, reweight_plpd: switch the two weight terms on or off.
         patch_grid: the shuffle cuts each image into ``patch_grid x patch_grid`` patches.
         seed: seed of the shuffle's generator.
-        lr, optimizer, momentum, weight_decay, steps, include, exclude, norm_kinds, episodic: as for
-            :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
+        lr, optimizer, momentum, nesterov, weight_decay, steps, published, include, exclude, norm_kinds,
+            episodic: as for :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
     """
+
+    published_types = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    published_skips = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
 
     def __init__(self, model, *, entropy_margin: float = 0.5, plpd_threshold: float = 0.2,
                  reweight_margin: float = 0.4, filter_entropy: bool = True, filter_plpd: bool = True,
@@ -71,16 +90,17 @@ class DeYO(EntropyAdapter):
         self.patch_grid = int(patch_grid)
         self.generator = torch.Generator().manual_seed(int(seed))
         super().__init__(model, **kw)
-        if (self.filter_plpd or self.reweight_plpd) and self._ndim not in (None, 4):
+        if (self.filter_plpd or self.reweight_plpd or self.published) and self._ndim not in (None, 4):
             self.release()
             raise MmttsError("deyo's patch shuffle works on images (N, C, H, W); for other inputs turn off "
                              "filter_plpd and reweight_plpd")
 
     def extra_state(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {} if self.published else {"generator": self.generator.get_state()}
 
     def load_extra(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if not self.published:
+            self.generator.set_state(state["generator"])
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
@@ -90,9 +110,10 @@ class DeYO(EntropyAdapter):
             else torch.ones_like(ent, dtype=torch.bool)
         idx = keep.nonzero().squeeze(1)
         plpd = None
-        if (self.filter_plpd or self.reweight_plpd) and idx.numel():
+        if (self.filter_plpd or self.reweight_plpd or self.published) and idx.numel():  # published: always drawn
             with torch.no_grad():
-                shuffled = self.model(patch_shuffle(x[idx].detach(), self.patch_grid, self.generator))
+                shuffled = self.model(patch_shuffle(x[idx].detach(), self.patch_grid,
+                                                      None if self.published else self.generator))
             self.cost.add(forward_samples=idx.numel())
             probs = logits[idx].detach().softmax(1)
             cls = probs.argmax(1, keepdim=True)

@@ -7,6 +7,7 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
@@ -64,9 +65,11 @@ class EATA(EntropyAdapter):
         fisher_alpha: weight of the Fisher penalty (0 turns it off).
         fisher_data: clean, unlabeled inputs (a tensor, or an iterable of batches) for the Fisher.
         fisher_batch_size: batch size of the Fisher estimate on a tensor.
-        lr, optimizer, momentum, weight_decay, steps, include, exclude, norm_kinds, episodic: as for
-            :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
+        lr, optimizer, momentum, nesterov, weight_decay, steps, published, include, exclude, norm_kinds,
+            episodic: as for :class:`~mmtts.adapters.entropy_min.EntropyAdapter`.
     """
+
+    published_types = (nn.BatchNorm2d,)
 
     def __init__(self, model, *, entropy_margin: float = 0.4, redundancy_scale: float = REDUNDANCY_SCALE,
                  filter_entropy: bool = True, filter_redundancy: bool = True, reweight: bool = True,
@@ -116,7 +119,8 @@ class EATA(EntropyAdapter):
         return {"ma_probs": self._ma_probs}
 
     def load_extra(self, state: dict) -> None:
-        self._ma_probs = state["ma_probs"]
+        if not self.published:  # the published reset leaves the moving average as it is
+            self._ma_probs = state["ma_probs"]
 
     def _update_ma(self, probs: torch.Tensor) -> None:
         if probs.shape[0] == 0:

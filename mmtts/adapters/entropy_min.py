@@ -6,6 +6,12 @@ layers normalize with the test batch's statistics through
 alone), GroupNorm and LayerNorm layers are per-sample anyway. The
 prediction returned for a batch is the one made *before* that batch's update,
 as in the reference implementations.
+
+``published=True`` (TENT, EATA/ETA, DeYO) reproduces the published code where
+mmtts departs from it by default: the whole model in training mode (dropout and
+drop-connect active), only the normalization types and layer names the
+published code adapts, and with ``steps > 1`` the prediction of the last step.
+:func:`published_optimizer` gives the published optimizer settings for a batch size.
 """
 
 from __future__ import annotations
@@ -13,12 +19,52 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from torch import nn
 
+from ..core import settings
 from ..core.adapter import BATCHNORM, Adapter
 from ..core.errors import MmttsError
 from .common import CostCounter, check_batch, expected_ndim
 
 OPTIMIZERS = ("sgd", "adam")
+BACKBONES = ("resnet", "vit")
+
+
+def published_optimizer(method: str, batch_size: int, backbone: str = "resnet", optimizer: str | None = None) -> dict:
+    """The optimizer settings the published code of ``method`` uses at ``batch_size``, for :func:`mmtts.adapt`.
+
+    - ``tent`` (the TENT code's configs): Adam, lr 1e-3, whatever the batch;
+      ``optimizer="sgd"`` gives its SGD option, momentum 0.9 with Nesterov, lr 1e-3.
+    - ``eata`` / ``eta`` (the EATA code): SGD, lr 2.5e-4, momentum 0.9, whatever the batch (it runs batch 64).
+    - ``deyo`` (the DeYO code's run script): SGD, momentum 0.9; ResNets lr 2.5e-4 from batch 32 up and
+      ``2 * 2.5e-4 * batch / 64`` below; ViTs ``1e-3 * batch / 64``; at batch 1 the lr doubles again.
+
+    Use: ``mmtts.adapt(model, "deyo", published=True, **published_optimizer("deyo", 16))``.
+
+    Args:
+        method: ``"tent"``, ``"eata"``, ``"eta"`` or ``"deyo"``.
+        batch_size: the test batch size the adapter will see.
+        backbone: ``"resnet"`` or ``"vit"`` (only DeYO's learning rate depends on it).
+        optimizer: for ``tent`` only, ``"adam"`` (its configs) or ``"sgd"`` (its SGD option).
+    """
+    batch = settings.whole("batch_size", batch_size, "published_optimizer")
+    settings.choice("backbone", backbone, BACKBONES, "published_optimizer")
+    method = settings.choice("method", method, ("tent", "eata", "eta", "deyo"), "published_optimizer")
+    if optimizer is not None and method != "tent":
+        raise MmttsError(f"published_optimizer: the published {method} code uses SGD only; drop optimizer=")
+    if method == "tent":
+        if settings.choice("optimizer", optimizer or "adam", OPTIMIZERS, "published_optimizer") == "adam":
+            return {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
+        return {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}
+    if method in ("eata", "eta"):
+        return {"optimizer": "sgd", "lr": 2.5e-4, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
+    if backbone == "vit":
+        lr = 1e-3 / 64 * batch
+    else:
+        lr = 2.5e-4 / 64 * batch * 2 if batch < 32 else 2.5e-4
+    if batch == 1:
+        lr *= 2
+    return {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
 
 
 class EntropyAdapter(Adapter):
@@ -29,8 +75,11 @@ class EntropyAdapter(Adapter):
         lr: learning rate (default: the method's reference value).
         optimizer: ``"sgd"`` or ``"adam"`` (default: the method's reference choice).
         momentum: SGD momentum.
+        nesterov: Nesterov momentum (SGD with momentum > 0 only).
         weight_decay: weight decay of the optimizer.
         steps: updates per batch.
+        published: reproduce the published code's layer modes, adapted layers and returned prediction (see the
+            module docstring); the default keeps every layer but the normalization in evaluation mode.
         include, exclude, norm_kinds, episodic: layer selection and per-batch reset (see
             :class:`mmtts.core.adapter.Adapter`).
     """
@@ -38,9 +87,13 @@ class EntropyAdapter(Adapter):
     #: optimizer defaults of the method's reference code
     default_optimizer: ClassVar[str] = "sgd"
     default_lr: ClassVar[float] = 2.5e-4
+    #: normalization types whose affine parameters the published code adapts (None: no published preset)
+    published_types: ClassVar[tuple[type[nn.Module], ...] | None] = None
+    #: the published code skips the layers whose module name contains one of these (or equals ``norm``)
+    published_skips: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model, *, lr: float | None = None, optimizer: str | None = None, momentum: float = 0.9,
-                 weight_decay: float = 0.0, steps: int = 1, **kw):
+                 nesterov: bool = False, weight_decay: float = 0.0, steps: int = 1, published: bool = False, **kw):
         self.lr = float(self.default_lr if lr is None else lr)
         self.optimizer_name = (optimizer or self.default_optimizer).lower()
         if self.optimizer_name not in OPTIMIZERS:
@@ -50,6 +103,13 @@ class EntropyAdapter(Adapter):
         if int(steps) < 1:
             raise MmttsError(f"steps={steps} must be a positive number of updates per batch")
         self.momentum = float(momentum)
+        self.nesterov = settings.flag("nesterov", nesterov, self.name)
+        if self.nesterov and (self.optimizer_name != "sgd" or self.momentum <= 0):
+            raise MmttsError(f"nesterov=True needs optimizer='sgd' with momentum > 0; got optimizer="
+                             f"{self.optimizer_name!r}, momentum={self.momentum}")
+        self.published = settings.flag("published", published, self.name)
+        if self.published and self.published_types is None:
+            raise MmttsError(f"{self.name} has no published preset; drop published=True")
         self.weight_decay = float(weight_decay)
         self.steps = int(steps)
         self.cost = CostCounter()
@@ -58,6 +118,12 @@ class EntropyAdapter(Adapter):
         self._has_batchnorm = any(isinstance(m, BATCHNORM) for _, m in self.norm_modules)
         if not self.params:
             self.release()
+            if self.published:
+                kinds = "/".join(t.__name__ for t in self.published_types)
+                skips = f" outside {', '.join(self.published_skips)}" if self.published_skips else ""
+                raise MmttsError(f"published {self.name} adapts {kinds} layers{skips} only, as the published code "
+                                 f"does, and {type(model).__name__} has none with affine parameters; use "
+                                 "published=False (which adapts BatchNorm, GroupNorm and LayerNorm layers)")
             names = ", ".join(n for n, _ in self.norm_modules[:3])
             raise MmttsError(f"{self.name} found norm layers ({names}, ...) but none has affine parameters to adapt "
                              "(affine=False / elementwise_affine=False); use 'bn' or 'alpha-bn' instead")
@@ -65,14 +131,36 @@ class EntropyAdapter(Adapter):
     def configure_model(self) -> None:
         super().configure_model()
         self.use_batch_statistics()
+        if self.published:  # the published configure_model: train() on everything, dropout included
+            self.model.train()
+            selected = {id(m) for _, m in self.norm_modules}
+            for m in self.model.modules():  # BatchNorm left out by include/exclude keeps its source statistics
+                if isinstance(m, BATCHNORM) and id(m) not in selected:
+                    m.eval()
+
+    def published_adapts(self, name: str, module: nn.Module) -> bool:
+        """Whether the published code adapts the normalization layer ``module`` called ``name``."""
+        skipped = name == "norm" or any(s in name for s in self.published_skips)
+        return isinstance(module, self.published_types) and not skipped
 
     def collect_params(self):
-        return self.norm_affine_params()
+        params = self.norm_affine_params()
+        if not self.published:
+            return params
+        adapts = {name: self.published_adapts(name, m) for name, m in self.norm_modules}
+        kept = []
+        for pname, p in params:
+            if adapts[pname.rpartition(".")[0]]:
+                kept.append((pname, p))
+            else:
+                p.requires_grad_(False)
+        return kept
 
     def build_optimizer(self, params):
         if self.optimizer_name == "adam":
             return torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               nesterov=self.nesterov)
 
     def check(self, x: torch.Tensor) -> None:
         check_batch(x, self.model, self._ndim)
@@ -86,9 +174,9 @@ class EntropyAdapter(Adapter):
         self.check(x)
         self.cost.add(samples=x.shape[0], forward_samples=x.shape[0] * self.steps)
         logits = None
-        for _ in range(self.steps):
+        for _ in range(self.steps):  # the published code returns the last step's prediction, mmtts the first's
             out = self.adapt_step(x)
-            logits = out if logits is None else logits
+            logits = out if logits is None or self.published else logits
         return logits
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
