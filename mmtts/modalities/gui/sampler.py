@@ -136,10 +136,12 @@ class TransformersSampler:
         prompt: formatted with ``{instruction}``; it must hold whatever image placeholder the processor expects.
         chat: build the prompt with the processor's chat template instead.
         max_new_tokens: the longest answer generated.
+        top_p: nucleus sampling: each token is drawn among the most likely tokens holding ``top_p`` of the
+            probability (1 keeps every token).
     """
 
     def __init__(self, model, processor, space: CoordSpace | str = "pixel",
-                 prompt: str = "{instruction}", chat: bool = False, max_new_tokens: int = 32):
+                 prompt: str = "{instruction}", chat: bool = False, max_new_tokens: int = 32, top_p: float = 1.0):
         if not hasattr(model, "generate"):
             raise MmttsError(f"{type(model).__name__} has no generate(); pass a transformers generative model")
         self.model = model.eval()
@@ -148,6 +150,9 @@ class TransformersSampler:
         self.prompt = prompt
         self.chat = chat
         self.max_new_tokens = int(max_new_tokens)
+        if not 0 < top_p <= 1:
+            raise MmttsError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
+        self.top_p = float(top_p)
 
     def _text(self, instruction: str) -> str:
         text = self.prompt.format(instruction=instruction)
@@ -156,23 +161,11 @@ class TransformersSampler:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    @torch.no_grad()
     def sample(self, image: Image.Image, instruction: str, seeds: Sequence[int], temperature: float) -> list[str]:
-        from transformers import LogitsProcessorList
+        from .transformers_sampler import generate_answers
 
-        seeds = check_sampling(seeds, temperature)
-        inputs = self.processor(images=image, text=self._text(instruction), return_tensors="pt")
-        if temperature == 0:
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        else:
-            # the processor leaves one finite logit per row, so the sampling step takes it whatever torch's RNG holds
-            choice = LogitsProcessorList([SeededTokenChoice(seeds, temperature)])
-            with torch.random.fork_rng(devices=[]):  # generate's own draw leaves the caller's CPU RNG as it was
-                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=True,
-                                          num_return_sequences=len(seeds), temperature=1.0, top_k=0, top_p=1.0,
-                                          logits_processor=choice)
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return texts * len(seeds) if temperature == 0 else texts
+        return generate_answers(self.model, self.processor, image, self._text(instruction), seeds, temperature,
+                                self.top_p, self.max_new_tokens).texts
 
 
 class SeededTokenChoice:
@@ -180,16 +173,19 @@ class SeededTokenChoice:
 
     Gumbel-max: the token maximising scores / T + G, with G standard
     Gumbel noise drawn from the stream (seed of the row, position of the
-    token). The returned logits are 0 at that token and -inf elsewhere.
+    token), among the nucleus of softmax(scores / T) when ``top_p`` < 1.
+    The returned logits are 0 at that token and -inf elsewhere.
 
     Args:
         seeds: one seed per row of the generated batch, int64 (rows,).
         temperature: the sampling temperature, > 0.
+        top_p: keep the most likely tokens holding this much probability (1 keeps all).
     """
 
-    def __init__(self, seeds: torch.Tensor, temperature: float):
+    def __init__(self, seeds: torch.Tensor, temperature: float, top_p: float = 1.0):
         self.seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
         self.temperature = float(temperature)
+        self.top_p = float(top_p)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if len(scores) != len(self.seeds):
@@ -197,7 +193,9 @@ class SeededTokenChoice:
         position = torch.full_like(self.seeds, input_ids.shape[1])
         u = Streams(self.seeds, position).rand((scores.shape[1],))
         gumbel = -torch.log(-torch.log(u))      # u = 0 gives -inf: that token is never chosen
-        pick = (scores.detach().double().cpu() / self.temperature + gumbel).argmax(1)
+        from .transformers_sampler import nucleus
+
+        pick = (nucleus(scores.detach().double().cpu() / self.temperature, self.top_p) + gumbel).argmax(1)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(len(out)), pick.to(out.device)] = 0.0
         return out
