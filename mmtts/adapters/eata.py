@@ -16,6 +16,8 @@ from .entropy_min import EntropyAdapter
 
 #: the reference's redundancy margin 0.05 was set for C = 1000; this is it in units of 1/sqrt(C)
 REDUNDANCY_SCALE = 0.05 * math.sqrt(1000)
+#: the published code's redundancy margin, the same for every C
+PUBLISHED_REDUNDANCY_MARGIN = 0.05
 
 
 def redundancy_margin(num_classes: int, scale: float = REDUNDANCY_SCALE) -> float:
@@ -58,7 +60,8 @@ class EATA(EntropyAdapter):
     Args:
         model: the classifier to adapt.
         entropy_margin: entropy filter as a fraction of ln C.
-        redundancy_scale: redundancy margin in units of 1/sqrt(C) (see :func:`redundancy_margin`).
+        redundancy_scale: redundancy margin in units of 1/sqrt(C) (see :func:`redundancy_margin`); default
+            ``REDUNDANCY_SCALE``, or with ``published=True`` the published fixed margin 0.05 for any C.
         filter_entropy, filter_redundancy: switch the two filters on or off.
         reweight: weight each loss term by ``exp(E0 - E)``.
         ma_momentum: momentum of the moving average of selected predictions.
@@ -71,12 +74,12 @@ class EATA(EntropyAdapter):
 
     published_types = (nn.BatchNorm2d,)
 
-    def __init__(self, model, *, entropy_margin: float = 0.4, redundancy_scale: float = REDUNDANCY_SCALE,
+    def __init__(self, model, *, entropy_margin: float = 0.4, redundancy_scale: float | None = None,
                  filter_entropy: bool = True, filter_redundancy: bool = True, reweight: bool = True,
                  ma_momentum: float = 0.9, fisher_alpha: float = 2000.0, fisher_data=None,
                  fisher_batch_size: int = 64, **kw):
         self.entropy_fraction = float(entropy_margin)
-        self.redundancy_scale = float(redundancy_scale)
+        self.redundancy_scale = None if redundancy_scale is None else float(redundancy_scale)
         self.filter_entropy = bool(filter_entropy)
         self.filter_redundancy = bool(filter_redundancy)
         self.reweight = bool(reweight)
@@ -129,6 +132,13 @@ class EATA(EntropyAdapter):
         self._ma_probs = mean if self._ma_probs is None else \
             self.ma_momentum * self._ma_probs + (1 - self.ma_momentum) * mean
 
+    def redundancy_margin(self, num_classes: int) -> float:
+        """The cosine margin of the redundancy filter for ``num_classes`` classes."""
+        if self.redundancy_scale is None and self.published:
+            return PUBLISHED_REDUNDANCY_MARGIN
+        return redundancy_margin(num_classes, REDUNDANCY_SCALE if self.redundancy_scale is None
+                                 else self.redundancy_scale)
+
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
         num_classes = logits.shape[1]
@@ -138,7 +148,7 @@ class EATA(EntropyAdapter):
         probs = logits.softmax(1)
         if self.filter_redundancy and self._ma_probs is not None:
             cos = F.cosine_similarity(self._ma_probs.unsqueeze(0), probs.detach(), dim=1)
-            keep = keep & (cos.abs() < redundancy_margin(num_classes, self.redundancy_scale))
+            keep = keep & (cos.abs() < self.redundancy_margin(num_classes))
         if self.filter_redundancy:
             self._update_ma(probs[keep])
         ent = ent[keep]
