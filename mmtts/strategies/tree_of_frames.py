@@ -1,0 +1,188 @@
+"""Tree-of-Frames (Video-T1): a breadth-first tree over the units of a frame-autoregressive video."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.batch import take
+from ..core.errors import BudgetError, MmttsError, SettingsError
+from ..core.registry import STRATEGIES
+from ..core.settings import whole
+from ..core.state import State
+from ..core.strategy import SearchContext, Selection, Strategy, top_k
+
+
+def survivors(scores: torch.Tensor, prune: str | float) -> torch.Tensor:
+    """Indices kept by a pruning step, best first: ``"median"`` keeps the top ceil(n / 2) (every child at or
+    above the median, ties broken toward the earlier child), a fraction f keeps the top ceil(f * n)."""
+    n = len(scores)
+    k = math.ceil(n / 2) if prune == "median" else max(1, math.ceil(float(prune) * n))
+    return top_k(scores, k)
+
+
+def _check_prune(prune) -> str | float:
+    if prune == "median":
+        return prune
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0 < float(prune) <= 1:
+        raise SettingsError(f"tree-of-frames prune={prune!r} must be 'median' or a fraction in (0, 1] of each "
+                            "level to keep")
+    return float(prune)
+
+
+@STRATEGIES.register("tree-of-frames")
+class TreeOfFrames(Strategy):
+    """A tree over frame units: best-of-``img_branch`` first units, branching children, pruning by partial video.
+
+    Depth d of the tree is unit d of the clip. The first unit of each of the
+    ``n`` roots is the best of ``img_branch`` candidates by the verifier's
+    score of its preview (image-level alignment). At each later depth every
+    node gets ``branching[d]`` children (the last value repeats): the first
+    continues its parent's noise, the others draw fresh noise for their unit
+    (the process's ``perturb`` with scale 1 at the unit's start, on forked
+    streams). All nodes of a level are denoised together, one batch per
+    stage. After the depths in ``prune_at`` the level is scored on its
+    partial videos and only the survivors go on (:func:`survivors`). Leaves
+    are scored on the full video; the best ``keep`` are returned.
+
+    A separate verifier per depth (hierarchical prompts) is a verifier that
+    reads how far a video goes: :class:`~mmtts.verifiers.video.PerDepth`
+    scores a partial video by its number of frames.
+
+    The tree's shape is fixed by the settings; ``n=None`` sizes the number of
+    roots from the budget (the largest tree whose NFE and verifier calls fit),
+    so the tree never exceeds it. ``extra`` records the shape: ``levels``
+    (units denoised per depth) and ``survivors`` (nodes kept per depth).
+
+    The process must be frame-autoregressive: it declares ``num_units`` and
+    ``stages_per_unit`` (as :class:`~mmtts.modalities.video.FrameARProcess`)
+    and can ``perturb`` a unit's initial noise.
+
+    Args:
+        n: the number of roots (None: as many as the budget pays for).
+        img_branch: candidates for each root's first unit; the best one is kept.
+        branching: children per node at depths 1, 2, ... (an int, or one value per depth; the last repeats).
+        prune_at: the depths after which a level is pruned (default: every depth but the first and the last).
+        prune: ``"median"`` (keep the children at or above the median) or the fraction of a level to keep.
+        keep: how many of the best leaves to return.
+    """
+
+    def __init__(self, n: int | None = None, img_branch: int = 4, branching: int | tuple[int, ...] = 2,
+                 prune_at: tuple[int, ...] | None = None, prune: str | float = "median", keep: int = 1):
+        me = "tree-of-frames"
+        n, img_branch, keep = whole("n", n, me, none=True), whole("img_branch", img_branch, me), whole("keep", keep, me)
+        branch = (branching,) if isinstance(branching, int) else tuple(branching)
+        if not branch:
+            raise SettingsError("tree-of-frames branching needs at least one value")
+        branch = tuple(whole("branching", b, me) for b in branch)
+        if prune_at is not None:
+            if isinstance(prune_at, (str, bytes)) or not hasattr(prune_at, "__iter__"):
+                raise SettingsError(f"tree-of-frames prune_at={prune_at!r} must be a list of depths")
+            prune_at = tuple(sorted({whole("prune_at", d, me, minimum=1) for d in prune_at}))
+        prune = _check_prune(prune)
+        super().__init__(n=n, img_branch=img_branch, branching=branch, prune_at=prune_at, prune=prune, keep=keep)
+        self.n, self.img_branch, self.branching, self.prune_at, self.prune, self.keep = (
+            n, img_branch, branch, prune_at, prune, keep)
+
+    # -- the tree's shape ----------------------------------------------------------------
+    def children(self, depth: int) -> int:
+        """Children per node at ``depth`` >= 1."""
+        return self.branching[min(depth - 1, len(self.branching) - 1)]
+
+    def pruned_depths(self, units: int) -> tuple[int, ...]:
+        if self.prune_at is None:
+            return tuple(range(1, units - 1))
+        bad = [d for d in self.prune_at if d >= units - 1]
+        if bad:
+            raise SettingsError(f"tree-of-frames prune_at depths {bad} must be below the last depth ({units - 1}): "
+                                "leaves are judged on the full video")
+        return self.prune_at
+
+    def shape(self, roots: int, units: int) -> tuple[list[int], list[int]]:
+        """Units denoised per depth and nodes kept per depth, for ``roots`` roots."""
+        pruned = self.pruned_depths(units)
+        levels, kept = [roots * self.img_branch], [roots]
+        for d in range(1, units):
+            levels.append(kept[-1] * self.children(d))
+            kept.append(len(survivors(torch.zeros(levels[-1]), self.prune)) if d in pruned else levels[-1])
+        return levels, kept
+
+    def cost(self, process, roots: int) -> tuple[int, int]:
+        """NFE and verifier calls of the tree with ``roots`` roots."""
+        units, s = process.num_units, process.stages_per_unit
+        levels, _ = self.shape(roots, units)
+        nfe = sum(m * int(process.stage_nfe(torch.arange(d * s, (d + 1) * s)).sum()) for d, m in enumerate(levels))
+        pruned = self.pruned_depths(units)
+        calls = (levels[0] if self.img_branch > 1 else 0) + sum(levels[d] for d in pruned) + levels[-1]
+        return nfe, calls
+
+    def plan(self, ctx: SearchContext) -> int:
+        p, m = ctx.process, ctx.meter
+        if not all(hasattr(p, a) for a in ("num_units", "stages_per_unit")):
+            raise MmttsError(f"tree-of-frames grows a tree over frame units and needs a frame-autoregressive "
+                             f"process declaring num_units and stages_per_unit (FrameARProcess); "
+                             f"{type(p).__name__} does not")
+        fits = lambda r: m.can_afford(*self.cost(p, r))  # noqa: E731
+        if self.n is not None:
+            if not fits(self.n):
+                nfe, calls = self.cost(p, self.n)
+                m.check_affordable(f"a tree of {self.n} roots", nfe=nfe, verifier_calls=calls)
+            return self.n
+        if not m.counted:
+            raise BudgetError("tree-of-frames with n=None needs an NFE or verifier-call cap to size its tree")
+        if not fits(1):
+            nfe, calls = self.cost(p, 1)
+            raise BudgetError(f"the smallest tree (one root: img_branch={self.img_branch}, branching="
+                              f"{self.branching}) costs {nfe} NFE and {calls} verifier calls; the budget has "
+                              f"{m.remaining_nfe} NFE and {m.remaining_verifier_calls} calls: raise it or use "
+                              "smaller img_branch/branching")
+        lo, hi = 1, 2
+        while fits(hi):
+            lo, hi = hi, 2 * hi
+            ctx.auto_population(hi * self.img_branch, "n")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, ctx: SearchContext) -> Selection:
+        p = ctx.process
+        loop = ctx.restored
+        if loop is None:
+            roots = self.plan(ctx)
+            state = ctx.advance(ctx.fresh(roots * self.img_branch), p.stages_per_unit)
+            if self.img_branch > 1:
+                s = ctx.score(ctx.preview(state), state, final=False).reshape(roots, self.img_branch)
+                best = s.argmax(1) + torch.arange(roots) * self.img_branch  # first of equal scores
+                state = state.select(best)
+            loop = {"roots": roots, "depth": 1, "state": state}
+            ctx.checkpoint(loop)
+        units, pruned = p.num_units, self.pruned_depths(p.num_units)
+        state = loop["state"]
+        while loop["depth"] < units:
+            d = loop["depth"]
+            state = self.branch(p, state, self.children(d))
+            state = ctx.advance(state, p.stages_per_unit)
+            if d in pruned:
+                s = ctx.score(ctx.preview(state), state, final=False)
+                state = state.select(survivors(s, self.prune))
+            loop.update(depth=d + 1, state=state)
+            ctx.checkpoint(loop)
+        out = ctx.finish(state)
+        s = ctx.score(out, state)
+        order = top_k(s, self.keep)
+        levels, kept = self.shape(loop["roots"], units)
+        return Selection(outputs=take(out, order), scores=s[order], state=state.select(order),
+                         population=out, population_scores=s,
+                         extra={"roots": loop["roots"], "levels": levels, "survivors": kept})
+
+    @staticmethod
+    def branch(process, state: State, k: int) -> State:
+        """``k`` children per node: the first continues the node, the others start their unit from fresh noise."""
+        if k == 1:
+            return state
+        kids = state.resample(torch.arange(len(state)).repeat_interleave(k))
+        fresh = (torch.arange(len(kids)) % k != 0).to(torch.float64)
+        return process.perturb(kids, fresh)
