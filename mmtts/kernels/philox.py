@@ -1,4 +1,4 @@
-"""Per-candidate counter-based random numbers: the pure-torch reference, and what every non-CUDA device runs.
+"""Per-candidate counter-based random numbers: the reference, and what every non-CUDA device runs.
 
 Candidate ``b`` owns a 64-bit ``seed[b]`` and a draw counter ``offset[b]``
 (the ``(seed, counter)`` pair of :class:`mmtts.core.rng.Streams`). Element
@@ -10,10 +10,13 @@ the block's four 32-bit words become four normals by Box-Muller and element
 and device, which is what lets the Triton kernel draw it in registers and
 still match this reference.
 
-The reference is vectorized over candidates and elements: 32-bit words live in
-int64 tensors, and one round updates both multiplied words with one product
-(a 32x32-bit product fits 64 bits, so its high and low words are a shift and a
-mask), so a draw costs a few dozen tensor operations whatever the batch.
+The reference is vectorized over candidates and elements and written with
+integer operators only, so the one definition of a round runs on torch
+tensors (int64 words) and on numpy arrays (uint64 words). The CPU draws its
+words through numpy, whose operations cost a fraction of torch's fixed cost
+per call on the small arrays a search draws; other devices run the same
+function on their tensors. Both give the same words, bit for bit, and the
+uniform and Box-Muller mapping after them is the same torch code everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -29,45 +33,32 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 ROUNDS = 10
 _INV_2_24 = 1.0 / 16777216.0
 _INV_2_53 = 1.0 / 9007199254740992.0
-# A round multiplies c0 by A and c2 by B and xors the products' high words into c3 ^ k1 and c1 ^ k0. The words
-# travel as pairs: ``mult`` holds (c0, c2) on even rounds and (c2, c0) on odd ones, so a round's new multiplied
-# pair comes out already in the next round's order; ``other`` holds the pair (c3, c1) or (c1, c3) that lines up
-# with ``mult``'s high words, and so do the round keys: per round, the factors and the key increments of each pair.
-_FACTORS = (torch.tensor([_ROUND_A, _ROUND_B]), torch.tensor([_ROUND_B, _ROUND_A]))
-_KEY_STEPS = torch.tensor([[i * _KEY_B, i * _KEY_A] if i % 2 == 0 else [i * _KEY_A, i * _KEY_B] for i in range(ROUNDS)])
+_U64 = tuple(np.uint64(c) for c in (_M32, _ROUND_A, _ROUND_B, 32))  # numpy's constants, typed once
 
 
 def _int64(t) -> torch.Tensor:
     return t if isinstance(t, torch.Tensor) and t.dtype == torch.int64 else torch.as_tensor(t, dtype=torch.int64)
 
 
-def _on(t: torch.Tensor, device: torch.device, dim: int) -> torch.Tensor:
-    """A constant on ``device``, with ``dim`` trailing broadcast dimensions."""
-    t = t if t.device == device else t.to(device)
-    return t.view(t.shape + (1,) * dim)
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on integer words; broadcasts like ordinary array arithmetic.
 
-
-def philox4x32(c0, c1, c2, c3, k0, k1) -> torch.Tensor:
-    """Philox-4x32-10 on int64 tensors holding uint32 words; broadcasts like ordinary tensor arithmetic.
-
-    Returns the four output words as one int64 tensor of shape (4, *broadcast shape). A 32x32-bit
-    product is exact in int64, so its high word is a shift; words carry junk above bit 31 between rounds
-    and are masked only where it matters (before a product, and at the end).
+    The words are numpy uint64 arrays, or torch int64 tensors or Python
+    integers, holding uint32 values. Returns the four output words stacked
+    into one array of shape (4, *broadcast shape): a uint64 numpy array when
+    any word is a numpy array, an int64 tensor otherwise. A 32x32-bit product
+    is exact modulo 2**64, so its high word is a shift; words carry junk above
+    bit 31 between rounds and are masked only before a product and at the end.
     """
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(_int64(t) for t in (c0, c1, c2, c3)))
-    k0, k1 = torch.broadcast_tensors(_int64(k0), _int64(k1))
-    device, dim = c0.device, max(c0.dim(), k0.dim())
-    factors = [_on(f, device, dim) for f in _FACTORS]
-    # (k1, k0) on even rounds and (k0, k1) on odd ones, plus each round's increments: (ROUNDS, 2, ...)
-    base = torch.stack([k1, k0, k0, k1]).view((2, 2) + k0.shape).repeat((ROUNDS // 2,) + (1,) * (k0.dim() + 1))
-    keys = (base + _on(_KEY_STEPS, device, k0.dim())).unbind(0)
-    mult, other = torch.stack([c0, c2]), torch.stack([c3, c1])
-    for i in range(ROUNDS):
-        prod = (mult & _M32) * factors[i % 2]  # two 32x32-bit products, exact in 64 bits
-        # even round: (hi(A c0) ^ c3 ^ k1, hi(B c2) ^ c1 ^ k0) = (c2', c0'); odd: (c0', c2')
-        mult = (prod >> 32) ^ other ^ keys[i]
-        other = prod.flip(0)  # the low words: (c1', c3') after an even round, (c3', c1') after an odd one
-    return torch.stack([mult[0], other[1], mult[1], other[0]]) & _M32  # ROUNDS is even: (c0, c1, c2, c3)
+    as_numpy = any(isinstance(t, np.ndarray) for t in (c0, c1, c2, c3, k0, k1))
+    mask, mul_a, mul_b, shift = _U64 if as_numpy else (_M32, _ROUND_A, _ROUND_B, 32)
+    for i in range(ROUNDS):  # round i is keyed by (k0 + i A, k1 + i B)
+        p0, p2 = (c0 & mask) * mul_a, (c2 & mask) * mul_b
+        c0, c1, c2, c3 = (p2 >> shift) ^ c1 ^ (k0 + i * _KEY_A), p2, (p0 >> shift) ^ c3 ^ (k1 + i * _KEY_B), p0
+    words = (c0 & mask, c1 & mask, c2 & mask, c3 & mask)
+    if as_numpy:
+        return np.stack(np.broadcast_arrays(*words))
+    return torch.stack(torch.broadcast_tensors(*(_int64(w) for w in words)))
 
 
 def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
@@ -76,12 +67,16 @@ def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
 
 
 def _words(seed: torch.Tensor, offset: torch.Tensor, quads: int) -> torch.Tensor:
-    """Philox output words (4, B, quads) for counters (j, offset low, offset high, 0), j < quads."""
-    seed = _int64(seed).reshape(-1, 1)
-    offset = _int64(offset).reshape(-1, 1)  # non-negative: its high word is offset >> 32
+    """Philox output words (4, B, quads), int64 on the seeds' device, for counters (j, offset low, offset high, 0),
+    j < quads, keyed by the seed: through numpy on the CPU, through torch elsewhere (the same words)."""
+    seed, offset = _int64(seed).reshape(-1, 1), _int64(offset).reshape(-1, 1)  # offsets are non-negative
+    if seed.device.type == "cpu":
+        s, o = seed.numpy().view(np.uint64), offset.numpy().view(np.uint64)
+        mask, shift = _U64[0], _U64[3]
+        j = np.arange(quads, dtype=np.uint64)
+        return torch.from_numpy(philox4x32(j, o & mask, o >> shift, 0, s & mask, s >> shift).view(np.int64))
     j = torch.arange(quads, dtype=torch.int64, device=seed.device)
-    return philox4x32(j, offset & _M32, offset >> 32, torch.zeros((), dtype=torch.int64, device=seed.device),
-                      seed & _M32, (seed >> 32) & _M32)
+    return philox4x32(j, offset & _M32, offset >> 32, 0, seed & _M32, (seed >> 32) & _M32)
 
 
 def philox_normal_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
