@@ -265,7 +265,7 @@ def test_published_eta_carries_its_moving_average_across_reset():
     ad.reset()
     assert ad._ma_probs is not None
     cleared = mmtts.adapt(Net(), "eta", lr=0.05)  # the default clears it
-    run_with_reset(cleared, xs[:4], 9)
+    run(cleared, xs[:4])
     assert cleared._ma_probs is not None
     cleared.reset()
     assert cleared._ma_probs is None
@@ -273,7 +273,11 @@ def test_published_eta_carries_its_moving_average_across_reset():
 
 def test_published_eata_estimates_its_fisher_in_train_mode_and_adapts_batchnorm2d_only():
     model = Net()
-    ad = mmtts.adapt(model, "eata", published=True, fisher_data=torch.randn(32, 3, 8, 8), lr=0.05)
+    modes = []
+    model.drop.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    ad = mmtts.adapt(model, "eata", published=True, fisher_data=torch.randn(32, 3, 8, 8), fisher_batch_size=16,
+                     lr=0.05)
+    assert modes == [True, True]  # two Fisher batches of 16, dropout active
     assert all(n.startswith(("bn1", "layer1", "layer4", "norm")) for n, _ in ad.params)  # no GroupNorm/LayerNorm
     assert sorted(ad.fisher) == sorted(n for n, _ in ad.params)
     assert len(mmtts.adapt(Net(), "eata", fisher_data=torch.randn(32, 3, 8, 8)).params) > len(ad.params)

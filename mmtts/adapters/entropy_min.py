@@ -4,8 +4,8 @@ They adapt the affine parameters of the selected normalization layers; BatchNorm
 layers normalize with the test batch's statistics through
 :mod:`mmtts.kernels` while the adapter runs (and leave their running buffers
 alone), GroupNorm and LayerNorm layers are per-sample anyway. The
-prediction returned for a batch is the one made *before* that batch's update,
-as in the reference implementations.
+prediction returned for a batch is the one made *before* that batch's update
+(with ``steps > 1``, the first step's), as in the reference implementations.
 
 ``published=True`` (TENT, EATA/ETA, DeYO) reproduces the published code where
 mmtts departs from it by default: the whole model in training mode (dropout and
