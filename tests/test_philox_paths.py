@@ -1,14 +1,16 @@
-"""The Philox reference's two routes to the same words: numpy on the CPU, torch on other devices.
+"""The Philox reference's routes to the same words: Python integers or numpy on the CPU, torch elsewhere.
 
-``philox4x32`` is one function of integer operators; the CPU runs it on
-numpy uint64 arrays, every other non-CUDA device on int64 tensors. These
-tests hold the two routes to the same words, bit for bit, and pin a few
-draws, so that a faster route can never change the noise a seed gives.
+The rounds are one function of integer operators; the CPU runs them on
+Python integers (a few blocks) or numpy uint64 arrays, every other non-CUDA
+device on int64 tensors. These tests hold the routes to the same words, bit
+for bit, and pin a few draws, so that a faster route can never change the
+noise a seed gives.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mmtts.kernels import philox
@@ -37,14 +39,16 @@ def test_numpy_torch_and_integer_words_agree():
         assert ints.tolist() == via_torch[:, col].tolist()
 
 
-def test_cpu_words_equal_the_torch_route():
+@pytest.mark.parametrize("below", [0, 10 ** 9], ids=["numpy", "python-integers"])
+def test_cpu_words_equal_the_torch_route(monkeypatch, below):
+    monkeypatch.setattr(philox, "_PER_BLOCK_BELOW", below)  # every draw takes one CPU route
     g = torch.Generator().manual_seed(3)
-    for b, quads in ((1, 1), (3, 2), (16, 2), (5, 1000)):
+    for b, quads in ((1, 1), (3, 2), (16, 2), (5, 100)):
         seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (b,), generator=g, dtype=torch.int64)
         offset = torch.randint(0, 2 ** 62, (b,), generator=g, dtype=torch.int64)
         offset[0] = 0
         cpu = philox._words(seed, offset, quads)
-        assert cpu.dtype == torch.int64 and cpu.shape == (4, b, quads)
+        assert cpu.dtype == torch.int64 and cpu.shape == (4, b, quads) and cpu.is_contiguous()
         assert torch.equal(cpu, _torch_route(seed, offset, quads))
 
 
@@ -58,7 +62,9 @@ UNIFORMS = [["0x1.989fa370b4e2cp-2", "0x1.78af58a6c036fp-1", "0x1.f1c999572c803p
             ["0x1.17225e0d53cb8p-4", "0x1.eec48806307b9p-1", "0x1.198fc2e8651b0p-3"]]
 
 
-def test_draws_are_pinned_bit_for_bit():
+@pytest.mark.parametrize("below", [0, 10 ** 9], ids=["numpy", "python-integers"])
+def test_draws_are_pinned_bit_for_bit(monkeypatch, below):
+    monkeypatch.setattr(philox, "_PER_BLOCK_BELOW", below)
     normals = philox_normal_reference(SEED, OFFSET, 6)
     assert normals.tolist() == [[float.fromhex(h) for h in row] for row in NORMALS]
     uniforms = philox_uniform_reference(SEED, OFFSET, 3)

@@ -11,12 +11,13 @@ and device, which is what lets the Triton kernel draw it in registers and
 still match this reference.
 
 The reference is vectorized over candidates and elements and written with
-integer operators only, so the one definition of a round runs on torch
-tensors (int64 words) and on numpy arrays (uint64 words). The CPU draws its
-words through numpy, whose operations cost a fraction of torch's fixed cost
-per call on the small arrays a search draws; other devices run the same
-function on their tensors. Both give the same words, bit for bit, and the
-uniform and Box-Muller mapping after them is the same torch code everywhere.
+integer operators only, so the one definition of the rounds runs on Python
+integers, numpy uint64 arrays and torch int64 tensors alike. The CPU draws
+its words as Python integers when there are a few blocks and as numpy arrays
+otherwise: either costs a fraction of torch's fixed cost per operation on the
+small arrays a search draws. Other devices run the same rounds on their
+tensors. Every route gives the same words, bit for bit, and the uniform and
+Box-Muller mapping after them is the same torch code everywhere.
 """
 
 from __future__ import annotations
@@ -33,11 +34,27 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # round multipliers
 ROUNDS = 10
 _INV_2_24 = 1.0 / 16777216.0
 _INV_2_53 = 1.0 / 9007199254740992.0
-_U64 = tuple(np.uint64(c) for c in (_M32, _ROUND_A, _ROUND_B, 32))  # numpy's constants, typed once
+_INTS = (_M32, _ROUND_A, _ROUND_B, 32)  # the constants for Python integers and torch tensors
+_U64 = tuple(np.uint64(c) for c in _INTS)  # and for numpy's uint64 arrays, typed once
+_PER_BLOCK_BELOW = 16  # measured: below this many blocks, Python integers beat numpy's fixed cost per operation
 
 
 def _int64(t) -> torch.Tensor:
     return t if isinstance(t, torch.Tensor) and t.dtype == torch.int64 else torch.as_tensor(t, dtype=torch.int64)
+
+
+def _rounds(c0, c1, c2, c3, k0, k1, mask, mul_a, mul_b, shift) -> tuple:
+    """The ten Philox rounds on counter words ``c`` and key words ``k``, in integer operators only; returns the
+    four output words. ``mask``, ``mul_a``, ``mul_b`` and ``shift`` are the constants in the words' own type.
+
+    A 32x32-bit product is exact modulo 2**64, so its high word is a shift;
+    words carry junk above bit 31 between rounds and are masked only before a
+    product and at the end.
+    """
+    for i in range(ROUNDS):  # round i is keyed by (k0 + i A, k1 + i B)
+        p0, p2 = (c0 & mask) * mul_a, (c2 & mask) * mul_b
+        c0, c1, c2, c3 = (p2 >> shift) ^ c1 ^ (k0 + i * _KEY_A), p2, (p0 >> shift) ^ c3 ^ (k1 + i * _KEY_B), p0
+    return c0 & mask, c1 & mask, c2 & mask, c3 & mask
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1):
@@ -46,18 +63,11 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
     The words are numpy uint64 arrays, or torch int64 tensors or Python
     integers, holding uint32 values. Returns the four output words stacked
     into one array of shape (4, *broadcast shape): a uint64 numpy array when
-    any word is a numpy array, an int64 tensor otherwise. A 32x32-bit product
-    is exact modulo 2**64, so its high word is a shift; words carry junk above
-    bit 31 between rounds and are masked only before a product and at the end.
+    any word is a numpy array, an int64 tensor otherwise.
     """
-    as_numpy = any(isinstance(t, np.ndarray) for t in (c0, c1, c2, c3, k0, k1))
-    mask, mul_a, mul_b, shift = _U64 if as_numpy else (_M32, _ROUND_A, _ROUND_B, 32)
-    for i in range(ROUNDS):  # round i is keyed by (k0 + i A, k1 + i B)
-        p0, p2 = (c0 & mask) * mul_a, (c2 & mask) * mul_b
-        c0, c1, c2, c3 = (p2 >> shift) ^ c1 ^ (k0 + i * _KEY_A), p2, (p0 >> shift) ^ c3 ^ (k1 + i * _KEY_B), p0
-    words = (c0 & mask, c1 & mask, c2 & mask, c3 & mask)
-    if as_numpy:
-        return np.stack(np.broadcast_arrays(*words))
+    if any(isinstance(t, np.ndarray) for t in (c0, c1, c2, c3, k0, k1)):
+        return np.stack(np.broadcast_arrays(*_rounds(c0, c1, c2, c3, k0, k1, *_U64)))
+    words = _rounds(c0, c1, c2, c3, k0, k1, *_INTS)
     return torch.stack(torch.broadcast_tensors(*(_int64(w) for w in words)))
 
 
@@ -68,15 +78,25 @@ def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
 
 def _words(seed: torch.Tensor, offset: torch.Tensor, quads: int) -> torch.Tensor:
     """Philox output words (4, B, quads), int64 on the seeds' device, for counters (j, offset low, offset high, 0),
-    j < quads, keyed by the seed: through numpy on the CPU, through torch elsewhere (the same words)."""
+    j < quads, keyed by the seed.
+
+    The same rounds, by the cheapest route: on the CPU, Python integers for a
+    few blocks and numpy arrays for more; torch tensors on other devices.
+    """
     seed, offset = _int64(seed).reshape(-1, 1), _int64(offset).reshape(-1, 1)  # offsets are non-negative
-    if seed.device.type == "cpu":
-        s, o = seed.numpy().view(np.uint64), offset.numpy().view(np.uint64)
-        mask, shift = _U64[0], _U64[3]
-        j = np.arange(quads, dtype=np.uint64)
-        return torch.from_numpy(philox4x32(j, o & mask, o >> shift, 0, s & mask, s >> shift).view(np.int64))
-    j = torch.arange(quads, dtype=torch.int64, device=seed.device)
-    return philox4x32(j, offset & _M32, offset >> 32, 0, seed & _M32, (seed >> 32) & _M32)
+    b = seed.shape[0]
+    if seed.device.type != "cpu":
+        j = torch.arange(quads, dtype=torch.int64, device=seed.device)
+        return philox4x32(j, offset & _M32, offset >> 32, 0, seed & _M32, (seed >> 32) & _M32)
+    if 0 < b * quads < _PER_BLOCK_BELOW:
+        m = _M32
+        blocks = [_rounds(j, o & m, o >> 32, 0, s & m, (s >> 32) & m, *_INTS)
+                  for s, o in zip(seed.view(-1).tolist(), offset.view(-1).tolist()) for j in range(quads)]
+        return torch.tensor(list(zip(*blocks)), dtype=torch.int64).view(4, b, quads)
+    s, o = seed.numpy().view(np.uint64), offset.numpy().view(np.uint64)
+    mask, shift = _U64[0], _U64[3]
+    j = np.arange(quads, dtype=np.uint64)
+    return torch.from_numpy(philox4x32(j, o & mask, o >> shift, 0, s & mask, s >> shift).view(np.int64))
 
 
 def philox_normal_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
