@@ -15,9 +15,7 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -25,7 +23,6 @@ import numpy as np
 from scipy import stats
 
 from .core.errors import MmttsError
-from .core.progress import progress_bar
 from .tasks.base import Task
 
 VERSION_PACKAGES = ("mmtts", "torch", "torchvision", "numpy", "scipy", "scikit-learn", "diffusers", "transformers",
@@ -135,38 +132,47 @@ def _check_sweep(task: Task, seeds, budgets, settings, methods):
     return list(seeds), budgets, settings, methods
 
 
+def sweep_cells(settings: list[str], methods: list[str], budgets: list, seeds: list[int]) -> list[tuple]:
+    """Every (setting, method, budget, seed) run of a sweep, in the order of the rows."""
+    return [(st, m, b, s) for st in settings for m in methods for b in budgets for s in seeds]
+
+
 def run_benchmark(task: Task, seeds: list[int], budgets: list[int] | None, methods: list[str] | None = None,
                   out: str | os.PathLike | None = None, command: str | None = None,
-                  settings: list[str] | None = None) -> dict:
-    """Run the sweep and, when ``out`` is given, write ``<task>.json``, ``<task>.md`` and ``<task>.png`` there."""
+                  settings: list[str] | None = None, resume: bool = False) -> dict | None:
+    """Run the sweep and, when ``out`` is given, write ``<task>.json``, ``<task>.md`` and ``<task>.png`` there.
+
+    With ``out``, each finished cell is saved under ``<out>/<task>.cells/`` and ``resume=True`` runs only the
+    missing ones. Under ``accelerate launch`` the cells are shared out over the processes
+    (:mod:`mmtts.distributed.cells`); rank 0 writes the results and returns them, the other ranks return None.
+    """
+    from .distributed.cells import CellStore, run_cells
+    from .distributed.comm import launched_world_size
     seeds, budgets, settings, methods = _check_sweep(task, seeds, budgets, settings, methods)
     if out is not None:
         check_out_dir(out)
-    task.prepare()
+    cells = sweep_cells(settings, methods, budgets, seeds)
+    store = CellStore(out, task.name, task.describe()) if out is not None else None
+    done = run_cells(cells, lambda c: task.run(c[1], c[0], c[2], c[3]), task.prepare, store, resume,
+                     f"bench {task.name}")
+    if done is None:
+        return None
     rows, timings, per_seed = [], [], {}
-    total = len(methods) * len(settings) * len(budgets) * len(seeds)
-    with progress_bar(total, f"bench {task.name}") as advance:
-        for setting in settings:
-            for method in methods:
-                for budget in budgets:
-                    runs, secs = [], []
-                    for seed in seeds:
-                        t0 = time.perf_counter()
-                        runs.append(task.run(method, setting, budget, seed))
-                        secs.append(time.perf_counter() - t0)
-                        advance(1, setting=setting, method=method, budget=budget)
-                    metrics, raw = {}, {}
-                    for k in runs[0]:
-                        vals = [float(r[k]) for r in runs]
-                        metrics[k], metrics[f"{k}_ci95"] = mean_ci95(vals)
-                        raw[k] = vals
-                    per_seed[(setting, method, budget)] = raw
-                    rows.append({"method": method, "setting": setting, "budget": budget,
-                                 "detail": task.detail(method, setting, budget), "metrics": metrics,
-                                 "per_seed": raw})
-                    timings.append({"method": method, "setting": setting, "budget": budget,
-                                    "seconds_per_run": float(np.mean(secs)),
-                                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
+    for setting in settings:
+        for method in methods:
+            for budget in budgets:
+                runs = [done[(setting, method, budget, seed)] for seed in seeds]
+                metrics, raw = {}, {}
+                for k in runs[0]["metrics"]:
+                    vals = [r["metrics"][k] for r in runs]
+                    metrics[k], metrics[f"{k}_ci95"] = mean_ci95(vals)
+                    raw[k] = vals
+                per_seed[(setting, method, budget)] = raw
+                rows.append({"method": method, "setting": setting, "budget": budget,
+                             "detail": task.detail(method, setting, budget), "metrics": metrics, "per_seed": raw})
+                timings.append({"method": method, "setting": setting, "budget": budget,
+                                "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
+                                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)})
     comparisons = []
     key = task.primary_metric
     if task.baseline in methods:
@@ -186,6 +192,7 @@ def run_benchmark(task: Task, seeds: list[int], budgets: list[int] | None, metho
         "command": command or " ".join(["mmtts", *sys.argv[1:]]),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "processes": launched_world_size(),
         "versions": versions(),
         "seeds": seeds,
         "settings": settings,

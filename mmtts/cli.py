@@ -23,6 +23,7 @@ examples:
   mmtts demo                                   run the embedded default (toy-gmm) and print the table
   mmtts list                                   strategies, adapters, tasks and verifiers
   mmtts bench toy-gmm --seeds 0 1 2 --budgets 20 80 320 --out results/
+  mmtts bench image-search --quick --processes 2 --out results/   cells over 2 processes (accelerate)
   mmtts tasks prepare toy-gmm --option model=learned   train and cache a task's reference model
 """
 
@@ -74,6 +75,13 @@ def _print_table(results: dict) -> None:
 
 def cmd_bench(args) -> int:
     from .bench import run_benchmark
+    from .distributed.comm import launched_world_size
+    if args.processes < 1:
+        from .core.errors import MmttsError
+        raise MmttsError(f"--processes {args.processes}: pass a positive number of processes")
+    if args.processes > 1 and launched_world_size() == 1:
+        from .distributed.launch import launch_bench
+        return launch_bench(args.argv, args.processes, args.out, args.task)
     task = _make_task(args.task, quick=args.quick, options=args.option)
     seeds = args.seeds if args.seeds is not None else list(task.default_seeds)
     budgets = args.budgets
@@ -84,7 +92,9 @@ def cmd_bench(args) -> int:
         settings = list(task.quick_settings)
     command = "mmtts " + " ".join(shlex.quote(a) for a in args.argv) if args.command is None else args.command
     results = run_benchmark(task, seeds, budgets, methods=args.methods, out=args.out, command=command,
-                            settings=settings)
+                            settings=settings, resume=args.resume)
+    if results is None:  # a worker of a sharded sweep: rank 0 writes the results
+        return 0
     _print_table(results)
     print(f"wrote {args.out}/{task.name}.json, .md and .png")
     return 0
@@ -132,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="mmtts-results", help="directory for <task>.json/.md/.png (default: %(default)s)")
     s.add_argument("--quick", action="store_true", help="the small version (as run in the test suite)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    s.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="share the cells out over N processes started with accelerate (default: 1)")
+    s.add_argument("--resume", action="store_true",
+                   help="run only the cells missing from --out (finished cells are saved as they finish)")
     s.add_argument("--command", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_bench)
 

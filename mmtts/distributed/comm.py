@@ -71,6 +71,18 @@ class Traffic:
         return {"sent": dict(self.sent), "received": dict(self.received), "calls": dict(self.calls)}
 
 
+#: bytes moved by the collectives of this process, summed over every :class:`Comm` (see :func:`traffic`)
+TRAFFIC = Traffic({}, {}, {})
+
+
+def traffic(reset: bool = False) -> dict:
+    """Bytes this process sent and received per operation (init, step, preview, finish, score) so far."""
+    out = TRAFFIC.as_dict()
+    if reset:
+        TRAFFIC.sent.clear(), TRAFFIC.received.clear(), TRAFFIC.calls.clear()
+    return out
+
+
 class Comm:
     """This process's place in the group and the checked collectives of a sharded run.
 
@@ -93,7 +105,7 @@ class Comm:
         self.dist = dist if self.world > 1 else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and \
             dist.get_backend() == "nccl" else torch.device("cpu")
-        self.traffic = Traffic({}, {}, {})
+        self.traffic = TRAFFIC
 
     @property
     def is_main(self) -> bool:

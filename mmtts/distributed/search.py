@@ -29,7 +29,7 @@ from ..core.errors import MmttsError
 from ..core.process import Process
 from ..core.rng import Streams
 from ..core.state import State
-from ..core.verifier import NonFiniteScoreWarning, Verifier, check_scores
+from ..core.verifier import NonFiniteScoreWarning, Verifier
 from .comm import Comm
 
 #: where a verifier runs in a sharded search: each rank scores its slice, rank 0 scores all (its scores are
@@ -210,12 +210,11 @@ class ShardedVerifier(Verifier):
 
 
 def _raw_scores(verifier: Verifier, outputs: Any, context: Any) -> torch.Tensor:
-    """The verifier's scores as a float64 (n,) tensor, shape-checked; non-finite ones already at -inf, silently
-    (the gathered batch is checked, and warned about, once)."""
-    s = verifier.score(outputs, context)
+    """The verifier's validated scores of ``outputs``, counted by the verifier itself, without its warning about
+    non-finite scores (already at -inf; the gathered batch is checked, and warned about, once)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonFiniteScoreWarning)
-        return check_scores(s, batch_size(outputs), verifier.name, nonfinite="last")
+        return verifier(outputs, context)
 
 
 def _is_batch(context: Any, n: int) -> bool:
