@@ -17,9 +17,21 @@ samples into one group. The published code assumes one prompt per batch.
 its UI-TARS branch every answer grown by ``point_expand_size`` pixels per
 side, in its Qwen branch none (a click there is an empty box and earns 0).
 
-The policy is a model ``model(images, tokens) -> logits (B, rows, cols)``
-over a grid of screen cells (as :class:`mmtts.modalities.gui.model.GroundingNet`),
-so the policy's distribution, its log-probabilities and the KL are exact.
+Two kinds of policy share the adapter. A grid-cell policy
+``model(images, tokens) -> logits (B, rows, cols)`` (as
+:class:`mmtts.modalities.gui.model.GroundingNet`) has its distribution in
+closed form, so its log-probabilities and the KL are exact. Any transformers
+causal LM or VLM with ``generate()`` and its processor is a token policy:
+for each prompt ``n`` answers are generated in one batched call, parsed in
+the model's coordinate space (an unparseable answer is a missing vote,
+reward 0), and scored by the log-probabilities of their tokens under the
+current policy (one forward per prompt); the loss per token is
+``-advantage * log p + beta * KL`` with the KL to the starting policy
+estimated on the sampled tokens (k3: ``exp(r) - r - 1``, ``r = log p_ref -
+log p``), averaged over each answer's tokens. LoRA adapters through
+``peft`` are its default trainable parameters (the reference policy is the
+model with its adapters disabled); ``trainable="full"`` fine-tunes every
+parameter matched by ``include`` (the reference is the snapshot).
 """
 
 from __future__ import annotations
@@ -37,8 +49,9 @@ from ..core.errors import MmttsError
 from ..core.registry import ADAPTERS
 from ..core.rng import derive_seed
 from ..core.settings import renamed
+from ..modalities.gui.coords import CoordSpace
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..strategies.region_vote import as_coords, point_boxes, region_rewards
+from ..strategies.region_vote import as_coords, consensus, point_boxes, region_rewards, vote_boxes
 
 #: the published reward's branches: how much an answer grows per side before it votes
 BRANCHES = ("ui-tars", "qwen")
@@ -62,8 +75,9 @@ def grouped_region_rewards(points: np.ndarray, groups: np.ndarray, sizes: dict, 
                            boxes: np.ndarray | None = None) -> np.ndarray:
     """Region-consistency reward of each answer within the group of its prompt id (``sizes``: id -> (w, h)).
 
-    Answers vote with ``boxes`` (n, 4) pixels when given (box answers), else with alpha-squares on the clicks."""
-    votes = point_boxes(points, alpha) if boxes is None else as_coords(boxes, "boxes", 4)
+    Answers vote with ``boxes`` (n, 4) pixels when given (box answers), else with alpha-squares on the clicks;
+    a row of ``boxes`` that is NaN (an answer that was a click) votes with its click's alpha-square."""
+    votes = vote_boxes(points, boxes, alpha)
     return _per_group(votes, groups, sizes, published=False)
 
 
@@ -115,13 +129,18 @@ def _per_group(votes: np.ndarray, groups: np.ndarray, sizes: dict, published: bo
 class GUIRCPO(Adapter):
     """Region-consistency policy optimisation at test time.
 
-    ``adapter(batch)`` takes ``{"images": (B, 3, H, W), "tokens": (B, L),
-    "sizes": (B, 2) original (width, height), "ids": (B,) prompt ids}``,
-    returns the greedy clicks of the policy before the update, (B, 2) in
-    pixels, and takes one GRPO step.
+    With a grid-cell policy, ``adapter(batch)`` takes ``{"images": (B, 3, H, W),
+    "tokens": (B, L), "sizes": (B, 2) original (width, height), "ids": (B,)
+    prompt ids}``, returns the greedy clicks of the policy before the
+    update, (B, 2) in pixels, and takes one GRPO step. With a transformers
+    policy the batch is ``{"images": B screenshots (PIL), "instructions": B
+    strings, "sizes", "ids"}`` and the returned clicks are each prompt's
+    region vote over its ``n`` samples (NaN when none parsed): the answers
+    GUI-RC gives, at no extra generation.
 
     Args:
-        model: the policy, ``model(images, tokens) -> logits (B, rows, cols)`` with ``model.cells``.
+        model: the policy: ``model(images, tokens) -> logits (B, rows, cols)`` with ``model.cells``, or a
+            transformers model with ``generate()`` (then pass ``processor``).
         n: clicks sampled per prompt (a group; at least 2).
         temperature: sampling temperature of the clicks and of the KL's distributions.
         alpha: side in pixels of the square a click votes with.
@@ -144,6 +163,14 @@ class GUIRCPO(Adapter):
         branch: with ``published``, the published reward's branch: "ui-tars" (answers grown by
             ``point_expand_size`` per side) or "qwen" (no growth; clicks earn 0).
         point_expand_size: with ``published``, pixels the "ui-tars" branch adds to every side of an answer.
+        processor: a transformers policy's processor (screenshot and text in, model inputs out).
+        space: a transformers policy's answer space ('permille', 'pixel', 'unit', 'resized:WxH').
+        prompt: a transformers policy's prompt, formatted with ``{instruction}`` (holding its image placeholder).
+        max_new_tokens: the longest answer a transformers policy generates.
+        trainable: a transformers policy's trainable parameters: "lora" (adapters added through ``peft``;
+            ``include`` defaults to them) or "full" (``include`` defaults to every parameter).
+        lora: keyword arguments of ``peft.LoraConfig`` (default: rank 8, alpha 16, no dropout, on the
+            attention projections ``q_proj`` and ``v_proj``).
         samples: deprecated spelling of ``n``.
     """
 
@@ -153,7 +180,9 @@ class GUIRCPO(Adapter):
                  alpha: float = 50.0, beta: float = 0.04, lr: float = 1e-4, include: Sequence[str] | None = None,
                  seed: int = 0, episodic: bool = False, answers: str = "point",
                  reward: Callable[..., np.ndarray] | None = None, published: bool = False,
-                 branch: str = "ui-tars", point_expand_size: int = 100, samples: int | None = None):
+                 branch: str = "ui-tars", point_expand_size: int = 100, processor=None,
+                 space: CoordSpace | str = "permille", prompt: str = "{instruction}", max_new_tokens: int = 32,
+                 trainable: str = "lora", lora: dict | None = None, samples: int | None = None):
         n = renamed("gui-rcpo", "n", n, samples=samples)
         n = 16 if n is None else n
         if int(n) != n or n < 2:
@@ -169,6 +198,10 @@ class GUIRCPO(Adapter):
             raise MmttsError(f"answers='box' needs a policy that gives boxes (has_boxes and forward_with_boxes, "
                              f"as BoxGrounding); {type(model).__name__} has none")
         self.answers = answers
+        self.tokens = hasattr(model, "generate")
+        if self.tokens:
+            model, include = self._token_policy(model, processor, space, prompt, max_new_tokens, trainable, lora,
+                                                include)
         self.patterns = list(include) if include else ["*"]
         self.seed, self.updates = int(seed), 0
         if published and reward is not None:
@@ -180,6 +213,34 @@ class GUIRCPO(Adapter):
         self.published = bool(published)
         self.reward = grouped_region_rewards if reward is None else reward
         super().__init__(model, norm_kinds=(), episodic=episodic)
+
+    def _token_policy(self, model, processor, space, prompt, max_new_tokens, trainable, lora, include):
+        """Check a transformers policy's settings and add its LoRA adapters; returns the model and ``include``."""
+        from ..modalities.gui.transformers_sampler import check_generation_config
+
+        if processor is None:
+            raise MmttsError(f"{type(model).__name__} is a transformers policy: pass its processor= (screenshot and "
+                             "text in, model inputs out)")
+        if self.answers != "point":
+            raise MmttsError("answers='box' is for grid-cell policies with a box network; a transformers policy "
+                             "answers with whatever it writes (points or boxes), parsed in its space")
+        if trainable not in ("lora", "full"):
+            raise MmttsError(f"trainable={trainable!r}; choose 'lora' (adapters through peft) or 'full'")
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise MmttsError(f"max_new_tokens={max_new_tokens} must be a whole number >= 1")
+        check_generation_config(model)
+        self.processor, self.space, self.prompt = processor, CoordSpace.parse(space), str(prompt)
+        self.max_new_tokens, self.trainable = int(max_new_tokens), trainable
+        if trainable == "full":
+            return model, include
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise MmttsError("trainable='lora' needs the peft package (pip install peft); or pass "
+                             "trainable='full' to fine-tune the model's own parameters") from None
+        settings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                    **(lora or {})}
+        return get_peft_model(model, LoraConfig(**settings)), include or ["*lora_*"]
 
     def configure_model(self) -> None:
         self.model.eval()
@@ -204,18 +265,30 @@ class GUIRCPO(Adapter):
         self.updates = state["updates"]
 
     def _check(self, batch: dict):
-        missing = [k for k in ("images", "tokens", "sizes", "ids") if k not in batch]
+        keys = ("images", "instructions", "sizes", "ids") if self.tokens else ("images", "tokens", "sizes", "ids")
+        missing = [k for k in keys if k not in batch]
         if missing:
-            raise MmttsError(f"GUI-RCPO batch lacks {missing}; it needs images, tokens, sizes and ids (no labels)")
+            raise MmttsError(f"GUI-RCPO batch lacks {missing}; it needs {', '.join(keys)} (no labels)")
         b = len(batch["ids"])
         if b == 0:
             raise MmttsError("GUI-RCPO got an empty batch; pass at least one prompt")
-        for k in ("images", "tokens", "sizes"):
+        for k in keys[:3]:
             if len(batch[k]) != b:
                 raise MmttsError(f"batch[{k!r}] has {len(batch[k])} rows for {b} prompt ids")
 
+    def _rewards(self, points: np.ndarray, groups: np.ndarray, size_of: dict, **extra) -> torch.Tensor:
+        rewards = torch.as_tensor(np.asarray(self.reward(points, groups, size_of, self.alpha, **extra),
+                                             dtype=np.float64))
+        if rewards.shape != (len(points),) or not torch.isfinite(rewards).all():
+            raise MmttsError(f"the GUI-RCPO reward must give one finite number per click: {len(points)} clicks, "
+                             f"got shape {tuple(rewards.shape)} with {int((~torch.isfinite(rewards)).sum())} "
+                             "non-finite; fix the reward function")
+        return rewards
+
     def forward_and_adapt(self, batch: dict) -> torch.Tensor:
         self._check(batch)
+        if self.tokens:
+            return self._adapt_tokens(batch)
         images, tokens = batch["images"], batch["tokens"]
         sizes = torch.as_tensor(batch["sizes"], dtype=torch.float64)
         ids = torch.as_tensor(batch["ids"]).reshape(-1)
@@ -237,12 +310,7 @@ class GUIRCPO(Adapter):
         if extents is not None:
             scale = torch.cat([sizes, sizes], 1)[:, None]                                  # (B, 1, 4)
             extra["boxes"] = (boxes_at(extents.detach(), cells) * scale).reshape(-1, 4).numpy()
-        rewards = torch.as_tensor(np.asarray(self.reward(points, groups, size_of, self.alpha, **extra),
-                                             dtype=np.float64))
-        if rewards.shape != (len(points),) or not torch.isfinite(rewards).all():
-            raise MmttsError(f"the GUI-RCPO reward must give one finite number per click: {len(points)} clicks, "
-                             f"got shape {tuple(rewards.shape)} with {int((~torch.isfinite(rewards)).sum())} "
-                             "non-finite; fix the reward function")
+        rewards = self._rewards(points, groups, size_of, **extra)
         adv = group_advantages(rewards, torch.from_numpy(groups)).float().reshape(cells.shape)
         pg = -(adv * logp.gather(1, cells)).mean()
         loss = pg
@@ -257,6 +325,71 @@ class GUIRCPO(Adapter):
         self.updates += 1
         self.last = {"reward": float(rewards.mean()), "loss": float(loss.detach())}
         return greedy
+
+
+    def _adapt_tokens(self, batch: dict) -> torch.Tensor:
+        """One GRPO step of a transformers policy on a batch of prompts (see the module's docstring)."""
+        from ..modalities.gui.parse import parse_answers
+        from ..modalities.gui.transformers_sampler import generate_answers, sequence_logprobs
+
+        sizes = torch.as_tensor(np.asarray(batch["sizes"], dtype=np.float64))
+        if sizes.ndim != 2 or sizes.shape[1] != 2 or not (sizes > 0).all():
+            raise MmttsError(f"batch['sizes'] must be (B, 2) positive (width, height) of the screenshots; got "
+                             f"{tuple(sizes.shape)}")
+        ids = torch.as_tensor(batch["ids"]).reshape(-1)
+        size_of = {int(i): tuple(int(v) for v in s) for i, s in zip(ids.tolist(), sizes.tolist())}
+        gens, points, boxes = [], [], []
+        for b, (image, instruction) in enumerate(zip(batch["images"], batch["instructions"])):
+            seeds = [derive_seed(self.seed, self.updates, b, j) for j in range(self.n)]
+            g = generate_answers(self.model, self.processor, image, self.prompt.format(instruction=instruction),
+                                 seeds, self.temperature, 1.0, self.max_new_tokens)
+            p = parse_answers(g.texts, self.space, size_of[int(ids[b])])
+            gens.append(g)
+            points.append(p.points)
+            boxes.append(p.boxes)
+        points, boxes = np.concatenate(points), np.concatenate(boxes)
+        groups = ids.repeat_interleave(self.n).numpy()
+        extra = {"boxes": boxes} if np.isfinite(boxes).all(1).any() else {}
+        rewards = self._rewards(points, groups, size_of, **extra)
+        adv = group_advantages(rewards, torch.from_numpy(groups)).float().reshape(len(gens), self.n)
+        self.optimizer.zero_grad()
+        total, kl_sum = 0.0, 0.0
+        for g, a in zip(gens, adv):
+            logp = sequence_logprobs(self.model, g.inputs, g.tokens, self.temperature)
+            mask = g.mask.to(logp.dtype)
+            per_token = -a[:, None] * logp
+            if self.beta > 0:
+                with torch.no_grad():
+                    ref = self._reference_logprobs(g)
+                r = ref - logp
+                kl = r.exp() - r - 1
+                per_token = per_token + self.beta * kl
+                kl_sum += float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+            loss = ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).sum() / (len(gens) * self.n)
+            loss.backward()
+            total += float(loss.detach())
+        self.optimizer.step()
+        self.updates += 1
+        self.last = {"reward": float(rewards.mean()), "loss": total, "kl": kl_sum / len(gens),
+                     "parsed": float(np.isfinite(points).all(1).mean())}
+        votes = np.full((len(gens), 2), np.nan)
+        for b in range(len(gens)):
+            rows = slice(b * self.n, (b + 1) * self.n)
+            c = consensus(vote_boxes(points[rows], boxes[rows], self.alpha), *size_of[int(ids[b])])
+            if c.point is not None:
+                votes[b] = c.point
+        return torch.from_numpy(votes)
+
+    def _reference_logprobs(self, g) -> torch.Tensor:
+        """Log-probabilities of a generation's tokens under the starting policy."""
+        from ..modalities.gui.transformers_sampler import sequence_logprobs
+
+        if self.trainable == "lora":
+            with self.model.disable_adapter():
+                return sequence_logprobs(self.model, g.inputs, g.tokens, self.temperature)
+        start = self._snapshot["params"]
+        return sequence_logprobs(lambda **kw: functional_call(self.model, start, (), kw), g.inputs, g.tokens,
+                                 self.temperature)
 
 
 def cell_grid(model, logits: torch.Tensor) -> tuple[int, int]:
