@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..core.batch import concat, take
 from ..core.errors import BudgetError, SettingsError
 from ..core.registry import STRATEGIES
-from ..core.settings import real, renamed, whole
+from ..core.settings import flag, real, renamed, whole
 from ..core.rng import StrategyRNG
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy, top_k
@@ -62,6 +63,22 @@ class EvoSearch(Strategy):
     ``noise_generations``, noise generations run until the deadline, with no
     trajectory phase.
 
+    **Lineages.** A lineage is every candidate descended from one fresh noise
+    (``State.origin``). Selection by score alone lets the best lineage take
+    every place within a few generations, so the kept outputs are near copies
+    of one image. With ``lineages`` = L > 1, a lineage holds at most
+    ceil(k / L) of any k places filled by rank or tournament: of a
+    generation's ``elites``, of a trajectory generation's n places (its elites
+    included), and of the ``keep`` outputs returned. A tournament winner whose
+    lineage is full gives its place to the member at the same rank among those
+    whose lineage has room, so selection pressure stays the same; places the
+    cap cannot fill (fewer lineages than it needs) go by rank. Every trajectory
+    generation then holds at least min(L, n) lineages when it starts from that
+    many, and the kept outputs come from distinct lineages first. The best
+    candidate is always an elite and always returned first. This departs from
+    the published algorithm, which selects by score alone: ``lineages=1`` (or
+    ``published=True``) is that algorithm.
+
     Args:
         n: the population (candidates per generation); ``population`` is its deprecated name.
         initial: fresh candidates of generation 0 (default ``n``).
@@ -73,12 +90,17 @@ class EvoSearch(Strategy):
         noise_generations: generations over the initial noise (default: as many as the budget pays for).
         stages: the evolution stages e_1 < e_2 < ... (default: every stage after the first).
         keep: how many of the best finished candidates to return.
+        lineages: L, the lineages the elites, each trajectory generation and the kept outputs are spread
+            over (default ``keep``: one lineage per kept output; 1 selects by score alone).
+        published: select as the published EvoSearch does, by score alone (``lineages=1``); the mutation
+            of an intermediate latent still applies before its step.
     """
 
     def __init__(self, n: int | None = None, initial: int | None = None, elites: int | None = None,
                  tournament: int = 2, archive_fraction: float = 0.9, noise_beta: float = 0.2,
                  latent_scale: float = 1.0, noise_generations: int | None = None, stages: list[int] | None = None,
-                 keep: int = 1, population: int | None = None):
+                 keep: int = 1, lineages: int | None = None, published: bool = False,
+                 population: int | None = None):
         me = "evosearch"
         n = renamed(me, "n", n, 8, population=population)  # default 8
         n, tournament, keep = whole("n", n, me), whole("tournament", tournament, me), whole("keep", keep, me)
@@ -97,13 +119,21 @@ class EvoSearch(Strategy):
             if stages != sorted(set(stages)) or any(e < 1 for e in stages):
                 raise SettingsError(f"evolution stages {stages} must be strictly increasing and >= 1 (the initial "
                                     "noise evolves in the noise generations)")
+        published = flag("published", published, me)
+        lineages = whole("lineages", lineages, me, none=True)
+        if published and lineages not in (None, 1):
+            raise SettingsError(f"evosearch published=True selects by score alone, as the published algorithm; "
+                                f"lineages={lineages} spreads selection over lineages: pass one of the two")
+        lineages = 1 if published else keep if lineages is None else lineages
         super().__init__(n=n, initial=initial, elites=elites, tournament=tournament,
                          archive_fraction=archive_fraction, noise_beta=noise_beta, latent_scale=latent_scale,
-                         noise_generations=noise_generations, stages=stages, keep=keep)
+                         noise_generations=noise_generations, stages=stages, keep=keep, lineages=lineages,
+                         published=published)
         self.P, self.initial, self.elites, self.tournament, self.frac = (
             n, n if initial is None else initial, elites, tournament, archive_fraction)
         self.beta, self.latent_scale, self.noise_generations, self.stages, self.keep = (
             noise_beta, latent_scale, noise_generations, stages, keep)
+        self.lineages = lineages
         self._drawn: dict = {}  # tournament draws made ahead, by (seed, counter, pool size, k, tournament)
 
     @property
@@ -198,7 +228,7 @@ class EvoSearch(Strategy):
         stages = plan["stages"]
         first = stages[0] if stages else None
         while plan["noise_generations"] is None or loop["gen"] < plan["noise_generations"]:
-            parents = self._tournament(ctx, arch["scores"], self.kids)
+            parents = self._parents(ctx, ranking(arch["scores"]), None, self.kids)
             kids = ctx.process.perturb(arch["noise"].resample(parents, fork_all=True), self.beta)
             out, s, final, snap = self._finish(ctx, kids, first)
             arch = self._grow(arch, out, s, final, kids, snap)
@@ -207,8 +237,9 @@ class EvoSearch(Strategy):
         while loop["k"] < len(stages):
             k = loop["k"]
             if loop["population"] is None:  # the elites are in the archive, finished: every place is a child
-                pop = arch["snap"].resample(self._tournament(ctx, arch["scores"], self.P), fork_all=True)
-                pop = ctx.process.perturb(pop, self.latent_scale)
+                snap = arch["snap"]
+                parents = self._parents(ctx, ranking(arch["scores"]), self._places(snap, self.P), self.P)
+                pop = ctx.process.perturb(snap.resample(parents, fork_all=True), self.latent_scale)
             else:
                 pop = self._next_generation(ctx, loop["population"], loop["pop_scores"], ahead=len(stages) - k)
             nxt = stages[k + 1] if k + 1 < len(stages) else ctx.process.num_stages
@@ -222,39 +253,99 @@ class EvoSearch(Strategy):
                 arch = {"outputs": out, "scores": s, "final": pop} if arch is None else self._grow(arch, out, s, pop)
                 loop.update(k=k + 1, population=None, pop_scores=None, archive=arch)
             ctx.checkpoint(loop)
-        order = top_k(arch["scores"], self.keep)
+        order = self._kept(arch["scores"], arch["final"])
         return Selection(outputs=take(arch["outputs"], order), scores=arch["scores"][order],
                          state=arch["final"].select(order),
                          extra={"n": self.P, "initial": plan["initial"],
                                 "noise_generations": plan["noise_generations"], "stages": stages,
                                 "generations": plan["noise_generations"] + len(stages),
-                                "archive": len(arch["scores"])})
+                                "archive": len(arch["scores"]),
+                                "kept_lineages": len(set(arch["final"].origin[order].tolist()))})
+
+    # -- selection ------------------------------------------------------------------------
+    def _share(self, places: int) -> int:
+        """The most of ``places`` places filled by rank or tournament that one lineage may hold."""
+        return -(-places // self.lineages)
+
+    def _places(self, state: State, places: int) -> dict:
+        """The lineage cap of ``places`` places over ``state``'s candidates: their lineages, the share each
+        may hold, and how many places each holds so far (none)."""
+        return {"origin": state.origin.tolist(), "share": self._share(places), "held": Counter()}
+
+    @staticmethod
+    def _fill(ranked: list[int], k: int, cap: dict, share: int) -> list[int]:
+        """``k`` of ``ranked`` by rank, best first, counted into ``cap`` (the places of the whole batch).
+
+        First no lineage past ``share`` of the ``k`` nor past its share of the
+        batch; places left go to the best of the rest within the batch's share,
+        then to the best of the rest.
+        """
+        origin, held, most = cap["origin"], cap["held"], cap["share"]
+        own, out = Counter(), []
+        for allowed in (lambda o: own[o] < share and held[o] < most, lambda o: held[o] < most, lambda o: True):
+            for i in ranked:
+                if len(out) == k:
+                    break
+                if i not in out and allowed(origin[i]):
+                    out.append(i)
+                    own[origin[i]] += 1
+                    held[origin[i]] += 1
+        position = {i: r for r, i in enumerate(ranked)}
+        return sorted(out, key=position.__getitem__)
+
+    def _kept(self, scores: torch.Tensor, final: State) -> list[int]:
+        """The ``keep`` outputs returned, best first: the best of distinct lineages first (see ``lineages``)."""
+        k = min(self.keep, len(scores))
+        if self.lineages == 1:
+            return top_k(scores, k).tolist()
+        return self._fill(ranking(scores), k, self._places(final, k), self._share(k))
 
     def _next_generation(self, ctx: SearchContext, pop: State, scores: torch.Tensor, ahead: int) -> State:
-        """The ``elites`` best of ``pop`` unchanged, then children of tournament parents over its top fraction.
+        """The ``elites`` best of ``pop`` unchanged, then children of tournament parents over its top fraction,
+        each lineage within its share of the places.
 
         The ranking and the tournament run over plain integers (a population is small); the result is
         ``State.cat([pop.select(elites), perturb(pop.resample(parents, fork_all=True))])``.
         """
-        s = scores.tolist()
-        ranked = sorted(range(len(s)), key=s.__getitem__, reverse=True)  # stable: ties keep the earlier, as top_k
-        e = min(self.elites, self.P - 1, len(s)) if self.P > 1 else 0
-        pool = ranked[: max(1, math.ceil(self.frac * len(s)))]
-        parents = [pool[w] for w in self._winners(ctx, len(pool), self.P - e, ahead).tolist()]
+        ranked = ranking(scores)
+        e = min(self.elites, self.P - 1, len(ranked)) if self.P > 1 else 0
+        if self.lineages == 1:
+            elites, cap = ranked[:e], None
+        else:
+            cap = self._places(pop, self.P)
+            elites = self._fill(ranked, e, cap, self._share(e))
+        parents = self._parents(ctx, ranked, cap, self.P - e, ahead)
         kids = ctx.process.perturb(pop.resample(parents, fork_all=True), self.latent_scale)
-        return State.cat([pop.select(ranked[:e]), kids]) if e else kids
+        return State.cat([pop.select(elites), kids]) if e else kids
 
-    def _tournament(self, ctx: SearchContext, scores: torch.Tensor, k: int,
-                    ranked: torch.Tensor | None = None, ahead: int = 1) -> torch.Tensor:
-        """Parents: each the best of ``tournament`` random members of the top fraction by score.
+    def _parents(self, ctx: SearchContext, ranked: list[int], cap: dict | None, k: int, ahead: int = 1) -> list[int]:
+        """``k`` parents, each the best of ``tournament`` random members of the top fraction of ``ranked``.
 
-        ``ranked``, when the caller has it, is ``top_k(scores, len(scores))``;
-        ``ahead``: how many tournaments of this size the caller will hold from
-        here on (see :meth:`_winners`).
+        With a lineage ``cap`` (from :meth:`_places`), a winner whose lineage
+        holds its share gives its place to the member at the same rank among
+        the top fraction's members whose lineage has room (or, when none has,
+        among all such members; with none at all the cap is not held), and the
+        shares fill as parents are chosen. ``ahead``: how many tournaments of
+        this size the caller will hold from here on (see :meth:`_winners`).
         """
-        ranked = top_k(scores, len(scores)) if ranked is None else ranked
-        pool = ranked[: max(1, math.ceil(self.frac * len(scores)))]
-        return pool.index_select(0, torch.from_numpy(self._winners(ctx, len(pool), k, ahead)))
+        pool = ranked[: max(1, math.ceil(self.frac * len(ranked)))]
+        won = self._winners(ctx, len(pool), k, ahead).tolist()
+        if cap is None:
+            return [pool[w] for w in won]
+        origin, share, held = cap["origin"], cap["share"], cap["held"]
+        out, room = [], None  # room: the members a full lineage's winner may give its place to
+        for w in won:
+            m = pool[w]
+            if held[origin[m]] >= share:
+                if room is None:
+                    room = ([i for i in pool if held[origin[i]] < share]
+                            or [i for i in ranked if held[origin[i]] < share] or pool)
+                m = room[w * len(room) // len(pool)]
+            held[origin[m]] += 1
+            if held[origin[m]] == share:
+                room = None
+            out.append(m)
+        return out
 
     def _winners(self, ctx: SearchContext, n: int, k: int, ahead: int) -> np.ndarray:
         """Pool positions of ``k`` winners, each the best (smallest) of ``tournament`` uniform draws in [0, n).
@@ -290,3 +381,9 @@ class EvoSearch(Strategy):
         return {"outputs": concat([arch["outputs"], out]), "scores": torch.cat([arch["scores"], s]),
                 "final": State.cat([arch["final"], final]), "noise": both(arch["noise"], noise),
                 "snap": arch["snap"] if snap is None else both(arch["snap"], snap)}
+
+
+def ranking(scores: torch.Tensor) -> list[int]:
+    """Candidate indices best first; ties keep the earlier candidate, as :func:`top_k` does."""
+    s = scores.tolist()
+    return sorted(range(len(s)), key=s.__getitem__, reverse=True)

@@ -23,7 +23,10 @@ Settings per budget (n = budget / one sample's NFE), chosen on seeds 100-109,
 never on the recorded seeds: EvoSearch spends the whole budget on a
 population of n refined along the trajectory (no full-denoise noise
 generations, which cost a whole sample per child), mutating at every stage
-with half the posterior std; zero-order searches with up to 4 neighbours at
+with half the posterior std, and spreads each generation over as many
+lineages as it keeps outputs (``lineages=keep``: the kept outputs come from
+distinct initial noises, where selection by score alone returns near copies
+of one image); zero-order searches with up to 4 neighbours at
 radius 0.6 and resamples its pivot when no neighbour improves. Runs are
 single-threaded: these models are small, and extra threads only contend.
 
@@ -209,6 +212,37 @@ def feature_diversity(classifier: nn.Module, inputs: torch.Tensor) -> float:
     return float(torch.pdist(classifier.features(inputs)).mean())
 
 
+def sample_grid(samples: dict, methods: list[str], seeds: list[int], budget: int, unit: str, path):
+    """Draw ``samples[(method, budget, seed)]`` (images (C, H, W) in [0, 1]) as a grid, one row per method and
+    one column per seed, titled with the target digit (``seed % 10``), and write it to ``path``.
+
+    Returns ``path``, or None (nothing written) when a sample is missing.
+    """
+    if not all((m, budget, s) in samples for m in methods for s in seeds):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(methods), len(seeds), figsize=(1.2 * len(seeds) + 1.6, 1.2 * len(methods)),
+                             squeeze=False)
+    for i, m in enumerate(methods):
+        for j, s in enumerate(seeds):
+            ax = axes[i][j]
+            ax.imshow(samples[(m, budget, s)][0].float().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"seed {s}: {s % 10}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(m, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"chosen sample at {unit}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @TASKS.register("image-search")
 class ImageSearch(Task):
     """MNIST diffusion steered to a bold target digit: noise and path search at equal NFE.
@@ -234,6 +268,7 @@ class ImageSearch(Task):
         self.cfg = QUICK if quick else FULL
         self.steps = 4 if quick and "steps" not in options else int(self.options["steps"])
         self._models = None
+        self.samples: dict[tuple[str, int, int], torch.Tensor] = {}  # (method, budget, seed): the chosen image
 
     def prepare(self) -> list[str]:
         self.models()
@@ -267,7 +302,7 @@ class ImageSearch(Task):
         return {"best-of-n": {"batch_size": 64},
                 "zero-order": {"neighbours": max(2, min(4, n // 4)), "radius": 0.6},
                 "paths": self.path_settings(budget),
-                "evosearch": {"n": n, "noise_generations": 0, "latent_scale": 0.5},
+                "evosearch": {"n": n, "noise_generations": 0, "latent_scale": 0.5, "lineages": keep},
                 "particle-filter": {"lmbda": 1.0, "potential": "max"},
                 "beam": {"beams": max(1, n // 4)},
                 }[method] | {"keep": keep}
@@ -295,6 +330,7 @@ class ImageSearch(Task):
         strategy = STRATEGIES.create(method, **self.strategy_settings(method, budget))
         process = self.process(method)
         res = run_strategy(strategy, process, reward, budget, seed=seed, heldout={"heldout": held})
+        self.samples[(method, budget, seed)] = res.outputs[0]
         sec = res.budget["seconds"]  # one clock for the search: its wall time and the model/verifier share of it
         return {"reward": res.best_score, "heldout": float(res.heldout["heldout"][0]),
                 "diversity": self.diversity(res.outputs), "nfe": float(res.budget["nfe"]), "wall_s": sec["wall"],
@@ -306,6 +342,14 @@ class ImageSearch(Task):
 
     def references(self, budgets: list[int]) -> dict[str, list[float]]:
         return {"ceiling (sup reward)": [0.0] * len(budgets)}
+
+    def extra_plots(self, results: dict, out) -> list:
+        """``image-search-samples.png``: the chosen image of each method (rows) for each seed (columns) at the
+        largest budget, from this run's searches (none when some of them ran elsewhere)."""
+        top = max(results["budgets"])
+        methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+        path = sample_grid(self.samples, methods, results["seeds"], top, f"{top} NFE", out / "image-search-samples.png")
+        return [] if path is None else [path]
 
     def summarize(self, results: dict) -> dict:
         """NFE each strategy needs to reach best-of-N's mean reward at the largest budget, as a fraction of it;
