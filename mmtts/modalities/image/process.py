@@ -10,11 +10,14 @@ is what the budget counts.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ...core.errors import MmttsError
+from ...core.settings import real, whole
 from ...core.process import Process
 from ...core.rng import Streams
 from ...core.state import State
@@ -78,26 +81,32 @@ class ImageProcess(Process):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, output_range=(-1.0, 1.0)):
         self.model = model
         self.call = denoiser_call(model)
+        if not isinstance(schedule, Schedule):
+            raise MmttsError(f"schedule must be a Schedule (e.g. schedule_from_scheduler(DDIMScheduler(...), steps)), "
+                             f"not {type(schedule).__name__}")
         self.schedule = schedule
         self.num_stages = schedule.num_stages
-        self.sample_shape = tuple(int(s) for s in sample_shape)
-        if len(self.sample_shape) != 3:
-            raise MmttsError(f"sample_shape {sample_shape} must be (channels, height, width)")
-        self.device = torch.device(device)
+        self.model_dtype = _floating_dtype(model)
+        self.sample_shape = _check_sample_shape(sample_shape, model)
+        self.device = _check_device(device)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise MmttsError(f"dtype={dtype!r} must be a floating torch dtype (torch.float32, float64, float16 or "
+                             "bfloat16) for the latents")
         self.dtype = dtype
-        self.cond = self._as_cond(cond)
-        self.uncond = self._as_cond(uncond)
-        self.guidance_scale = float(guidance_scale)
+        self.cond = self._as_cond(cond, "cond")
+        self.uncond = self._as_cond(uncond, "uncond")
+        self.guidance_scale = real("guidance_scale", guidance_scale, "ImageProcess")
         self.guided = self.guidance_scale != 1.0 and self.uncond is not None
         if self.guidance_scale != 1.0 and self.uncond is None:
             raise MmttsError("guidance_scale != 1 needs uncond (the null class label or the empty-prompt embedding)")
         self.nfe_per_stage = 2 if self.guided else 1
         self.vae = vae
-        self.vae_scale = vae_scale if vae_scale is not None else (
+        self.vae_scale = real("vae_scale", vae_scale, "ImageProcess", low=0.0, low_open=True) \
+            if vae_scale is not None else (
             getattr(getattr(vae, "config", None), "scaling_factor", 1.0) if vae is not None else 1.0)
         self.decodes_on_preview = self.decodes_on_finish = vae is not None
         self.prompt = prompt
-        self.output_range = output_range
+        self.output_range = _check_range(output_range)
 
     # -- construction from a pipeline --------------------------------------------------
     @classmethod
@@ -158,12 +167,23 @@ class ImageProcess(Process):
         with torch.no_grad():
             return enc(ids)[0][0]
 
-    def _as_cond(self, c):
+    def _as_cond(self, c, name: str):
+        """A class label (int) or an embedding tensor on the process's device; floating embeddings take the
+        model's dtype (the conversion the model needs anyway)."""
         if c is None:
             return None
-        if isinstance(c, int):
-            return torch.tensor(c, dtype=torch.int64, device=self.device)
-        return torch.as_tensor(c).to(self.device)
+        if isinstance(c, numbers.Integral) and not isinstance(c, bool):
+            return torch.tensor(int(c), dtype=torch.int64, device=self.device)
+        if type(c).__module__ == "numpy" and hasattr(c, "dtype"):
+            c = torch.as_tensor(c)
+        if not isinstance(c, torch.Tensor) or c.dtype == torch.bool or c.is_complex():
+            got = f"a {c.dtype} tensor" if isinstance(c, torch.Tensor) else type(c).__name__
+            raise MmttsError(f"{name} must be a class label (int), a (L, D) text-embedding tensor or None; got {got}")
+        if c.is_floating_point():
+            if not bool(torch.isfinite(c).all()):
+                raise MmttsError(f"{name} holds NaN or inf; pass a finite embedding")
+            c = c.to(self.model_dtype or c.dtype)
+        return c.to(self.device)
 
     # -- Process -------------------------------------------------------------------------
     def init(self, streams: Streams, first_index: int = 0) -> State:
@@ -172,17 +192,33 @@ class ImageProcess(Process):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
-        """The (guided) model output for latents at per-candidate stages."""
+        """The (guided) model output for latents at per-candidate stages, in the latents' dtype.
+
+        The model receives the latents in its own floating dtype when they
+        differ (float64 latents for a float32 model, say), and its output is
+        cast back.
+        """
         t = self.schedule.timesteps[stage].to(self.device)
         b = x.shape[0]
+        xin = x if self.model_dtype is None or x.dtype == self.model_dtype else x.to(self.model_dtype)
         cond = None if self.cond is None else self.cond.expand(b, *self.cond.shape)
-        if self.guided:
-            unc = self.uncond.expand(b, *self.uncond.shape)
-            out = self.call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, unc]) if cond is not None else None)
-            oc, ou = out.chunk(2)
-            out = ou + self.guidance_scale * (oc - ou)
-        else:
-            out = self.call(x, t, cond)
+        try:
+            if self.guided:
+                unc = self.uncond.expand(b, *self.uncond.shape)
+                both = torch.cat([cond, unc]) if cond is not None else None
+                out = self.call(torch.cat([xin, xin]), torch.cat([t, t]), both)
+                oc, ou = self._checked(out, (2 * b,) + tuple(x.shape[1:])).chunk(2)
+                out = ou + self.guidance_scale * (oc - ou)
+            else:
+                out = self._checked(self.call(xin, t, cond), tuple(x.shape))
+        except MmttsError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            raise MmttsError(
+                f"the denoiser failed on latents of shape {tuple(xin.shape)} ({xin.dtype}) with "
+                f"cond={'None' if cond is None else tuple(cond.shape)}: {type(e).__name__}: {e}. Check sample_shape "
+                "(channels, height, width) and cond against the model") from e
+        out = out.to(x.dtype)
         bad = ~torch.isfinite(out.reshape(b, -1)).all(1)
         if bool(bad.any()):
             where = [(int(i), int(stage[i]), int(self.schedule.timesteps[stage[i]])) for i in bad.nonzero()[:, 0]]
@@ -191,6 +227,16 @@ class ImageProcess(Process):
                 f"{len(where)} candidate(s) (first: candidate {where[0][0]}); check the model's dtype "
                 "(fp16 overflow) and inputs"
             )
+        return out
+
+    @staticmethod
+    def _checked(out, shape: tuple) -> torch.Tensor:
+        """The model's output when it is a floating tensor of the latents' shape."""
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != shape:
+            got = f"{out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
+                else type(out).__name__
+            raise MmttsError(f"the denoiser returned a {got} for latents of shape {shape}; it must return a "
+                             "floating prediction of the latents' shape (noise, x0 or v)")
         return out
 
     def step(self, state: State) -> State:
@@ -220,7 +266,13 @@ class ImageProcess(Process):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1] (B, C, H, W) on the CPU, float32."""
         if self.vae is not None:
-            img = self.vae.decode(latents / self.vae_scale).sample
+            z = latents / self.vae_scale
+            vae_dtype = _floating_dtype(self.vae)
+            try:
+                img = self.vae.decode(z if vae_dtype is None else z.to(vae_dtype)).sample
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise MmttsError(f"the VAE failed to decode latents of shape {tuple(latents.shape)}: {e}. Check "
+                                 "sample_shape against the VAE's latent channels and downsampling") from e
         else:
             img = latents
         lo, hi = self.output_range
@@ -277,3 +329,65 @@ class ImageProcess(Process):
         s = self.schedule
         return {**super().describe(), "update": s.update, "eta": s.eta, "prediction": s.prediction,
                 "guidance_scale": self.guidance_scale, "latent": self.vae is not None}
+
+
+def _floating_dtype(model) -> torch.dtype | None:
+    """The dtype of the first floating parameter of a module (None for a plain function or a module without any)."""
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _in_channels(model) -> int | None:
+    """The channels the denoiser reads: its config's ``in_channels``, or its first convolution's when that is a
+    Conv2d (None when neither tells)."""
+    n = getattr(getattr(model, "config", None), "in_channels", None)
+    if isinstance(n, int):
+        return n
+    if isinstance(model, nn.Module):
+        first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        if type(first) is nn.Conv2d:
+            return first.in_channels
+    return None
+
+
+def _check_sample_shape(sample_shape, model) -> tuple[int, int, int]:
+    """(C, H, W) of positive whole numbers, C matching the model's input channels where it declares them."""
+    try:
+        dims = tuple(sample_shape)
+    except TypeError:
+        dims = None
+    if dims is None or len(dims) != 3:
+        raise MmttsError(f"sample_shape {sample_shape!r} must be (channels, height, width) of one latent")
+    shape = tuple(whole(f"sample_shape[{i}]", d, "ImageProcess") for i, d in enumerate(dims))
+    want = _in_channels(model)
+    if want is not None and shape[0] != want:
+        hint = f"; did you pass (height, width, channels)? use {(shape[2], shape[0], shape[1])}" \
+            if shape[2] == want else ""
+        raise MmttsError(f"sample_shape {shape} has {shape[0]} channels; the model reads {want}: pass "
+                         f"({want}, height, width){hint}")
+    return shape
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MmttsError(f"device={device!r} is not a torch device (e.g. 'cpu' or 'cuda'): {e}") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MmttsError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         "pass device='cpu' or an existing GPU")
+    return dev
+
+
+def _check_range(output_range) -> tuple[float, float]:
+    try:
+        lo, hi = output_range
+    except (TypeError, ValueError):
+        raise MmttsError(f"output_range={output_range!r} must be (low, high), e.g. (-1.0, 1.0)") from None
+    lo, hi = real("output_range[0]", lo, "ImageProcess"), real("output_range[1]", hi, "ImageProcess")
+    if not hi > lo:
+        raise MmttsError(f"output_range={output_range!r} needs low < high")
+    return lo, hi
