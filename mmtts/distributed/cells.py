@@ -64,7 +64,8 @@ class CellStore:
 
     def save(self, cell: Cell, metrics: dict, seconds: float) -> None:
         rec = {"cell": list(cell), "identity": self.identity, "metrics": metrics, "seconds": seconds,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "pid": os.getpid()}
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "pid": os.getpid(),
+               "rank": int(os.environ.get("RANK", "0"))}
         tmp = self.dir / f".{self.key(cell)}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(rec))
         os.replace(tmp, self.path(cell))
