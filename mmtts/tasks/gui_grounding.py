@@ -66,8 +66,10 @@ from ..modalities.gui.model import INPUT_SIZE, BoxGrounding, ElementBoxNet, Grou
 from ..modalities.gui.parse import parse_answers
 from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
-from ..modalities.gui.sampler import HeatmapSampler
+from ..modalities.gui.sampler import HeatmapSampler, TransformersSampler
 from ..modalities.gui.train import train_element_boxes, train_grounding
+from ..modalities.gui.vlm import PROMPT, QUICK_VLM_CONFIG, VLM_CONFIG, build_processor, build_vlm
+from ..modalities.gui.vlm_train import train_vlm
 from ..strategies.region_vote import RegionVote
 from .base import Task
 from .cache import config_hash
@@ -187,9 +189,13 @@ class GUIGrounding(Task):
             for ex in examples:
                 if str(ex.image) not in thumbs:
                     with Image.open(ex.image) as im:
-                        thumbs[str(ex.image)] = im.convert("RGB").resize(INPUT_SIZE, Image.BILINEAR, reducing_gap=2.0)
+                        thumbs[str(ex.image)] = self.model_input(im.convert("RGB"))
             self._data[seed] = (examples, [thumbs[str(ex.image)] for ex in examples])
         return self._data[seed]
+
+    def model_input(self, image: Image.Image):
+        """A screenshot as the model takes it: resized to ``INPUT_SIZE``."""
+        return image.resize(INPUT_SIZE, Image.BILINEAR, reducing_gap=2.0)
 
     def _write_screens(self, seed: int, folder: Path) -> None:
         rng = np.random.default_rng(derive_seed(seed, 0x6E1))
@@ -239,13 +245,7 @@ class GUIGrounding(Task):
         self.check_method(method)
         self.check_setting(setting)
         examples, thumbs = self.data(seed)
-        extra = 0.0
-        if method.startswith("gui-rcpo"):
-            net, extra = self.adapted(seed, setting)
-        else:
-            net = self.model(setting)
-        sampler = HeatmapSampler(net, greedy="argmax" if method == "argmax" else "digits",
-                                 answer=SETTING_ANSWER[setting])
+        sampler, extra = self.sampler(method, setting, seed)
         voting = method.endswith("rc")
         k, alpha, temp = int(budget), self.options["alpha"], self.temperature(setting)
         points, parsed, answers = [], 0, 0
@@ -274,6 +274,16 @@ class GUIGrounding(Task):
         out["ms_per_example"] = 1000.0 * seconds / len(examples)
         return out
 
+    def sampler(self, method: str, setting: str, seed: int) -> tuple[HeatmapSampler, float]:
+        """The sampler ``method`` answers with, and the seconds its adaptation took (0 without GUI-RCPO)."""
+        extra = 0.0
+        if method.startswith("gui-rcpo"):
+            net, extra = self.adapted(seed, setting)
+        else:
+            net = self.model(setting)
+        return HeatmapSampler(net, greedy="argmax" if method == "argmax" else "digits",
+                              answer=SETTING_ANSWER[setting]), extra
+
     def detail(self, method: str, setting: str, budget: int | None) -> str:
         o = self.options
         parts = []
@@ -287,3 +297,122 @@ class GUIGrounding(Task):
     def describe(self) -> dict:
         return {**super().describe(), "models": self.model_configs, "temperature": {
             s: self.temperature(s) for s in self.settings}, "test_offset": TEST_OFFSET}
+
+
+#: sampling temperature of the VLM settings: the published GUI-RC/GUI-RCPO value and one more
+VLM_SETTING_TEMPERATURE = {"vlm-t0.5": 0.5, "vlm-t1": 1.0}
+#: the longest answer the VLM generates ("(999,999)" and its end token are 10 tokens)
+VLM_MAX_NEW_TOKENS = 12
+
+
+@TASKS.register("gui-grounding-vlm")
+class GUIGroundingVLM(GUIGrounding):
+    """GUI grounding with a transformers VLM that answers in text: greedy vs GUI-RC vs GUI-RCPO on its generate().
+
+    The same procedural ScreenSpot files as ``gui-grounding``; the model is
+    the LLaVA of :mod:`mmtts.modalities.gui.vlm`, trained on other rendered
+    screens and cached, asked through :class:`TransformersSampler` (answers
+    "(x,y)" in thousandths). GUI-RCPO adapts it with the token backend of the
+    ``gui-rcpo`` adapter, rewarding each answer as the published training
+    code does (``published=True``, UI-TARS branch, ``point_expand_size``
+    pixels per side, 50 as the released scripts pass).
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: run a reduced version (a model trained in seconds, 8 screens per seed) for a fast check.
+        **options: those of ``gui-grounding``, and ``rcpo_params`` ("full" fine-tuning or "lora" through peft)
+            and ``point_expand_size`` (the RCPO reward's growth of a click, pixels per side).
+    """
+
+    description = ("GUI grounding with a transformers VLM answering in text: greedy vs GUI-RC region voting on its "
+                   "generate() samples vs GUI-RCPO test-time RL on its token log-probs")
+    methods = ("greedy", "gui-rc", "gui-rcpo", "gui-rcpo+rc")
+    settings = tuple(VLM_SETTING_TEMPERATURE)
+    option_defaults = {**GUIGrounding.option_defaults, "rcpo_samples": 8, "rcpo_epochs": 1, "rcpo_prompts": 8,
+                       "rcpo_lr": 1e-4, "rcpo_beta": 0.04, "rcpo_params": "full", "point_expand_size": 50}
+
+    def __init__(self, cache=None, quick: bool = False, **options):
+        super().__init__(cache, quick, **options)
+        if self.options["rcpo_params"] not in ("full", "lora"):
+            raise MmttsError(f"rcpo_params={self.options['rcpo_params']!r}; choose 'full' or 'lora'")
+        self.vlm_config = QUICK_VLM_CONFIG if quick else VLM_CONFIG
+        self._vlm = None
+        self._pixels = build_processor(self.vlm_config).image_processor
+
+    def prepare(self) -> list[str]:
+        self.model()
+        return ["gui-vlm"]
+
+    def model(self, setting: str | None = None):
+        """(model, processor): the VLM, trained once and cached (one model for every setting)."""
+        if setting is not None:
+            self.check_setting(setting)
+        if self._vlm is None:
+            cfg = self.vlm_config
+            state = self.cache.load_or_train("gui-vlm", cfg, lambda: train_vlm(cfg))
+            self._vlm = build_vlm(cfg, state)
+        return self._vlm
+
+    def model_input(self, image: Image.Image) -> torch.Tensor:
+        """A screenshot as the VLM takes it: its processor's pixel values (3, side, side)."""
+        return self._pixels(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def temperature(self, setting: str) -> float:
+        t = self.options["temperature"]
+        return VLM_SETTING_TEMPERATURE[setting] if t is None else t
+
+    def adapted(self, seed: int, setting: str = "vlm-t0.5"):
+        """((model, processor), seconds): the VLM after GUI-RCPO on the seed's unlabeled test prompts."""
+        if (setting, seed) not in self._adapted:
+            examples, pixels = self.data(seed)
+            model, proc = self.model(setting)
+            o = self.options
+            t0 = time.perf_counter()
+            adapter = GUIRCPO(copy.deepcopy(model), processor=proc, space="permille", prompt=PROMPT,
+                              max_new_tokens=VLM_MAX_NEW_TOKENS, n=o["rcpo_samples"],
+                              temperature=self.temperature(setting), beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed,
+                              trainable=o["rcpo_params"], published=True, branch="ui-tars",
+                              point_expand_size=o["point_expand_size"])
+            g = torch.Generator().manual_seed(derive_seed(seed, 0x12C0))
+            n, p = len(examples), o["rcpo_prompts"]
+            with one_thread():
+                for _ in range(o["rcpo_epochs"]):
+                    order = torch.randperm(n, generator=g).tolist()
+                    for start in range(0, n, p):
+                        idx = order[start:start + p]
+                        adapter({"images": [pixels[i] for i in idx],
+                                 "instructions": [examples[i].instruction for i in idx],
+                                 "sizes": [examples[i].image_size for i in idx], "ids": idx})
+            seconds = time.perf_counter() - t0
+            self._adapted[setting, seed] = ((adapter.release().eval(), proc), seconds, seconds / adapter.updates)
+        return self._adapted[setting, seed][:2]
+
+    def sampler(self, method: str, setting: str, seed: int) -> tuple[TransformersSampler, float]:
+        extra = 0.0
+        if method.startswith("gui-rcpo"):
+            (model, proc), extra = self.adapted(seed, setting)
+        else:
+            model, proc = self.model(setting)
+        return TransformersSampler(model, proc, space="permille", prompt=PROMPT,
+                                   max_new_tokens=VLM_MAX_NEW_TOKENS), extra
+
+    def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
+        out = super().run(method, setting, budget, seed)
+        step = self._adapted[setting, seed][2] if method.startswith("gui-rcpo") else float("nan")
+        out["rcpo_ms_per_step"] = 1000.0 * step
+        return out
+
+    def detail(self, method: str, setting: str, budget: int | None) -> str:
+        o = self.options
+        parts = []
+        if method.endswith("rc"):
+            parts.append(f"K={budget}, T={self.temperature(setting):g}, alpha={o['alpha']:g}")
+        if method.startswith("gui-rcpo"):
+            parts.append(f"RCPO {o['rcpo_epochs']} epoch x {o['rcpo_samples']} samples, {o['rcpo_prompts']} "
+                         f"prompts/step, lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}, {o['rcpo_params']}, "
+                         f"published reward +{o['point_expand_size']} px")
+        return "; ".join(parts) or "greedy decoding (do_sample=False)"
+
+    def describe(self) -> dict:
+        return {**Task.describe(self), "model": self.vlm_config,
+                "temperature": {s: self.temperature(s) for s in self.settings}, "test_offset": TEST_OFFSET}
