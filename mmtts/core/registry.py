@@ -116,16 +116,19 @@ CATALOG = {
     "strategy": _modules("mmtts.strategies", {
         "best-of-n": "best_of_n", "beam": "beam", "particle-filter": "particle_filter", "zero-order": "zero_order",
         "paths": "paths", "evosearch": "evosearch", "region-vote": "region_vote",
-        "sample-verify": "sample_verify", "robomonkey": "robomonkey", "tts-var": "tts_var"}),
+        "sample-verify": "sample_verify", "robomonkey": "robomonkey", "tts-var": "tts_var",
+        "tree-of-frames": "tree_of_frames"}),
     "adapter": _modules("mmtts.adapters", {
         "source": "source", "bn": "bn", "alpha-bn": "alpha_bn", "tent": "tent", "eta": "eata", "eata": "eata",
         "sar": "sar", "deyo": "deyo", "gui-rcpo": "gui_rcpo"}),
     "task": _modules("mmtts.tasks", {
         "toy-gmm": "toy_gmm", "image-search": "image_search", "tta-corruptions": "tta_corruptions",
         "tta-pretrained": "tta_pretrained", "vla-mujoco": "vla_mujoco", "gui-grounding": "gui_grounding",
-        "var-search": "var_search"}),
+        "var-search": "var_search", "gui-grounding-vlm": "gui_grounding", "video-search": "video_search"}),
     "verifier": {"toy-quadratic": "mmtts.modalities.toy_gmm", "toy-log-density": "mmtts.modalities.toy_gmm",
-                 "classifier": "mmtts.verifiers.classifier", "clip": "mmtts.verifiers.clip"},
+                 "classifier": "mmtts.verifiers.classifier", "clip": "mmtts.verifiers.clip",
+                 "frames": "mmtts.verifiers.video", "temporal-consistency": "mmtts.verifiers.video",
+                 "per-depth": "mmtts.verifiers.video"},
 }
 
 STRATEGIES: Registry = Registry("strategy", CATALOG["strategy"])
