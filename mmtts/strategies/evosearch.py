@@ -65,19 +65,21 @@ class EvoSearch(Strategy):
 
     **Lineages.** A lineage is every candidate descended from one fresh noise
     (``State.origin``). Selection by score alone lets the best lineage take
-    every place within a few generations, so the kept outputs are near copies
-    of one image. With ``lineages`` = L > 1, a lineage holds at most
-    ceil(k / L) of any k places filled by rank or tournament: of a
-    generation's ``elites``, of a trajectory generation's n places (its elites
+    every place of the trajectory generations within a few of them, so the kept
+    outputs are near copies of one image. With ``lineages`` = L > 1, a lineage
+    holds at most ceil(k / L) of any k places filled by rank or tournament in
+    the trajectory phase: of a generation's ``elites``, of its n places (elites
     included), and of the ``keep`` outputs returned. A tournament winner whose
     lineage is full gives its place to the member at the same rank among those
-    whose lineage has room, so selection pressure stays the same; places the
-    cap cannot fill (fewer lineages than it needs) go by rank. Every trajectory
-    generation then holds at least min(L, n) lineages when it starts from that
-    many, and the kept outputs come from distinct lineages first. The best
-    candidate is always an elite and always returned first. This departs from
-    the published algorithm, which selects by score alone: ``lineages=1`` (or
-    ``published=True``) is that algorithm.
+    whose lineage has room, so the draws and the selection pressure stay those
+    of selection by score alone; places the cap cannot fill (fewer lineages
+    than it needs) go by rank. A trajectory generation so holds at least
+    n / ceil(n / L) lineages (L when L divides n) whenever the one before it
+    did, and the kept outputs come from distinct lineages first. The noise
+    generations are unchanged: their archive keeps every lineage it had. A
+    generation's best candidate is always one of its elites, and the best
+    finished candidate is always returned first. Selection by score alone is
+    the published algorithm: ``lineages=1`` (or ``published=True``) runs it.
 
     Args:
         n: the population (candidates per generation); ``population`` is its deprecated name.

@@ -23,12 +23,13 @@ Settings per budget (n = budget / one sample's NFE), chosen on seeds 100-109,
 never on the recorded seeds: EvoSearch spends the whole budget on a
 population of n refined along the trajectory (no full-denoise noise
 generations, which cost a whole sample per child), mutating at every stage
-with half the posterior std, and spreads each generation over as many
-lineages as it keeps outputs (``lineages=keep``: the kept outputs come from
-distinct initial noises, where selection by score alone returns near copies
-of one image); zero-order searches with up to 4 neighbours at
-radius 0.6 and resamples its pivot when no neighbour improves. Runs are
-single-threaded: these models are small, and extra threads only contend.
+but the last (where DDIM's posterior std is 0) with half the posterior std,
+and spreads each generation over as many lineages as it keeps outputs
+(``lineages=keep``: the kept outputs come from distinct initial noises, where
+selection by score alone returns near copies of one image); zero-order
+searches with up to 4 neighbours at radius 0.6 and resamples its pivot when
+no neighbour improves. Runs are single-threaded: these models are small, and
+extra threads only contend.
 
 Times come from the search's budget clock: ``wall_s`` runs from the start of
 the search to the strategy's return (building the process and the held-out
@@ -302,10 +303,19 @@ class ImageSearch(Task):
         return {"best-of-n": {"batch_size": 64},
                 "zero-order": {"neighbours": max(2, min(4, n // 4)), "radius": 0.6},
                 "paths": self.path_settings(budget),
-                "evosearch": {"n": n, "noise_generations": 0, "latent_scale": 0.5, "lineages": keep},
+                "evosearch": self.evosearch_settings(n, keep),
                 "particle-filter": {"lmbda": 1.0, "potential": "max"},
                 "beam": {"beams": max(1, n // 4)},
                 }[method] | {"keep": keep}
+
+    def evosearch_settings(self, n: int, keep: int) -> dict:
+        """A population of ``n`` refined along the whole trajectory, spread over ``keep`` lineages. Its
+        generations sit at every stage but the last: DDIM's last step has posterior std 0, so a generation
+        there would only copy its parents."""
+        kw = {"n": n, "noise_generations": 0, "latent_scale": 0.5, "lineages": keep}
+        if n > 1 and self.steps > 2:  # a population of one has no trajectory generations
+            kw["stages"] = list(range(1, self.steps - 1))
+        return kw
 
     def path_settings(self, budget: int) -> dict:
         """Path search with the widest children count the budget affords for two paths; best-of-n otherwise."""
@@ -320,6 +330,8 @@ class ImageSearch(Task):
     def detail(self, method: str, setting: str, budget: int | None) -> str:
         kw = self.strategy_settings(method, budget)
         eta = 1.0 if method in STOCHASTIC else 0.0
+        if "stages" in kw:
+            kw["stages"] = f"{kw['stages'][0]}..{kw['stages'][-1]}"
         return f"ddim eta={eta:g}, " + ", ".join(f"{k}={v}" for k, v in kw.items() if k != "keep")
 
     @one_thread()
