@@ -118,6 +118,14 @@ def test_greedy_is_generate_without_sampling_and_top_p_narrows_to_it(trained):
         TransformersSampler(model, proc, top_p=0.0)
 
 
+def test_a_shared_prompt_cache_gives_the_same_answers(trained):
+    model, proc = trained
+    args = (model, proc, SCREEN.image, prompt_text(INSTRUCTION), list(range(24)), 1.0)
+    a = generate_answers(*args, max_new_tokens=12)
+    b = generate_answers(*args, max_new_tokens=12, share_prompt=True)
+    assert a.texts == b.texts and torch.equal(a.tokens, b.tokens)
+
+
 def test_nucleus_keeps_the_smallest_set_over_top_p():
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
     kept = torch.isfinite(nucleus(scores, 0.8))

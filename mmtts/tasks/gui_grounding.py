@@ -393,8 +393,8 @@ class GUIGroundingVLM(GUIGrounding):
             (model, proc), extra = self.adapted(seed, setting)
         else:
             model, proc = self.model(setting)
-        return TransformersSampler(model, proc, space="permille", prompt=PROMPT,
-                                   max_new_tokens=VLM_MAX_NEW_TOKENS), extra
+        return TransformersSampler(model, proc, space="permille", prompt=PROMPT, max_new_tokens=VLM_MAX_NEW_TOKENS,
+                                   share_prompt=True), extra
 
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
         out = super().run(method, setting, budget, seed)

@@ -138,10 +138,13 @@ class TransformersSampler:
         max_new_tokens: the longest answer generated.
         top_p: nucleus sampling: each token is drawn among the most likely tokens holding ``top_p`` of the
             probability (1 keeps every token).
+        share_prompt: run the prompt once and share its cache among the answers (same answers, less work; for
+            models whose positions do not depend on the image past the first step, such as LLaVA).
     """
 
     def __init__(self, model, processor, space: CoordSpace | str = "pixel",
-                 prompt: str = "{instruction}", chat: bool = False, max_new_tokens: int = 32, top_p: float = 1.0):
+                 prompt: str = "{instruction}", chat: bool = False, max_new_tokens: int = 32, top_p: float = 1.0,
+                 share_prompt: bool = False):
         if not hasattr(model, "generate"):
             raise MmttsError(f"{type(model).__name__} has no generate(); pass a transformers generative model")
         self.model = model.eval()
@@ -153,6 +156,7 @@ class TransformersSampler:
         if not 0 < top_p <= 1:
             raise MmttsError(f"top_p={top_p} must be in (0, 1] (1 keeps every token)")
         self.top_p = float(top_p)
+        self.share_prompt = bool(share_prompt)
 
     def _text(self, instruction: str) -> str:
         text = self.prompt.format(instruction=instruction)
@@ -165,7 +169,7 @@ class TransformersSampler:
         from .transformers_sampler import generate_answers
 
         return generate_answers(self.model, self.processor, image, self._text(instruction), seeds, temperature,
-                                self.top_p, self.max_new_tokens).texts
+                                self.top_p, self.max_new_tokens, self.share_prompt).texts
 
 
 class SeededTokenChoice:

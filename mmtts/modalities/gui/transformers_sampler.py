@@ -83,9 +83,23 @@ def answer_mask(tokens: torch.Tensor, eos: int) -> torch.Tensor:
     return before == 0
 
 
+def shared_prompt(model, inputs: dict, k: int) -> dict:
+    """``generate()`` inputs for k rows of one prompt whose cache is computed once: the model runs the prompt
+    but its last token for one row, and the cache is repeated for the k rows (the same tokens, k times less work
+    before the first answer token). For models whose positions do not depend on the image inputs past the
+    first step (LLaVA, causal LMs)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {key: v for key, v in inputs.items() if key not in ("input_ids", "attention_mask")}
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **extra).cache
+    cache.batch_repeat_interleave(k)
+    return {"input_ids": ids.expand(k, -1), "attention_mask": mask.expand(k, -1), "cache": cache}
+
+
 def generate_answers(model, processor, image, text: str, seeds: torch.Tensor, temperature: float,
-                     top_p: float = 1.0, max_new_tokens: int = 32) -> Generation:
-    """K = len(seeds) answers to one prompt from one batched ``generate()`` call (greedy at temperature 0)."""
+                     top_p: float = 1.0, max_new_tokens: int = 32, share_prompt: bool = False) -> Generation:
+    """K = len(seeds) answers to one prompt from one batched ``generate()`` call (greedy at temperature 0).
+
+    ``share_prompt`` computes the prompt's cache once for all K rows (:func:`shared_prompt`)."""
     from transformers import LogitsProcessorList
 
     from .sampler import SeededTokenChoice, check_sampling
@@ -106,10 +120,11 @@ def generate_answers(model, processor, image, text: str, seeds: torch.Tensor, te
         else:
             # the processor leaves one finite logit per row, so the sampling step takes it whatever torch's RNG holds
             choice = LogitsProcessorList([SeededTokenChoice(seeds, temperature, top_p)])
+            batch = shared_prompt(model, inputs, k) if share_prompt and k > 1 else \
+                {**inputs, "num_return_sequences": k}
             with torch.random.fork_rng(devices=[]):  # generate's own draw leaves the caller's CPU RNG as it was
-                out = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=True,
-                                     num_return_sequences=k, temperature=1.0, top_k=0, top_p=1.0,
-                                     logits_processor=choice)
+                out = model.generate(**batch, max_new_tokens=int(max_new_tokens), do_sample=True,
+                                     temperature=1.0, top_k=0, top_p=1.0, logits_processor=choice)
     tokens = out[:, inputs["input_ids"].shape[1]:]
     texts = processor.batch_decode(tokens, skip_special_tokens=True)
     return Generation(inputs=inputs, tokens=tokens, mask=answer_mask(tokens, eos), texts=list(texts))

@@ -1,0 +1,146 @@
+"""Does the VLM's greedy answer depart from its own consensus? Bounds for voting on the gui-grounding-vlm model.
+
+For each validation instruction (seeds 100-102 of ``gui-grounding-vlm``,
+never in the reported table) this draws ``--samples`` answers at each
+temperature from the cached VLM and measures:
+
+- ``greedy``: the greedy answer's accuracy and the element it lands on;
+- ``mode``: the element that holds the most samples (the limit of
+  element-level voting as the number of samples grows, estimated from the
+  draws), and whether greedy lands on it;
+- ``vote K``: GUI-RC region voting (alpha = 50 px squares) over the first K
+  of the same samples;
+- in the prompts where greedy and the mode disagree, how often each is right.
+
+Voting can gain over greedy only where greedy departs from the mode and the
+mode is right more often than greedy there; this prints how often that is.
+Writes vlm_vote_bounds.json and vlm_vote_bounds.md beside this script (or under --out).
+
+    python benchmarks/gui/vlm_vote_bounds.py [--seeds 100 101 102] [--screens 30] [--out DIR] [--quick --cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from mmtts.core.rng import derive_seed
+from mmtts.core.threads import one_thread
+from mmtts.modalities.gui.parse import parse_answers
+from mmtts.modalities.gui.render import render_screen
+from mmtts.strategies.region_vote import consensus, point_boxes
+from mmtts.tasks.cache import ModelCache
+from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGroundingVLM
+
+TEMPERATURES = (0.5, 1.0)
+VOTES = (16, 64)
+
+
+def element_of(point, boxes) -> int:
+    """Index of the smallest element box holding ``point`` (-1: none, or no answer)."""
+    if not np.isfinite(point).all():
+        return -1
+    hit = [(b[2] - b[0]) * (b[3] - b[1]) if b[0] <= point[0] <= b[2] and b[1] <= point[1] <= b[3] else np.inf
+           for b in boxes]
+    return int(np.argmin(hit)) if np.isfinite(min(hit, default=np.inf)) else -1
+
+
+def inside(p, box) -> bool:
+    return bool(np.isfinite(p).all() and box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3])
+
+
+def measure(task: GUIGroundingVLM, seeds, samples: int) -> dict:
+    counts = {"n": 0, "greedy": 0, "parsed_greedy": 0}
+    per_t = {t: {"mode": 0, "greedy_on_mode": 0, "disagree": 0, "greedy_right_when_disagree": 0,
+                 "mode_right_when_disagree": 0, "parse_rate": 0.0, **{f"vote{k}": 0 for k in VOTES}}
+             for t in TEMPERATURES}
+    for seed in seeds:
+        examples, pixels = task.data(seed)
+        sampler, _ = task.sampler("greedy", "vlm-t0.5", seed)
+        screens = {}
+        for i, (ex, px) in enumerate(zip(examples, pixels)):
+            s = int(ex.id.split("-")[0])
+            if s not in screens:
+                screens[s] = [el.box for el in render_screen(derive_seed(TEST_OFFSET, seed, s)).elements]
+            boxes = screens[s]
+            target = element_of(((ex.box[0] + ex.box[2]) / 2, (ex.box[1] + ex.box[3]) / 2), boxes)
+            g = parse_answers(sampler.sample(px, ex.instruction, [0], 0.0), "permille", ex.image_size).points[0]
+            counts["n"] += 1
+            counts["greedy"] += inside(g, ex.box)
+            counts["parsed_greedy"] += bool(np.isfinite(g).all())
+            g_el = element_of(g, boxes)
+            for t in TEMPERATURES:
+                seeds_i = [derive_seed(seed, i, j, int(t * 1000)) for j in range(samples)]
+                p = parse_answers(sampler.sample(px, ex.instruction, seeds_i, t), "permille", ex.image_size)
+                r = per_t[t]
+                r["parse_rate"] += float(p.ok.mean())
+                els = np.array([element_of(q, boxes) for q in p.points])
+                valid = els[els >= 0]
+                mode = int(np.bincount(valid).argmax()) if len(valid) else -1
+                r["mode"] += mode == target and mode >= 0
+                r["greedy_on_mode"] += g_el == mode
+                if g_el != mode:
+                    r["disagree"] += 1
+                    r["greedy_right_when_disagree"] += inside(g, ex.box)
+                    r["mode_right_when_disagree"] += mode == target and mode >= 0
+                for k in VOTES:
+                    c = consensus(point_boxes(p.points[:k], 50.0), *ex.image_size)
+                    r[f"vote{k}"] += c.point is not None and inside(np.array(c.point), ex.box)
+    n = counts["n"]
+    out = {"n": n, "greedy_acc": counts["greedy"] / n, "greedy_parse_rate": counts["parsed_greedy"] / n}
+    for t, r in per_t.items():
+        out[f"T={t:g}"] = {"mode_acc": r["mode"] / n, "greedy_on_mode": r["greedy_on_mode"] / n,
+                           "disagreements": r["disagree"],
+                           "greedy_right_when_disagree": r["greedy_right_when_disagree"],
+                           "mode_right_when_disagree": r["mode_right_when_disagree"],
+                           "parse_rate": r["parse_rate"] / n,
+                           **{f"vote_K{k}_acc": r[f"vote{k}"] / n for k in VOTES}}
+    return out
+
+
+def markdown(res: dict, samples: int, seeds) -> str:
+    lines = [f"# Voting bounds on the gui-grounding-vlm model (validation seeds {list(seeds)}, {res['n']} "
+             f"instructions, {samples} samples per temperature)", "",
+             f"greedy accuracy {100 * res['greedy_acc']:.1f}% (parsed {100 * res['greedy_parse_rate']:.1f}%)", "",
+             "| T | mode accuracy | greedy on the mode | disagreements | greedy right there | mode right there | "
+             + " | ".join(f"vote K={k}" for k in VOTES) + " | parse rate |",
+             "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(VOTES) + "---:|"]
+    for t in TEMPERATURES:
+        r = res[f"T={t:g}"]
+        lines.append(f"| {t:g} | {100 * r['mode_acc']:.1f}% | {100 * r['greedy_on_mode']:.1f}% | "
+                     f"{r['disagreements']} | {r['greedy_right_when_disagree']} | {r['mode_right_when_disagree']} | "
+                     + " | ".join(f"{100 * r[f'vote_K{k}_acc']:.1f}%" for k in VOTES)
+                     + f" | {100 * r['parse_rate']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
+    ap.add_argument("--screens", type=int, default=30, help="screens per seed (three instructions each)")
+    ap.add_argument("--samples", type=int, default=128, help="answers drawn per temperature")
+    ap.add_argument("--out", default=str(Path(__file__).parent))
+    ap.add_argument("--quick", action="store_true", help="the quick model (for tests)")
+    ap.add_argument("--cache", default=None, help="model cache directory")
+    args = ap.parse_args(argv)
+    if args.samples < max(VOTES):
+        ap.error(f"--samples must be at least {max(VOTES)} (the largest vote)")
+    task = GUIGroundingVLM(cache=ModelCache(args.cache) if args.cache else None, quick=args.quick,
+                           screens=args.screens)
+    with one_thread():
+        res = measure(task, args.seeds, args.samples)
+    res.update(seeds=args.seeds, samples=args.samples, screens=args.screens, machine=platform.machine())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vlm_vote_bounds.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "vlm_vote_bounds.md").write_text(markdown(res, args.samples, args.seeds))
+    print(markdown(res, args.samples, args.seeds))
+    return res
+
+
+if __name__ == "__main__":
+    main()
