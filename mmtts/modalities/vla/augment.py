@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ...core.errors import MmttsError
+from ...core.settings import whole
 from .space import ActionSpace
 
 PAIRWISE_LIMIT = 1 << 20  # compare all pairs below this many element comparisons, sort above
@@ -79,6 +80,12 @@ class Candidates:
     def early_exit(self) -> list[bool]:
         """Observations left with one distinct action: no verifier call needed."""
         return (self.count == 1).tolist()
+
+
+def check_decimals(decimals) -> int | None:
+    """The rounding before de-duplication: a whole number of decimals (negative rounds to tens, hundreds...)
+    or None."""
+    return whole("decimals", decimals, "action de-duplication", minimum=-300, none=True)
 
 
 def distinct_rows(rows: torch.Tensor, decimals: int | None = None,
@@ -154,7 +161,7 @@ class GaussianAugmenter:
 
     def __init__(self, space: ActionSpace, decimals: int | None = None, published: bool = False):
         self.space = space
-        self.decimals = decimals
+        self.decimals = check_decimals(decimals)
         self.published = bool(published)
 
     @staticmethod
@@ -231,7 +238,7 @@ class SampleSet:
     """
 
     def __init__(self, space: ActionSpace, decimals: int | None = None):
-        self.space, self.decimals = space, decimals
+        self.space, self.decimals = space, check_decimals(decimals)
 
     def __call__(self, samples: torch.Tensor, valid: torch.Tensor | None = None) -> Candidates:
         mean, std = GaussianAugmenter.fit_std(samples, valid)

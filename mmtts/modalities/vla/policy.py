@@ -27,6 +27,7 @@ from torch import nn
 
 from ...core.errors import MmttsError
 from ...core.rng import Streams
+from ...core.settings import real, whole
 
 STATE_KEY = "observation.state"
 
@@ -64,14 +65,15 @@ def as_observations(batch: Mapping[str, Any], dtype: torch.dtype | None) -> dict
 
     These conversions are unambiguous (a gymnasium observation is a float64
     numpy array; the policy's weights decide the precision), so they are made
-    rather than refused. Anything else is left for the shape checks.
+    rather than refused; numpy arrays of text or objects become lists.
+    Anything else is left for the shape checks.
     """
     if not isinstance(batch, Mapping):
         return batch
     out = {}
     for k, v in batch.items():
         if type(v).__module__ == "numpy" and hasattr(v, "dtype"):
-            v = torch.as_tensor(v)
+            v = torch.as_tensor(v) if v.dtype.kind in "biuf" else v.tolist()  # numbers; text and objects as lists
         if isinstance(v, torch.Tensor) and v.is_floating_point() and dtype is not None and v.dtype != dtype:
             v = v.to(dtype)
         out[k] = v
@@ -126,6 +128,8 @@ def check_shapes(batch: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) 
                 if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape) else ""
             raise MmttsError(f"observation {key!r} has shape {got}; this policy expects "
                              f"(B, {', '.join(map(str, shape))}){hint}")
+        if v.is_complex():
+            raise MmttsError(f"observation {key!r} has dtype {v.dtype}; pass real numbers")
         if v.is_floating_point() and not all_finite(v):
             raise MmttsError(f"observation {key!r} contains NaN or inf; check the sensor or the environment")
     return b
@@ -181,12 +185,10 @@ class GaussianPolicy(nn.Module):
     def __init__(self, module: nn.Module, state_dim: int, temperature: float = 1.0, state_key: str = STATE_KEY,
                  horizon: int | None = None):
         super().__init__()
-        if temperature < 0:
-            raise MmttsError(f"temperature={temperature} must be >= 0")
-        if horizon is not None and horizon < 1:
-            raise MmttsError(f"horizon={horizon} must be >= 1, or None for a head that outputs single actions")
-        self.module, self.temperature, self.state_key, self.horizon = module, float(temperature), state_key, horizon
-        self.input_shapes = {state_key: (int(state_dim),)}
+        temperature = real("temperature", temperature, "GaussianPolicy", low=0.0)
+        horizon = whole("horizon", horizon, "GaussianPolicy", none=True)
+        self.module, self.temperature, self.state_key, self.horizon = module, temperature, state_key, horizon
+        self.input_shapes = {state_key: (whole("state_dim", state_dim, "GaussianPolicy"),)}
 
     def _sample(self, mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return mean + (log_std.exp() * self.temperature) * noise
@@ -195,15 +197,26 @@ class GaussianPolicy(nn.Module):
         shape = (space.dim,) if self.horizon is None else (self.horizon, space.dim)
         return streams.randn(shape)
 
+    def _head(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's (mean, log_std) for the batch's state; an integer or bool state is read as numbers in the
+        head's dtype."""
+        state = batch[self.state_key]
+        if not state.is_floating_point():
+            state = state.to(parameter_dtype(self.module) or torch.get_default_dtype())
+        return self.module(state)
+
     @torch.no_grad()
     def actions_from_noise(self, batch, noise):
-        mean, log_std = self.module(batch[self.state_key])
+        mean, log_std = self._head(batch)
+        if mean.shape[-1] != noise.shape[-1]:
+            raise MmttsError(f"the policy head outputs actions of {mean.shape[-1]} dimensions, but the action space "
+                             f"has {noise.shape[-1]}; pass an ActionSpace with the head's dimensions")
         return self._sample(mean, log_std, noise.to(mean.device, mean.dtype))
 
     @torch.no_grad()
     def sample_actions(self, batch, num_samples, generator):
         """``num_samples`` actions per observation (B, N, D) from one forward per observation."""
-        mean, log_std = self.module(batch[self.state_key])
+        mean, log_std = self._head(batch)
         eps = torch.randn((mean.shape[0], num_samples, *mean.shape[1:]), generator=generator,
                           dtype=mean.dtype).to(mean.device)
         return self._sample(mean[:, None], log_std[:, None], eps)
@@ -212,7 +225,7 @@ class GaussianPolicy(nn.Module):
     def select_action(self, batch) -> torch.Tensor:
         """The mean action (LeRobot's deterministic ``select_action``)."""
         check_shapes(batch, self.input_shapes)
-        return self.module(batch[self.state_key])[0]
+        return self._head(batch)[0]
 
 
 class NoisePolicy:
@@ -230,7 +243,14 @@ class NoisePolicy:
 
     def __init__(self, fn: Callable[..., torch.Tensor], noise_shape: Sequence[int],
                  input_shapes: Mapping[str, Sequence[int]] | None = None):
-        self.fn, self.noise_shape = fn, tuple(int(s) for s in noise_shape)
+        if not callable(fn):
+            raise MmttsError(f"NoisePolicy needs fn(batch, noise=eps) -> actions, not {type(fn).__name__}")
+        try:
+            dims = tuple(noise_shape)
+        except TypeError:
+            raise MmttsError(f"noise_shape={noise_shape!r} must be a tuple such as (horizon, action_dim)") from None
+        self.fn = fn
+        self.noise_shape = tuple(whole(f"noise_shape[{i}]", d, "NoisePolicy") for i, d in enumerate(dims))
         self.input_shapes = dict(input_shapes or {})
 
     def draw_noise(self, streams: Streams, space) -> torch.Tensor:

@@ -76,14 +76,19 @@ class ActionProcess(Process):
             row = row.remainder_(self.rows)
         else:
             row.zero_()
-        return State.fresh({"row": row, "noise": self.policy.draw_noise(streams, self.space)}, streams, first_index)
+        noise = _policy_call("draw_noise", self.policy.draw_noise, streams, self.space)
+        return State.fresh({"row": row, "noise": noise}, streams, first_index)
 
     def step(self, state: State) -> State:
         noise = state.data["noise"]
-        out = self.policy.actions_from_noise(self.observations_at(state.data["row"]), noise)
+        out = _policy_call("actions_from_noise", self.policy.actions_from_noise,
+                           self.observations_at(state.data["row"]), noise)
         n, d = len(state), self.space.dim
-        if not isinstance(out, torch.Tensor):
-            raise MmttsError(f"actions_from_noise returned {type(out).__name__}; it must return a tensor")
+        if not isinstance(out, torch.Tensor) or out.is_complex():
+            got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MmttsError(f"actions_from_noise returned {got}; it must return a tensor of real actions")
+        if not out.is_floating_point():  # integer (binned) or bool actions are numbers: read them as floats
+            out = out.to(torch.get_default_dtype())
         if out.ndim == 2:
             out = out[:, None]
         if out.ndim != 3 or out.shape[0] != n or out.shape[-1] != d:
@@ -121,3 +126,16 @@ class ActionProcess(Process):
 
     def describe(self) -> dict:
         return {**super().describe(), "observations": self.rows, "action_dim": self.space.dim}
+
+
+def _policy_call(what: str, fn, *args):
+    """``fn(*args)``, with an exception the policy raises turned into an MmttsError that names the call."""
+    try:
+        return fn(*args)
+    except MmttsError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise MmttsError(f"the policy's {what} raised {type(e).__name__}: {e}; check the policy against the "
+                         "observations (keys, shapes, dtypes) and the action space") from e

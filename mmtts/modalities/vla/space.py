@@ -8,12 +8,14 @@ bounds the robot accepts.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ...core.errors import MmttsError
+from ...core.settings import whole
 
 
 @dataclass(frozen=True)
@@ -34,26 +36,42 @@ class ActionSpace:
     discrete: tuple[int, ...] = ()
 
     def __post_init__(self):
-        lo = torch.as_tensor(self.low, dtype=torch.float64)
-        hi = torch.as_tensor(self.high, dtype=torch.float64)
+        try:
+            lo = torch.as_tensor(self.low, dtype=torch.float64)
+            hi = torch.as_tensor(self.high, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise MmttsError(f"action bounds must be numbers, one per action dimension; got low={self.low!r}, "
+                             f"high={self.high!r}") from None
         if lo.ndim != 1 or lo.shape != hi.shape or lo.numel() == 0:
             raise MmttsError(f"action bounds low {tuple(lo.shape)} and high {tuple(hi.shape)} must be two "
                              "non-empty vectors of the same length, one entry per action dimension")
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()) or (hi <= lo).any():
             raise MmttsError(f"action bounds must be finite with high > low in every dimension; got low={self.low}, "
                              f"high={self.high}")
-        bad = [i for i in self.discrete if not 0 <= int(i) < lo.numel()]
+        bad = [i for i in self.discrete if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+               or not 0 <= i < lo.numel()]
         if bad:
-            raise MmttsError(f"discrete dimensions {bad} are outside the {lo.numel()} action dimensions")
+            raise MmttsError(f"discrete dimensions {bad} are not indices of the {lo.numel()} action dimensions "
+                             f"(whole numbers from 0 to {lo.numel() - 1})")
 
     @classmethod
     def box(cls, low: Sequence[float] | float, high: Sequence[float] | float, dim: int | None = None,
             discrete: Sequence[int] = ()) -> "ActionSpace":
         """Bounds as sequences, or as scalars repeated over ``dim`` dimensions."""
         if dim is not None:
-            low = [float(low)] * dim if isinstance(low, (int, float)) else low
-            high = [float(high)] * dim if isinstance(high, (int, float)) else high
-        return cls(tuple(float(v) for v in low), tuple(float(v) for v in high), tuple(int(i) for i in discrete))
+            dim = whole("dim", dim, "ActionSpace.box")
+            low = [low] * dim if isinstance(low, numbers.Real) else low
+            high = [high] * dim if isinstance(high, numbers.Real) else high
+        try:
+            low, high = tuple(float(v) for v in low), tuple(float(v) for v in high)
+        except (TypeError, ValueError):
+            raise MmttsError(f"action bounds must be numbers (or sequences of numbers); got low={low!r}, "
+                             f"high={high!r}") from None
+        try:
+            discrete = tuple(i if isinstance(i, bool) else int(i) if float(i).is_integer() else i for i in discrete)
+        except (TypeError, ValueError):
+            raise MmttsError(f"discrete={discrete!r} must be a sequence of action dimension indices") from None
+        return cls(low, high, discrete)
 
     @classmethod
     def from_gym(cls, space, discrete: Sequence[int] = ()) -> "ActionSpace":

@@ -49,7 +49,19 @@ class ActionVerifier(Verifier):
             raise MmttsError(f"{outputs.shape[0]} actions but {batch_rows(context)} observations; pass one "
                              "observation row per candidate")
         acts = outputs if outputs.ndim == 3 else outputs.unsqueeze(1)
-        return self.scorer(context, acts).reshape(-1)
+        try:
+            return self.scorer(context, acts).reshape(-1)
+        except MmttsError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise MmttsError(f"the scorer of {self.name!r} failed on {tuple(acts.shape)} actions and the "
+                             f"observations {_shapes(context)}: {type(e).__name__}: {e}") from e
+
+
+def _shapes(batch: Mapping) -> dict:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in batch.items()}
 
 
 class QuadraticFeatures(nn.Module):

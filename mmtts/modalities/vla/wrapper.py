@@ -19,6 +19,7 @@ starts the next episode's streams.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections import deque
 from typing import Callable
@@ -28,6 +29,7 @@ import torch
 from ...core.budget import Budget
 from ...core.errors import MmttsError
 from ...core.rng import derive_seed
+from ...core.settings import whole
 from ...core.strategy import run_strategy
 from ...core.verifier import FunctionVerifier, Verifier
 from .policy import SamplingPolicy
@@ -165,14 +167,22 @@ class RoboMonkeyPolicy:
         if isinstance(verifier, Verifier):
             self.verifier = verifier
         elif callable(verifier):
-            self.verifier = FunctionVerifier(verifier, takes_context=True)
+            self.verifier = FunctionVerifier(_named_errors(verifier), takes_context=True,
+                                             name=getattr(verifier, "__name__", "verifier"))
         else:
             raise MmttsError(f"verifier must be an mmtts Verifier or fn(actions, observations), not "
                              f"{type(verifier).__name__}")
         if on_deadline not in DEADLINE_POLICIES:
             raise MmttsError(f"on_deadline={on_deadline!r}; choose one of {DEADLINE_POLICIES}")
-        if n_action_steps is not None and n_action_steps < 1:
-            raise MmttsError(f"n_action_steps={n_action_steps} must be >= 1, or None to use whole chunks")
+        n_action_steps = whole("n_action_steps", n_action_steps, "RoboMonkeyPolicy", none=True)
+        if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, numbers.Real)
+                                       or not deadline_s > 0):
+            raise MmttsError(f"deadline_s={deadline_s!r} must be positive seconds, or None for no deadline")
+        if dedupe_decimals is not None:
+            dedupe_decimals = whole("dedupe_decimals", dedupe_decimals, "RoboMonkeyPolicy", minimum=-300)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+            raise MmttsError(f"seed={seed!r} must be a whole number in [0, 2**63), the root of every step's streams; "
+                             "pass e.g. seed=0")
         n = renamed("RoboMonkeyPolicy", "n", n, 16, num_candidates=num_candidates)
         policy_samples = renamed("RoboMonkeyPolicy", "policy_samples", policy_samples, None, num_samples=num_samples)
         selector = selector or Selector("argmax")
@@ -227,3 +237,18 @@ class RoboMonkeyPolicy:
                 "deadline_s, or pass on_deadline='fallback' to act with the best action found in time")
         self.step += 1
         return result.outputs
+
+
+def _named_errors(fn: Callable) -> Callable:
+    """``fn(actions, observations)``, with an exception it raises turned into an MmttsError naming the verifier."""
+    def score(actions, observations):
+        try:
+            return fn(actions, observations)
+        except MmttsError:
+            raise
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:
+            raise MmttsError(f"the verifier function raised {type(e).__name__}: {e}; it is called as "
+                             "fn(actions (M, H, D), observations with one row per action) and returns M scores") from e
+    return score
