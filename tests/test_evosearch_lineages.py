@@ -138,3 +138,22 @@ def test_image_search_sample_grid(tmp_path):
     del samples[("evosearch", 640, 2)]
     assert sample_grid(samples, ["best-of-n", "evosearch"], [0, 1, 2], 640, "640 NFE", tmp_path / "no.png") is None
     assert not (tmp_path / "no.png").exists()
+
+
+@pytest.mark.parametrize("stop_at", [1, 4])
+def test_a_resumed_lineage_run_gives_the_uninterrupted_result(tmp_path, stop_at):
+    """The caps are rebuilt from each generation's own lineages, so nothing beyond the loop state is saved."""
+    p = GMMDiffusion(DEFAULT_MIXTURE, 10, sampler="ddim", eta=0.0)
+    kw = dict(n=8, noise_generations=0, latent_scale=0.5, keep=4, budget=160, seed=5)
+    full = mmtts.search(p, REWARD, "evosearch", **kw)
+
+    def stop(count):
+        if count == stop_at:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        mmtts.search(p, REWARD, "evosearch", checkpoint=path, on_checkpoint=stop, **kw)
+    resumed = mmtts.search(p, REWARD, "evosearch", checkpoint=path, resume=True, **kw)
+    assert torch.equal(full.outputs, resumed.outputs) and torch.equal(full.lineage["ids"], resumed.lineage["ids"])
+    assert full.extra == resumed.extra and full.extra["kept_lineages"] == 4
