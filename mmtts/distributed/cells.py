@@ -64,6 +64,7 @@ class CellStore:
 
     def save(self, cell: Cell, metrics: dict, seconds: float) -> None:
         rec = {"cell": list(cell), "identity": self.identity, "metrics": metrics, "seconds": seconds,
+               "finished": time.time(),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "pid": os.getpid(),
                "rank": int(os.environ.get("RANK", "0"))}
         tmp = self.dir / f".{self.key(cell)}.{os.getpid()}.tmp"
@@ -162,7 +163,8 @@ def _run_sharded(cells, run, prepare, store: CellStore, resume: bool, descriptio
                     store.load(c)  # refuses cells of another configuration before any work
         comm.barrier()
         if not comm.is_main:
-            prepare()
+            prepare()  # loads what rank 0 cached
+        comm.barrier()  # every process starts its cells ready, so the shares even out
         order = sorted(cells, key=lambda c: -(c[2] or 0))  # largest budgets first: the shares even out
         if not comm.is_main:
             _claim_and_run(order, run, store, comm.rank)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import pickle
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -118,82 +119,59 @@ class Comm:
         return start, start + sizes[self.rank]
 
     # -- checked collectives -------------------------------------------------------
-    def run(self, op: str, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on this rank; if it raised on any rank, every rank raises :class:`RankFailed` naming it."""
-        try:
-            value, error = fn(), None
-        except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
-            value, error = None, e
-        self.checked(op, value, error)
-        return value
-
-    def checked(self, op: str, value: Any, error: BaseException | None, meta: Any = None) -> list:
-        """Exchange (error, meta) with every rank; raise :class:`RankFailed` for the first rank that failed.
-
-        Returns every rank's ``meta``, in rank order.
-        """
-        if self.world == 1:
-            if error is not None:
-                raise error
-            return [meta]
-        mine = (None if error is None else _describe(error), meta)
-        every: list = [None] * self.world
-        self.dist.all_gather_object(every, mine)
-        for r, (err, _) in enumerate(every):
-            if err is not None:
-                raise RankFailed(r, err) from (error if r == self.rank else None)
-        return [m for _, m in every]
+    def _status(self, error: BaseException | None, sizes: tuple[int, int] = (0, 0)) -> list[tuple[int, int]]:
+        """Every rank's (meta bytes, payload bytes), after one all-gather of a fixed header; raise
+        :class:`RankFailed` on every rank, with the first failing rank's message, when any rank failed."""
+        header = torch.tensor([int(error is not None), *sizes], dtype=torch.int64, device=self.device)
+        every = [torch.empty_like(header) for _ in range(self.world)]
+        self.dist.all_gather(every, header)
+        rows = [t.tolist() for t in every]
+        if any(r[0] for r in rows):
+            messages: list = [None] * self.world
+            self.dist.all_gather_object(messages, None if error is None else _describe(error))
+            first = next(r for r, row in enumerate(rows) if row[0])
+            raise RankFailed(first, messages[first]) from (error if first == self.rank else None)
+        return [(r[1], r[2]) for r in rows]
 
     def all_gather_batch(self, op: str, compute: Callable[[], Any]) -> Any:
         """Run ``compute()`` (this rank's shard of a batch) and return the whole batch, in rank order, on every rank.
 
-        Every rank must hold at least one item (callers run batches smaller than the group unsharded).
-        Tensors and dicts of tensors travel as one padded byte buffer per rank (a single all-gather); other
-        batches (lists of texts or images) travel pickled.
+        Two collectives: a fixed header (whether this rank failed, and its sizes), then one byte buffer per
+        rank. Tensors and dicts of tensors travel as their raw bytes behind a small description; other batches
+        (lists of texts or images) travel pickled. Every rank must hold at least one item (callers run batches
+        smaller than the group unsharded).
         """
         from ..core.batch import concat
+        if self.world == 1:
+            return compute()
         try:
             local = compute()
             fields = _tensor_fields(local)
-            meta = _meta(fields) if fields is not None else ("objects", None)
+            if fields is None:
+                meta, payload = _to_bytes(("objects",)), _to_bytes(local)
+            else:
+                meta = _to_bytes(("tensors", _skeleton(local), [(str(t.dtype), tuple(t.shape[1:]),
+                                                                 t.numel() * t.element_size()) for t in fields]))
+                payload = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).to(self.device)
+                                     for t in fields]) if fields else torch.empty(0, dtype=torch.uint8)
             error = None
-        except Exception as e:  # noqa: BLE001
-            local, fields, meta, error = None, None, None, e
-        metas = self.checked(op, local, error, meta)
-        if self.world == 1:
-            return local
-        if any(m[0] == "objects" for m in metas):
-            every: list = [None] * self.world
-            self.dist.all_gather_object(every, local)
-            self.traffic.add(op, _pickled_size(local), sum(_pickled_size(b) for b in every))
-            return concat([b for b in every if b is not None])
-        gathered = self._gather_fields(op, fields, metas)
-        return _rebuild(local, gathered)
-
-    def _gather_fields(self, op: str, fields: list[torch.Tensor], metas: list) -> list[torch.Tensor]:
-        nbytes = [sum(b for _, _, _, b in m[1]) for m in metas]
-        width = max(max(nbytes), 1)
-        flat = [t.detach().contiguous().reshape(-1).view(torch.uint8).to(self.device) for t in fields]
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then raised on every rank
+            meta = payload = torch.empty(0, dtype=torch.uint8)
+            error = e
+        sizes = self._status(error, (len(meta), len(payload)))
+        width = max(max(m + b for m, b in sizes), 1)
         buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
-        if flat and nbytes[self.rank]:
-            buf[:nbytes[self.rank]] = torch.cat(flat)
+        buf[:len(meta)] = meta.to(self.device)
+        buf[len(meta):len(meta) + len(payload)] = payload.to(self.device)
         bufs = [torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
         self.dist.all_gather(bufs, buf)
-        self.traffic.add(op, nbytes[self.rank], sum(nbytes) - nbytes[self.rank])
-        device = fields[0].device if fields else torch.device("cpu")
-        per_field: list[list[torch.Tensor]] = [[] for _ in metas[0][1]]
-        for r, m in enumerate(metas):
-            at = 0
-            for j, (_, dtype, shape, b) in enumerate(m[1]):
-                part = bufs[r][at:at + b]
-                at += b
-                if b:
-                    per_field[j].append(part.view(_DTYPES[dtype]).reshape(-1, *shape).to(device))
-        out = []
-        for j, (_, dtype, shape, _) in enumerate(metas[0][1]):
-            parts = per_field[j]
-            out.append(torch.cat(parts) if parts else torch.empty(0, *shape, dtype=_DTYPES[dtype], device=device))
-        return out
+        mine = sizes[self.rank][0] + sizes[self.rank][1]
+        self.traffic.add(op, mine, sum(m + b for m, b in sizes) - mine)
+        descs = [_from_bytes(raw[:m]) for (m, _), raw in zip(sizes, bufs)]
+        bodies = [raw[m:m + b] for (m, b), raw in zip(sizes, bufs)]
+        if any(d[0] == "objects" for d in descs):
+            return concat([_from_bytes(body) for body in bodies])
+        return _join_tensors(list(zip(descs, bodies)), fields[0].device if fields else torch.device("cpu"))
 
     def broadcast_object(self, op: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0 only, its value on every rank (a rank 0 error raised on every rank)."""
@@ -205,10 +183,10 @@ class Comm:
                 value = compute()
             except Exception as e:  # noqa: BLE001
                 error = e
-        self.checked(op, None, error)
+        self._status(error)
         box = [value]
         self.dist.broadcast_object_list(box, src=0)
-        size = _pickled_size(box[0])
+        size = len(_to_bytes(box[0]))
         self.traffic.add(op, size if self.is_main else 0, 0 if self.is_main else size)
         return box[0]
 
@@ -242,21 +220,31 @@ def _tensor_fields(batch: Any) -> list[torch.Tensor] | None:
     return None
 
 
-def _meta(fields: Sequence[torch.Tensor]) -> tuple:
-    return ("tensors", [(i, str(t.dtype), tuple(t.shape[1:]), t.numel() * t.element_size())
-                        for i, t in enumerate(fields)])
+def _skeleton(batch: Any) -> Any:
+    """The nesting of a tensor or dict batch (None for a tensor), to rebuild it from its gathered tensors."""
+    return None if isinstance(batch, torch.Tensor) else {k: _skeleton(batch[k]) for k in sorted(batch)}
 
 
-def _rebuild(template: Any, gathered: list[torch.Tensor]) -> Any:
-    it = iter(gathered)
+def _join_tensors(parts: list, device: torch.device) -> Any:
+    """Every rank's raw tensor slices (rank order), concatenated per field, in the batch's nesting."""
+    skeleton = parts[0][0][1]
+    columns: list[list[torch.Tensor]] = [[] for _ in parts[0][0][2]]
+    for (_, _, specs), body in parts:
+        at = 0
+        for j, (dtype, shape, nbytes) in enumerate(specs):
+            raw = body[at:at + nbytes].clone()  # its own storage: a view as a wider dtype needs an aligned start
+            columns[j].append(raw.view(_DTYPES[dtype]).reshape(-1, *shape).to(device))
+            at += nbytes
+    fields = iter([torch.cat(c) for c in columns])
 
     def build(x):
-        if isinstance(x, torch.Tensor):
-            return next(it)
-        return {k: build(x[k]) for k in sorted(x)}
-    return build(template)
+        return next(fields) if x is None else {k: build(x[k]) for k in sorted(x)}
+    return build(skeleton)
 
 
-def _pickled_size(x: Any) -> int:
-    import pickle
-    return len(pickle.dumps(x))
+def _to_bytes(x: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(x)), dtype=torch.uint8)
+
+
+def _from_bytes(t: torch.Tensor) -> Any:
+    return pickle.loads(t.cpu().numpy().tobytes())
