@@ -224,3 +224,27 @@ def test_observations_are_converted_or_refused_at_the_door():
     assert _torch.equal(as_numpy.observations["observation.state"], as_float32.observations["observation.state"])
     with pytest.raises(MmttsError, match=r"empty \(0 observations\)"):
         ActionProcess(policy, {"observation.state": _torch.zeros(0, 3)}, space)
+
+
+class LinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, s):
+        out = self.lin(s)
+        return torch.tanh(out[:, :2]), out[:, 2:] - 1.0
+
+
+def test_with_observations_is_the_process_built_for_them():
+    policy, verifier = GaussianPolicy(LinearHead(), 4), ActionVerifier(scorer())
+    first = ActionProcess(policy, observations(3, seed=0), SPACE)
+    later = first.with_observations({STATE: observations(2, seed=1)[STATE].double().numpy()})  # converted too
+    fresh = ActionProcess(policy, observations(2, seed=1), SPACE)
+    assert later.rows == 2 and first.rows == 3 and later.observations[STATE].dtype == torch.float32
+    a = mmtts.search(later, verifier, "robomonkey", budget=16, seed=5)
+    b = mmtts.search(fresh, verifier, "robomonkey", budget=16, seed=5)
+    assert torch.equal(a.outputs, b.outputs) and torch.equal(a.scores, b.scores)
+    with pytest.raises(MmttsError, match="empty"):
+        first.with_observations({STATE: torch.zeros(0, 4)})

@@ -15,6 +15,7 @@ Gaussian.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping
 
 import torch
@@ -60,9 +61,21 @@ class ActionProcess(Process):
         if not isinstance(space, ActionSpace):
             raise MmttsError(f"space must be an ActionSpace (e.g. ActionSpace.from_gym(env.action_space)), "
                              f"not {type(space).__name__}")
-        observations = as_observations(observations, parameter_dtype(policy))
-        self.rows = check_shapes(observations, getattr(policy, "input_shapes", None) or {})
-        self.policy, self.observations, self.space = policy, observations, space
+        self.policy, self.space, self.dtype = policy, space, parameter_dtype(policy)
+        self._observe(observations)
+
+    def _observe(self, observations: Mapping[str, Any]) -> None:
+        observations = as_observations(observations, self.dtype)
+        self.rows = check_shapes(observations, getattr(self.policy, "input_shapes", None) or {})
+        self.observations = observations
+
+    def with_observations(self, observations: Mapping[str, Any]) -> "ActionProcess":
+        """The same process (policy, space, the policy's dtype as read when this one was built) for another
+        batch of observations, converted and checked as the constructor does: what a control loop builds at
+        every step, without repeating the policy's checks."""
+        new = copy.copy(self)
+        new._observe(observations)
+        return new
 
     def nfe_per_candidate(self) -> int:
         """One policy forward per candidate."""

@@ -202,6 +202,8 @@ class RoboMonkeyPolicy:
         self.seed, self.n_action_steps = int(seed), n_action_steps
         self.episode, self.step, self._queue = 0, 0, deque()
         self.diagnostics: list[StepDiagnostics] = []
+        self._process: ActionProcess | None = None  # the first step's process; later steps take new observations
+        self._budgets: dict[int, Budget] = {}
 
     def reset(self) -> None:
         """Start a new episode: empty the action queue and the diagnostics, move to the next random streams."""
@@ -222,8 +224,13 @@ class RoboMonkeyPolicy:
     def choose(self, batch) -> torch.Tensor:
         """The chosen action chunk per observation, (B, H, D), recording a :class:`StepDiagnostics`."""
         t0 = time.perf_counter()
-        process = ActionProcess(self.policy, batch, self.space)
-        budget = Budget(max_nfe=process.rows * self.strategy.policy_samples)
+        if self._process is None:
+            self._process = process = ActionProcess(self.policy, batch, self.space)
+        else:
+            process = self._process.with_observations(batch)
+        budget = self._budgets.get(process.rows)
+        if budget is None:  # a Budget is an immutable spec: one per batch size serves every step
+            budget = self._budgets[process.rows] = Budget(max_nfe=process.rows * self.strategy.policy_samples)
         result = run_strategy(self.strategy, process, self.verifier, budget,
                               seed=derive_seed(self.seed, self.episode, self.step))
         extra = result.extra
