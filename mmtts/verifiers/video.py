@@ -1,4 +1,5 @@
-"""Verifiers for video: image verifiers lifted to frames, temporal consistency, and one verifier per depth.
+"""Verifiers for video: image verifiers lifted to frames, temporal consistency, one verifier per depth, and a
+checklist of yes/no questions judged by a vision-language model.
 
 Videos are (B, C, T, H, W) tensors, frames in [0, 1], as the video processes
 return them (a frame-autoregressive preview is a partial video: fewer frames).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from ..core.errors import MmttsError
@@ -145,3 +147,90 @@ class PerDepth(Verifier):
     def score(self, outputs, context=None):
         v = check_video(outputs, self.name)
         return self.verifier_for(v.shape[2])(v, context)
+
+
+FRAME_VIEWS = ("grid", "first", "middle", "last")
+
+
+def frame_image(video: torch.Tensor, view: str) -> np.ndarray:
+    """One clip (C, T, H, W) in [0, 1] as the RGB uint8 image (H, W', 3) a vision-language model sees: its frames
+    side by side (``grid``) or one of them."""
+    t = video.shape[1]
+    if view == "grid":
+        img = torch.cat(list(video.unbind(1)), dim=-1)
+    else:
+        img = video[:, {"first": 0, "middle": t // 2, "last": t - 1}[view]]
+    img = img.expand(3, *img.shape[1:]) if img.shape[0] == 1 else img[:3]
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@VERIFIERS.register("checklist")
+class ChecklistJudge(Verifier):
+    """Weighted yes/no questions about each clip answered by a transformers vision-language model, scored by P(yes).
+
+    For each question the model reads the clip's image and the prompt, and
+    P(yes) is the softmax of its next-token logits over the yes and no tokens
+    only (the answer's probability given that it is yes or no). The score is
+    the weighted mean of P(yes) over the questions, in [0, 1]. This is the
+    shape of VisionReward-style video judges; a question list per depth goes
+    in :class:`PerDepth`.
+
+    Args:
+        model: a transformers vision-language model whose forward returns ``logits`` (LLaVA, Qwen-VL, ...).
+        processor: its processor: ``processor(images=..., text=..., return_tensors="pt")`` gives the inputs.
+        questions: the questions, each a string (weight 1) or a (question, weight) pair.
+        template: the prompt around a question, as the model expects it (e.g. ``"<image>{question}"``).
+        view: what the model sees of a clip: ``grid`` (the frames side by side), ``first``, ``middle`` or ``last``.
+        yes: the answer word for yes (one token of the model's tokenizer).
+        no: the answer word for no.
+        batch_size: clips per forward.
+        name: the verifier's name.
+    """
+
+    def __init__(self, model, processor, questions, template: str = "{question}", view: str = "grid",
+                 yes: str = "yes", no: str = "no", batch_size: int = 16, name: str = "checklist"):
+        super().__init__()
+        if view not in FRAME_VIEWS:
+            raise MmttsError(f"view={view!r} must be one of {FRAME_VIEWS}")
+        if "{question}" not in template:
+            raise MmttsError(f"template {template!r} must contain '{{question}}' where each question goes")
+        items = [(q, 1.0) if isinstance(q, str) else (str(q[0]), float(q[1])) for q in questions]
+        if not items or any(w < 0 for _, w in items) or sum(w for _, w in items) <= 0:
+            raise MmttsError("questions must be a non-empty list of questions or (question, weight >= 0) pairs "
+                             "with a positive total weight")
+        self.model, self.processor = model.eval(), processor
+        self.questions = [q for q, _ in items]
+        self.weights = torch.tensor([w for _, w in items], dtype=torch.float64)
+        self.template, self.view, self.batch_size, self.name = template, view, int(batch_size), name
+        self.answer_ids = torch.tensor([self._token(yes), self._token(no)])
+
+    def _token(self, word: str) -> int:
+        tok = self.processor.tokenizer
+        ids = tok(word, add_special_tokens=False).input_ids
+        if len(ids) != 1 or ids[0] == tok.unk_token_id:
+            raise MmttsError(f"the answer word {word!r} is not one token of the model's tokenizer ({ids}); pass "
+                             "yes=/no= words it has as single tokens")
+        return int(ids[0])
+
+    @torch.no_grad()
+    def p_yes(self, images: list, question: str) -> torch.Tensor:
+        """P(yes | yes or no) of each image for one question (float64)."""
+        dev = next(self.model.parameters()).device
+        text = [self.template.format(question=question)] * len(images)
+        inputs = self.processor(images=images, text=text, return_tensors="pt", padding=True).to(dev)
+        logits = self.model(**inputs).logits
+        mask = inputs.get("attention_mask")
+        last = (mask.sum(1) - 1) if mask is not None and self.processor.tokenizer.padding_side != "left" else \
+            torch.full((len(images),), logits.shape[1] - 1, device=logits.device)
+        pick = logits[torch.arange(len(images), device=logits.device), last][:, self.answer_ids.to(logits.device)]
+        return pick.float().softmax(-1)[:, 0].double().cpu()
+
+    def score(self, outputs, context=None):
+        v = check_video(outputs, self.name)
+        images = [frame_image(clip, self.view) for clip in v.float()]
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            p = torch.stack([self.p_yes(chunk, q) for q in self.questions], 1)
+            out.append((p * self.weights).sum(1) / self.weights.sum())
+        return torch.cat(out)
