@@ -119,6 +119,10 @@ def test_sharded_search_equals_one_process_toy_and_rank_zero_verifier(tmp_path):
     for r, got in enumerate(ranks):
         assert same(got["rank0"], want), f"rank-0 verifier search on rank {r} differs from one process"
     assert [got["rank0_calls"] for got in ranks] == [want["verifier_calls"], 0]
+    for got in ranks:  # gathered in rank order, dtypes and nesting kept
+        assert same(got["dict"], {"x": torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3], dtype=torch.float16),
+                                  "meta": {"id": torch.tensor([0, 10, 11]), "ok": torch.tensor([True, False, False])}})
+        assert got["list"] == ["rank0-0", "rank1-0", "rank1-1"]
 
 
 @pytest.mark.slow
@@ -153,6 +157,13 @@ def worker(scenario: str, out: Path) -> None:
         saved = {"results": {c[0]: search(c, distributed=True) for c in CASES if c[0].startswith(scenario + "/")},
                  "traffic": traffic()}
         if scenario == "toy":
+            from mmtts.distributed import Comm
+            comm = Comm()  # the batch shapes a process may return: nested dicts of mixed dtypes, lists
+            saved["dict"] = comm.all_gather_batch("test", lambda: {
+                "x": torch.full((rank + 1, 3), float(rank), dtype=torch.float16),
+                "meta": {"id": torch.arange(rank + 1, dtype=torch.int64) + 10 * rank,
+                         "ok": torch.tensor([rank == 0] * (rank + 1))}})
+            saved["list"] = comm.all_gather_batch("test", lambda: [f"rank{rank}-{i}" for i in range(rank + 1)])
             verifier = run_on_rank_zero(toy()[1])
             saved["rank0"] = search(CASES[0][:2] + (lambda: verifier,) + CASES[0][3:], distributed=True)
             saved["rank0_calls"] = verifier.evaluations

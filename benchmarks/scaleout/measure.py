@@ -58,10 +58,13 @@ def bench_run(args, processes: int, out: Path) -> dict:
     wall = time.perf_counter() - t0
     cells = [json.loads(p.read_text()) for p in (out / "image-search.cells").glob("*.json")]
     span = max(c["finished"] for c in cells) - min(c["finished"] - c["seconds"] for c in cells)
+    busiest = max(sum(c["cpu_seconds"] for c in cells if c["rank"] == r) for r in range(processes))
     res = json.loads((out / "image-search.json").read_text())
     return {"processes": processes, "cells": len(cells), "sweep_seconds": span, "command_seconds": wall,
-            "cells_per_second": len(cells) / span, "load_before": before, "load_after": load(),
-            "rows": deterministic(res["rows"]), "command": " ".join(cmd[2:])}
+            "cells_per_second": len(cells) / span, "cpu_seconds_per_cell": sum(c["cpu_seconds"] for c in cells)
+            / len(cells), "cells_per_cpu_second_of_busiest": len(cells) / busiest,
+            "load_before": before, "load_after": load(),
+            "rows": deterministic(res["rows"]), "command": shown(cmd, out)}
 
 
 def search_run(args, processes: int, full: bool, out: Path) -> dict:
@@ -79,8 +82,17 @@ def search_run(args, processes: int, full: bool, out: Path) -> dict:
     subprocess.run(cmd, check=True, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL)
     rep = json.loads(out.read_text())
     rep["load_before"], rep["load_after"] = before, load()
-    rep["command"] = " ".join(cmd[1:]).replace(str(ROOT) + "/", "")
+    rep["command"] = shown(cmd, out)
     return rep
+
+
+def shown(cmd: list[str], out: Path) -> str:
+    """A command as a user types it: ``mmtts`` and ``accelerate launch`` for the module runs, OUT for the
+    temporary output, paths relative to the repository."""
+    text = " ".join(cmd).replace(sys.executable + " -m mmtts.cli", "mmtts")
+    text = text.replace(sys.executable + " -m accelerate.commands.launch", "accelerate launch")
+    text = text.replace(sys.executable + " ", "python ").replace(str(out), "OUT").replace(str(ROOT) + "/", "")
+    return text
 
 
 def main() -> None:
@@ -122,6 +134,9 @@ def summarize(args, cells, identical_rows, search) -> dict:
 
     def wall(p):
         return statistics.median(c["command_seconds"] for c in cells if c["processes"] == p)
+
+    def unshared(p):
+        return statistics.median(c["cells_per_cpu_second_of_busiest"] for c in cells if c["processes"] == p)
     searches = {}
     for models in ("quick", "full"):
         one, two = search[f"{models}/1"], search[f"{models}/2"]
@@ -134,6 +149,9 @@ def summarize(args, cells, identical_rows, search) -> dict:
                 "n": one["n"], "stages": stages, "budget_nfe": a["budget_nfe"],
                 "seconds_1": statistics.median(a["seconds"]), "seconds_2": statistics.median(b["seconds"]),
                 "throughput_ratio": statistics.median(a["seconds"]) / statistics.median(b["seconds"]),
+                "cpu_seconds_1": statistics.median(a["cpu_seconds"]),
+                "cpu_seconds_2_rank0": statistics.median(b["cpu_seconds"]),
+                "cpu_ratio": statistics.median(a["cpu_seconds"]) / statistics.median(b["cpu_seconds"]),
                 "identical_results": set(a["digests"]) == set(b["digests"]) and len(set(a["digests"])) == 1,
                 "bytes_received_per_call": per_stage,
                 "bytes_per_candidate_per_step": per_stage.get("step", 0) / (one["n"] / 2),
@@ -148,6 +166,7 @@ def summarize(args, cells, identical_rows, search) -> dict:
                   "runs": [{k: v for k, v in c.items() if k != "rows"} for c in cells],
                   "cells_per_second_1": rate(1), "cells_per_second_2": rate(2),
                   "throughput_ratio": rate(2) / rate(1), "command_seconds_ratio": wall(1) / wall(2),
+                  "cpu_bound_ratio": unshared(2) / unshared(1),
                   "identical_rows": identical_rows},
         "search": searches,
     }
@@ -160,25 +179,33 @@ def markdown(r: dict) -> str:
              "## Cell sharding (`mmtts bench image-search --quick`)", "",
              f"Seeds {c['seeds']}, budgets {c['budgets']}: {c['runs'][0]['cells']} cells per sweep; rows identical "
              f"across every run: **{c['identical_rows']}**.", "",
-             "| processes | cells/s (sweep span) | sweep s | command s (with start-up) | load 1-min before/after |",
-             "|---:|---:|---:|---:|---|"]
+             "| processes | cells/s (sweep span) | sweep s | command s (with start-up) | CPU s per cell | "
+             "cells per CPU s of the busiest process | load 1-min before/after |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
     for run in c["runs"]:
         lines.append(f"| {run['processes']} | {run['cells_per_second']:.3g} | {run['sweep_seconds']:.3g} | "
-                     f"{run['command_seconds']:.3g} | {run['load_before']:.2f} / {run['load_after']:.2f} |")
-    lines += ["", f"Throughput ratio (median cells/s, 2 over 1): **{c['throughput_ratio']:.2f}x**; "
-                  f"whole command (start-up included): {c['command_seconds_ratio']:.2f}x.", "",
-              "Commands: " + "; ".join(f"`{cmd}`" for cmd in dict.fromkeys(run["command"] for run in c["runs"])),
+                     f"{run['command_seconds']:.3g} | {run['cpu_seconds_per_cell']:.3g} | "
+                     f"{run['cells_per_cpu_second_of_busiest']:.3g} | "
+                     f"{run['load_before']:.2f} / {run['load_after']:.2f} |")
+    lines += ["", f"Throughput ratio (median cells/s over the sweep span, 2 over 1): **{c['throughput_ratio']:.2f}x**; "
+                  f"whole command (start-up included): {c['command_seconds_ratio']:.2f}x; "
+                  f"from CPU time (cells per CPU second of the busiest process: the rate when each process has "
+                  f"a core to itself): {c['cpu_bound_ratio']:.2f}x.", "",
+              "Commands (OUT: a fresh directory per run): " + "; ".join(
+                  f"`{cmd}`" for cmd in dict.fromkeys(run["command"] for run in c["runs"])),
               "", "## Search sharding (one search, population n, image-search models)", "",
-              "| models/method | n | stages | s/search 1 proc | s/search 2 procs | ratio | identical | "
-              "bytes/step received per rank | bytes per candidate per step | preview + score bytes per call |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+              "| models/method | n | stages | s/search 1 proc | s/search 2 procs | ratio | CPU s 1 proc | "
+              "CPU s rank 0 of 2 | CPU ratio | identical | bytes/step received per rank | "
+              "bytes per candidate per step | preview + score bytes per call |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for name, s in r["search"].items():
         b = s["bytes_received_per_call"]
         extra = f"{b.get('preview', 0):.0f} + {b.get('score', 0):.0f}"
         lines.append(f"| {name} | {s['n']} | {s['stages']} | {s['seconds_1']:.3g} | {s['seconds_2']:.3g} | "
-                     f"{s['throughput_ratio']:.2f}x | {s['identical_results']} | {b.get('step', 0):.0f} | "
+                     f"{s['throughput_ratio']:.2f}x | {s['cpu_seconds_1']:.3g} | {s['cpu_seconds_2_rank0']:.3g} | "
+                     f"{s['cpu_ratio']:.2f}x | {s['identical_results']} | {b.get('step', 0):.0f} | "
                      f"{s['bytes_per_candidate_per_step']:.0f} | {extra} |")
-    lines += ["", "Commands:", ""]
+    lines += ["", "Commands (OUT: the worker's report; the launcher's port is free at the time of the run):", ""]
     for name, s in r["search"].items():
         lines += [f"- {name}: `{s['commands'][0]}` and `{s['commands'][1]}`"]
     return "\n".join(lines) + "\n"

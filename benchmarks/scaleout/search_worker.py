@@ -2,7 +2,8 @@
 
 Run by ``measure.py``: ``python search_worker.py OUT.json`` (one process) or
 ``accelerate launch --multi_gpu --num_processes 2 search_worker.py OUT.json``.
-Rank 0 writes the seconds of each repeat, the bytes its collectives moved per
+Rank 0 writes the wall and CPU seconds of each repeat (its own CPU time: the
+work of one rank), the bytes its collectives moved per
 operation, and a digest of each Result (to prove the ranks and the single
 process chose the same outputs).
 """
@@ -58,14 +59,15 @@ def main() -> None:
                                    seed=args.seed, distributed=world > 1)
         run()  # warm-up: first-call costs (allocations, gloo buffers) are not the steady state
         traffic(reset=True)
-        seconds, digests = [], []
+        seconds, cpu, digests = [], [], []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = run()
             seconds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             digests.append(digest(res))
         moved = traffic(reset=True)
-        report["methods"][method] = {"budget_nfe": budget, "seconds": seconds, "digests": digests,
+        report["methods"][method] = {"budget_nfe": budget, "seconds": seconds, "cpu_seconds": cpu, "digests": digests,
                                      "stages": task.steps, "traffic_per_search": {
                                          k: {op: v / args.repeats for op, v in d.items()}
                                          for k, d in moved.items()}}

@@ -62,9 +62,10 @@ class CellStore:
     def path(self, cell: Cell) -> Path:
         return self.dir / f"{self.key(cell)}.json"
 
-    def save(self, cell: Cell, metrics: dict, seconds: float) -> None:
+    def save(self, cell: Cell, metrics: dict, seconds: float, cpu_seconds: float) -> None:
+        """Write ``cell``'s record: its metrics, wall and CPU seconds, when it finished, and who ran it."""
         rec = {"cell": list(cell), "identity": self.identity, "metrics": metrics, "seconds": seconds,
-               "finished": time.time(),
+               "cpu_seconds": cpu_seconds, "finished": time.time(),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "pid": os.getpid(),
                "rank": int(os.environ.get("RANK", "0"))}
         tmp = self.dir / f".{self.key(cell)}.{os.getpid()}.tmp"
@@ -113,7 +114,8 @@ def run_cells(cells: list[Cell], run: Callable[[Cell], dict], prepare: Callable[
               resume: bool, description: str) -> dict | None:
     """Run every cell not already saved; return ``{cell: record}`` for all cells (None on ranks other than 0).
 
-    ``record`` is ``{"metrics", "seconds", "peak_rss_mb"}``.
+    ``record`` holds ``metrics``, ``seconds`` and ``peak_rss_mb`` (and, read from a cell file, what
+    :meth:`CellStore.save` wrote).
     """
     from .comm import launched_world_size
     if resume and store is None:
@@ -138,11 +140,11 @@ def run_cells(cells: list[Cell], run: Callable[[Cell], dict], prepare: Callable[
 
 
 def _run_one(cell: Cell, run, store: CellStore | None) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics = {k: float(v) for k, v in run(cell).items()}
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if store is not None:
-        store.save(cell, metrics, seconds)
+        store.save(cell, metrics, seconds, cpu)
     return {"metrics": metrics, "seconds": seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
@@ -174,9 +176,14 @@ def _run_sharded(cells, run, prepare, store: CellStore, resume: bool, descriptio
         signal.signal(signal.SIGTERM, previous)
 
 
-def _claim_and_run(order, run, store: CellStore, rank: int) -> None:
+def _claim_and_run(order, run, store: CellStore, rank: int, on_failure: Callable[[str], None] | None = None) -> None:
+    """Claim and run cells until none is left; ``on_failure`` is called with another rank's error when one
+    appears between cells."""
     try:
         for cell in order:
+            failed = store.failure() if on_failure is not None else None
+            if failed:
+                on_failure(failed)
             if store.path(cell).exists() or not store.claim(cell):
                 continue
             _run_one(cell, run, store)
@@ -203,13 +210,15 @@ def _main_rank(cells, order, run, store: CellStore, description: str) -> dict:
                 show()
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
+        def stop_with(failed: str):
+            raise SweepStopped(f"{failed}; {store.finished(cells)} of {len(cells)} cells are saved in "
+                               f"{store.dir}; fix it and rerun with --resume to run only the missing ones")
         try:
-            _claim_and_run(order, run, store, 0)
+            _claim_and_run(order, run, store, 0, on_failure=stop_with)
             while True:
                 failed = store.failure()
                 if failed:
-                    raise SweepStopped(f"{failed}; {store.finished(cells)} of {len(cells)} cells are saved in "
-                                       f"{store.dir}; fix it and rerun with --resume to run only the missing ones")
+                    stop_with(failed)
                 if all(store.path(c).exists() for c in cells):
                     break
                 time.sleep(POLL_SECONDS)
@@ -224,6 +233,6 @@ def _main_rank(cells, order, run, store: CellStore, description: str) -> dict:
 def _stopped_by_launcher(store: CellStore, cells: list[Cell]):
     def handler(signum, frame):
         raise SweepStopped(f"stopped by the launcher (another process of the sweep failed or was stopped); "
-                           f"{store.finished(cells)} of {len(cells)} cells are saved in {store.dir}; rerun with --resume "
-                           "to run only the missing ones")
+                           f"{store.finished(cells)} of {len(cells)} cells are saved in {store.dir}; rerun with "
+                           "--resume to run only the missing ones")
     return handler

@@ -95,6 +95,9 @@ class Comm:
 
     def __init__(self, timeout: float | None = None):
         import torch.distributed as dist
+
+        from .launch import require_accelerate
+        require_accelerate("a sharded run")
         from accelerate import PartialState
 
         if timeout is None:
@@ -171,7 +174,7 @@ class Comm:
         bodies = [raw[m:m + b] for (m, b), raw in zip(sizes, bufs)]
         if any(d[0] == "objects" for d in descs):
             return concat([_from_bytes(body) for body in bodies])
-        return _join_tensors(list(zip(descs, bodies)), fields[0].device if fields else torch.device("cpu"))
+        return _join_tensors(list(zip(descs, bodies)), [t.device for t in fields])
 
     def broadcast_object(self, op: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0 only, its value on every rank (a rank 0 error raised on every rank)."""
@@ -225,15 +228,16 @@ def _skeleton(batch: Any) -> Any:
     return None if isinstance(batch, torch.Tensor) else {k: _skeleton(batch[k]) for k in sorted(batch)}
 
 
-def _join_tensors(parts: list, device: torch.device) -> Any:
-    """Every rank's raw tensor slices (rank order), concatenated per field, in the batch's nesting."""
+def _join_tensors(parts: list, devices: list[torch.device]) -> Any:
+    """Every rank's raw tensor slices (rank order), concatenated per field on this rank's device of that field,
+    in the batch's nesting."""
     skeleton = parts[0][0][1]
     columns: list[list[torch.Tensor]] = [[] for _ in parts[0][0][2]]
     for (_, _, specs), body in parts:
         at = 0
         for j, (dtype, shape, nbytes) in enumerate(specs):
             raw = body[at:at + nbytes].clone()  # its own storage: a view as a wider dtype needs an aligned start
-            columns[j].append(raw.view(_DTYPES[dtype]).reshape(-1, *shape).to(device))
+            columns[j].append(raw.view(_DTYPES[dtype]).reshape(-1, *shape).to(devices[j]))
             at += nbytes
     fields = iter([torch.cat(c) for c in columns])
 

@@ -10,6 +10,14 @@ import sys
 from pathlib import Path
 
 
+def require_accelerate(what: str) -> None:
+    """Refuse ``what`` with the fix when accelerate is not installed."""
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:
+        from ..core.errors import MmttsError
+        raise MmttsError(f"{what} needs accelerate, which is not installed; pip install \"mmtts[distributed]\"")
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for the group's rendezvous (so concurrent sweeps do not collide)."""
     with socket.socket() as s:
@@ -46,6 +54,7 @@ def launch_command(argv: list[str], processes: int) -> list[str]:
 
 def launch_bench(argv: list[str], processes: int, out: str, task: str) -> int:
     """Run the sweep in ``processes`` processes; when one fails, say what is saved and how to resume."""
+    require_accelerate("--processes")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rc = subprocess.run(launch_command(argv, processes), env=env).returncode
     if rc != 0:
