@@ -99,9 +99,6 @@ def launch(scenario: str, out: Path, timeout: float = TIMEOUT, dist_timeout: flo
 
 
 def check_sharded_equals_one_process(group: str, out: Path) -> list:
-    runs = launch(group, out)
-    for rc, output in runs:
-        assert rc == 0, output
     for case in [c for c in CASES if c[0].startswith(group + "/")]:
         want = search(case, distributed=False)
         for r in range(WORLD):
@@ -110,8 +107,16 @@ def check_sharded_equals_one_process(group: str, out: Path) -> list:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def test_sharded_search_equals_one_process_toy_and_rank_zero_verifier(tmp_path):
-    ranks = check_sharded_equals_one_process("toy", tmp_path)
+@pytest.fixture(scope="module")
+def toy_ranks(tmp_path_factory):
+    """One launch of two ranks: the toy searches, the rank-0 verifier, gathers, then a search where rank 1 fails."""
+    out = tmp_path_factory.mktemp("toy")
+    return out, launch("toy", out)
+
+
+def test_sharded_search_equals_one_process_toy_and_rank_zero_verifier(toy_ranks):
+    out, runs = toy_ranks
+    ranks = check_sharded_equals_one_process("toy", out)
     traffic = ranks[0]["traffic"]
     assert traffic["received"]["step"] > 0 and traffic["received"]["score"] > 0
     # the rank-0 verifier: scored on rank 0 only, its scores broadcast, the count global
@@ -125,16 +130,19 @@ def test_sharded_search_equals_one_process_toy_and_rank_zero_verifier(tmp_path):
         assert got["list"] == ["rank0-0", "rank1-0", "rank1-1"]
 
 
-@pytest.mark.slow
-def test_sharded_search_equals_one_process_image(tmp_path):
-    check_sharded_equals_one_process("image", tmp_path)
-
-
-def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path):
-    runs = launch("fail", tmp_path, timeout=90)
+def test_a_failing_rank_stops_every_rank_with_its_error(toy_ranks):
+    _, runs = toy_ranks  # the launch's last search fails on rank 1; launch() fails the test on a hang
     for rc, output in runs:
         assert rc != 0
         assert "rank 1 failed: RuntimeError: verifier broke on rank 1" in output, output
+
+
+@pytest.mark.slow
+def test_sharded_search_equals_one_process_image(tmp_path):
+    runs = launch("image", tmp_path)
+    for rc, output in runs:
+        assert rc == 0, output
+    check_sharded_equals_one_process("image", tmp_path)
 
 
 def test_distributed_refuses_what_it_cannot_share():
@@ -168,7 +176,7 @@ def worker(scenario: str, out: Path) -> None:
             saved["rank0"] = search(CASES[0][:2] + (lambda: verifier,) + CASES[0][3:], distributed=True)
             saved["rank0_calls"] = verifier.evaluations
         torch.save(saved, out / f"rank{rank}.pt")
-    elif scenario == "fail":
+    if scenario == "toy":
         process, reward = toy()
 
         def breaks(x, context=None):
