@@ -59,20 +59,20 @@ def list_verifiers() -> list[str]:
     return _registry("VERIFIERS").names()
 
 
-def create_strategy(name: str, **settings) -> Strategy:
+def create_strategy(name: str, /, **settings) -> Strategy:
     return _registry("STRATEGIES").create(name, **settings)
 
 
-def create_verifier(name: str, **settings) -> "Verifier":
+def create_verifier(name: str, /, **settings) -> "Verifier":
     """A registered verifier by name (``mmtts.list_verifiers()``), built with ``settings``."""
     return _registry("VERIFIERS").create(name, **settings)
 
 
-def create_task(name: str, **settings):
+def create_task(name: str, /, **settings):
     return _registry("TASKS").create(name, **settings)
 
 
-def adapt(model, method: str = "tent", **overrides) -> Adapter:
+def adapt(model, /, method: str = "tent", **overrides) -> Adapter:
     """Wrap a classifier in a test-time adaptation method: ``logits = adapter(x)``; ``adapter.reset()``."""
     return _registry("ADAPTERS").create(method, model, **overrides)
 

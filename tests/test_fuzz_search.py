@@ -218,6 +218,7 @@ SETTINGS = {
     "paths": {"n": WHOLE, "width": WHOLE, "start": REAL, "forward": WHOLE, "backward": WHOLE, "keep": WHOLE},
     "evosearch": {"n": WHOLE, "initial": WHOLE, "elites": WHOLE, "tournament": WHOLE, "archive_fraction": REAL,
                   "noise_beta": REAL, "latent_scale": REAL, "noise_generations": WHOLE, "keep": WHOLE,
+                  "lineages": WHOLE, "published": FLAG,
                   "stages": st.one_of(st.none(), st.lists(st.integers(-1, 5), max_size=3), st.just("12"))},
 }
 

@@ -67,7 +67,7 @@ class Registry(Generic[T]):
                 return kebab
         return name
 
-    def create(self, name: str, *args, **kwargs) -> T:
+    def create(self, name: str, /, *args, **kwargs) -> T:
         """Build the class registered as ``name``; a setting it does not take is refused, listing the ones it does."""
         cls = self.get(name)
         valid = accepted_settings(cls)
@@ -128,7 +128,7 @@ CATALOG = {
     "verifier": {"toy-quadratic": "mmtts.modalities.toy_gmm", "toy-log-density": "mmtts.modalities.toy_gmm",
                  "classifier": "mmtts.verifiers.classifier", "clip": "mmtts.verifiers.clip",
                  "frames": "mmtts.verifiers.video", "temporal-consistency": "mmtts.verifiers.video",
-                 "per-depth": "mmtts.verifiers.video"},
+                 "per-depth": "mmtts.verifiers.video", "checklist": "mmtts.verifiers.video"},
 }
 
 STRATEGIES: Registry = Registry("strategy", CATALOG["strategy"])
