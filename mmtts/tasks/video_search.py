@@ -227,23 +227,42 @@ class VideoSearch(Task):
         n = max(budget // self.clip_nfe(), 1)
         return {"best-of-n": {"batch_size": 64},
                 "tree-of-frames": self.tree_settings(n),
-                "evosearch": {"n": n, "noise_generations": 0, "latent_scale": 0.5},
+                "evosearch": self.evo_settings(budget),
                 "particle-filter": {"lmbda": 1.0, "potential": "max"},
                 "beam": {"beams": max(1, n // 4)},
                 }[method] | {"keep": keep}
 
+    def evo_settings(self, budget: int) -> dict:
+        """A population of 3/4 of the clips the budget pays for, evolved at every stage from the middle of the
+        first frame's denoising on; the rest of the budget starts more candidates, scored on their x0-hat
+        there, that the first generation is drawn from. One clip's budget: one candidate. Chosen on seeds
+        100-105 against evolving from the first stage with a population of every clip (image-search's
+        setting), from the first frame's end, and a population of half the clips."""
+        per_clip = self.clip_nfe()
+        start = self.cfg["steps"] // 2
+        population = max(2, 3 * (budget // per_clip) // 4)
+        initial = (budget - population * (per_clip - start)) // start
+        if budget < 2 * per_clip or initial < 1:
+            return {"n": 1, "noise_generations": 0, "latent_scale": 0.5}
+        return {"n": population, "initial": initial, "noise_generations": 0, "latent_scale": 0.5,
+                "stages": list(range(start, per_clip))}
+
     def tree_settings(self, n: int) -> dict:
-        """Best of 8 first frames, 2 children per node, median pruning after every middle depth (a root costs
-        18 frame units, 3 clips); below 3 clips one root whose first frame is the best of as many as the budget
-        pays for, continued once. Chosen on seeds 100-105 among img_branch 4/8/12/16, branching 2/3/4 and
-        keeping 1/4, 1/3 or 1/2 of a level."""
+        """One root per 3 clips the budget pays for, 2 children per node and median pruning after every middle
+        depth (a level holds 2 nodes per root), and the rest of the budget on the roots' first frames
+        (img_branch); below 3 clips one root whose first frame is the best of as many as the budget pays for,
+        continued once. Chosen on seeds 100-105 among img_branch 4-16 (fixed, or filling the budget),
+        branching 2/3/4, keeping 1/4, 1/3 or 1/2 of a level, and a root per 2, 3 or 4 clips."""
+        frames = self.cfg["frame"]["frames"]
         if n < 3:
-            frames = self.cfg["frame"]["frames"]
-            return {"img_branch": frames * n - (frames - 1), "branching": 1, "prune_at": ()}
-        return {"img_branch": 8, "branching": 2, "prune": "median"}
+            return {"n": 1, "img_branch": frames * n - (frames - 1), "branching": 1, "prune_at": ()}
+        roots = n // 3
+        return {"n": roots, "img_branch": frames * n // roots - 2 * (frames - 1), "branching": 2, "prune": "median"}
 
     def detail(self, method: str, setting: str, budget: int | None) -> str:
         kw = self.strategy_settings(method, budget)
+        if "stages" in kw:
+            kw["stages"] = f"{kw['stages'][0]}..{kw['stages'][-1]}"
         eta = 1.0 if method in STOCHASTIC else 0.0
         return f"ddim eta={eta:g}, " + ", ".join(f"{k}={v}" for k, v in kw.items() if k != "keep")
 
