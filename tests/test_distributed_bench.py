@@ -106,3 +106,18 @@ def test_killed_worker_stops_the_sweep_and_resume_completes_it(tmp_path):
     pids = {json.loads((cells / name).read_text())["pid"] for name in saved}
     rerun = [json.loads(p.read_text()) for p in cells.glob("*.json") if p.name not in saved]
     assert len(rerun) == 72 - len(saved) and not pids & {r["pid"] for r in rerun}
+
+
+def test_processes_flag_is_checked_and_launches_accelerate(capsys):
+    from mmtts.cli import main
+    from mmtts.distributed.launch import launch_command, strip_processes
+    assert main(["bench", "toy-gmm", "--processes", "0"]) == 2
+    assert "--processes 0" in capsys.readouterr().err
+    argv = ["toy-gmm", "--processes", "3", "--seeds", "0", "--processes=3", "--resume"]
+    assert strip_processes(argv) == ["toy-gmm", "--seeds", "0", "--resume"]
+    cmd = launch_command(argv, 3)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"]
+    assert cmd[cmd.index("--num_processes") + 1] == "3"
+    at = cmd.index("-m", 3)
+    assert cmd[at + 1:at + 6] == ["mmtts.cli", "toy-gmm", "--seeds", "0", "--resume"]
+    assert cmd[-2:] == ["--command", "mmtts " + " ".join(argv)]  # the results record what the user typed
