@@ -118,3 +118,25 @@ def test_bad_settings_and_processes_are_refused():
         mmtts.search(ar_process(frames=3), MEAN, "tree-of-frames", budget=1000, seed=0, prune_at=(2,))
     with pytest.raises(MmttsError, match="frame-autoregressive"):
         mmtts.search(clip_process(), MEAN, "tree-of-frames", budget=1000, seed=0)
+
+
+def test_resume_gives_the_uninterrupted_tree(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after(k):
+        def hook(count):
+            if count == k:
+                raise Stop
+        return hook
+
+    proc = ar_process(eta=1.0, frames=4)
+    kw = dict(budget=200, seed=5, img_branch=2, branching=2)
+    full = mmtts.search(proc, MEAN, "tree-of-frames", **kw)
+    path = tmp_path / "tof.ckpt"
+    with pytest.raises(Stop):
+        mmtts.search(proc, MEAN, "tree-of-frames", checkpoint=path, on_checkpoint=stop_after(2), **kw)
+    resumed = mmtts.search(proc, MEAN, "tree-of-frames", checkpoint=path, resume=True, **kw)
+    assert torch.equal(full.outputs, resumed.outputs) and torch.equal(full.population_scores,
+                                                                       resumed.population_scores)
+    assert full.budget["nfe"] == resumed.budget["nfe"] and full.extra == resumed.extra
