@@ -153,6 +153,12 @@ def test_distributed_refuses_what_it_cannot_share():
     with pytest.raises(mmtts.MmttsError, match="max_seconds"):
         run_strategy(STRATEGIES.create("best-of-n"), p, v, mmtts.Budget(max_nfe=80, max_seconds=5.0),
                      distributed=True)
+    with pytest.raises(mmtts.MmttsError, match="checkpoint"):
+        run_strategy(STRATEGIES.create("best-of-n"), p, v, 80, distributed=True, checkpoint="x.pt")
+
+
+def test_distributed_without_a_launcher_is_one_process():
+    assert same(search(CASES[2], distributed=True), search(CASES[2], distributed=False))
 
 
 def worker(scenario: str, out: Path) -> None:
