@@ -194,3 +194,16 @@ def test_bad_input_is_refused_with_the_fix():
     wrong = FunctionVerifier(lambda v: torch.zeros(len(v) + 1), name="wrong")
     with pytest.raises(mmtts.core.VerifierError, match="wrong"):
         mmtts.search(proc, wrong, "best-of-n", budget=proc.nfe_per_candidate(), seed=0)
+
+
+def test_frame_ar_candidates_in_different_units_step_together_as_alone():
+    proc = ar_process(eta=1.0)
+    a = proc.init(Streams.spawn(0, 2))
+    for _ in range(4):
+        a = proc.step(a)  # unit 1, step 1
+    b = proc.step(proc.init(Streams.spawn(1, 1)))  # unit 0, step 1
+    both = proc.step(mmtts.State.cat([a.select([0, 1]), b.select([0])]))
+    alone = mmtts.State.cat([proc.step(a.select([0, 1])), proc.step(b.select([0]))])
+    for k in ("x", "x0", "video"):
+        assert torch.allclose(both.data[k], alone.data[k], atol=1e-6), k
+    assert torch.equal(both.stage, torch.tensor([5, 5, 2]))
