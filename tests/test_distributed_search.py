@@ -124,6 +124,9 @@ def test_sharded_search_equals_one_process_toy_and_rank_zero_verifier(toy_ranks)
     for r, got in enumerate(ranks):
         assert same(got["rank0"], want), f"rank-0 verifier search on rank {r} differs from one process"
     assert [got["rank0_calls"] for got in ranks] == [want["verifier_calls"], 0]
+    # a deadline strikes every rank at the same step: rank 0's clock
+    assert ranks[0]["deadline"]["stopped"] == "deadline" and 0 < ranks[0]["deadline"]["nfe"] < 8 * 100_000
+    assert same(ranks[0]["deadline"], ranks[1]["deadline"])
     for got in ranks:  # gathered in rank order, dtypes and nesting kept
         assert same(got["dict"], {"x": torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3], dtype=torch.float16),
                                   "meta": {"id": torch.tensor([0, 10, 11]), "ok": torch.tensor([True, False, False])}})
@@ -150,9 +153,6 @@ def test_distributed_refuses_what_it_cannot_share():
     from mmtts.core.registry import STRATEGIES
     from mmtts.core.strategy import run_strategy
     p, v = toy()
-    with pytest.raises(mmtts.MmttsError, match="max_seconds"):
-        run_strategy(STRATEGIES.create("best-of-n"), p, v, mmtts.Budget(max_nfe=80, max_seconds=5.0),
-                     distributed=True)
     with pytest.raises(mmtts.MmttsError, match="checkpoint"):
         run_strategy(STRATEGIES.create("best-of-n"), p, v, 80, distributed=True, checkpoint="x.pt")
 
@@ -181,6 +181,11 @@ def worker(scenario: str, out: Path) -> None:
             verifier = run_on_rank_zero(toy()[1])
             saved["rank0"] = search(CASES[0][:2] + (lambda: verifier,) + CASES[0][3:], distributed=True)
             saved["rank0_calls"] = verifier.evaluations
+            import mmtts
+            res = run_strategy(STRATEGIES.create("best-of-n", batch_size=16), toy()[0], toy()[1],
+                               mmtts.Budget(max_nfe=8 * 100_000, max_seconds=0.3), seed=1, distributed=True)
+            saved["deadline"] = {"outputs": res.outputs, "scores": res.scores, "lineage": res.lineage,
+                                 "stopped": res.stopped, "nfe": res.budget["nfe"], "trace": res.trace}
         torch.save(saved, out / f"rank{rank}.pt")
     if scenario == "toy":
         process, reward = toy()

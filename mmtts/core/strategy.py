@@ -93,16 +93,18 @@ class SearchContext:
         checkpoint: a file to write resumable points to.
         resume: continue from ``checkpoint`` when it exists.
         on_checkpoint: called with the number of checkpoints written after each one.
+        meter: the meter to count with (default: a new :class:`~mmtts.core.budget.Meter` of ``budget``; a sharded
+            search passes one whose clock is rank 0's).
     """
 
     def __init__(self, process: Process, verifier: Verifier | None, budget: Budget, seed: int,
                  strategy: str = "", settings: Mapping | None = None,
                  checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                 on_checkpoint: Callable[[int], None] | None = None):
+                 on_checkpoint: Callable[[int], None] | None = None, meter: Meter | None = None):
         self.process = process
         self.verifier = verifier
         self.budget = Budget.coerce(budget)
-        self.meter = Meter(self.budget)
+        self.meter = meter if meter is not None else Meter(self.budget)
         self.seed = _check_seed(seed)
         self.rng = StrategyRNG(self.seed)
         self.trace: list[dict] = []
@@ -393,11 +395,12 @@ def run_strategy(strategy: Strategy, process: Process, verifier: Verifier | Call
     held = _heldout_dict(heldout)
     if any(v is verifier for v in held.values()):
         raise MmttsError("a held-out verifier must not be the search verifier itself")
+    meter = None
     if distributed:
         from ..distributed.search import shard_search
-        process, verifier = shard_search(process, verifier, budget, checkpoint)
+        process, verifier, meter = shard_search(process, verifier, budget, checkpoint)
     ctx = SearchContext(process, verifier, budget, seed, strategy=strategy.name, settings=strategy.settings,
-                        checkpoint=checkpoint, resume=resume, on_checkpoint=on_checkpoint)
+                        checkpoint=checkpoint, resume=resume, on_checkpoint=on_checkpoint, meter=meter)
     try:
         sel = strategy.run(ctx)
     except _DeadlineReached:

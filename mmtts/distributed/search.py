@@ -11,7 +11,9 @@ single process would hold; the strategy's own stream (resampling, tournaments)
 is derived from the same seed on every rank, so every rank takes the same
 decision, and ``select``/``resample`` simply re-index the replicated state
 (copies move with their rank-agnostic streams). The budget is counted on the
-whole population, so its counters are global and equal on every rank.
+whole population, so its counters are global and equal on every rank; with a
+deadline, the clock is rank 0's (:class:`SharedClockMeter`), so every rank
+stops at the same step.
 
 Batches with fewer candidates than ranks run whole on every rank (no traffic).
 """
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.batch import batch_size, take
-from ..core.budget import Budget
+from ..core.budget import Budget, Meter
 from ..core.errors import MmttsError
 from ..core.process import Process
 from ..core.rng import Streams
@@ -224,12 +226,35 @@ def _is_batch(context: Any, n: int) -> bool:
         return False
 
 
+class SharedClockMeter(Meter):
+    """A meter whose clock is rank 0's, so that every rank of a sharded search meets a deadline at the same step.
+
+    Each reading of :attr:`elapsed` is one broadcast from rank 0; every rank
+    reads it at the same points of the search (before each model step when a
+    deadline is set, and with each scored batch), so the trace's times are
+    equal on every rank too.
+
+    Args:
+        budget: the caps this meter enforces.
+        comm: the group.
+    """
+
+    def __init__(self, budget: Budget, comm: Comm):
+        super().__init__(budget)
+        self.comm = comm
+
+    @property
+    def elapsed(self) -> float:
+        return self.comm.broadcast_object("clock", lambda: Meter.elapsed.fget(self))
+
+
 def shard_search(process: Process, verifier: Verifier | None, budget: Budget, checkpoint) -> tuple:
-    """The process and verifier of a sharded search (``distributed=True``), with what it cannot do refused."""
-    if budget.max_seconds is not None:
-        raise MmttsError("distributed=True with Budget(max_seconds=...) is not supported (each rank has its own "
-                         "clock, so ranks could stop at different steps); cap NFE or verifier calls instead")
+    """The process, verifier and meter of a sharded search (``distributed=True``), with what it cannot do refused.
+
+    The meter is None (the context's own) unless the budget has a deadline: then it is rank 0's clock.
+    """
     if checkpoint is not None:
         raise MmttsError("distributed=True with checkpoint=... is not supported; run without a checkpoint")
     comm = Comm()
-    return ShardedProcess(process, comm), (None if verifier is None else ShardedVerifier(verifier, comm))
+    meter = SharedClockMeter(budget, comm) if budget.max_seconds is not None and comm.world > 1 else None
+    return (ShardedProcess(process, comm), None if verifier is None else ShardedVerifier(verifier, comm), meter)
