@@ -40,8 +40,10 @@ def test_tree_shape_follows_the_budget_and_each_level_is_one_batch():
     assert r.outputs.shape == (1, 1, 4, 8, 8)
     r3 = mmtts.search(proc, MEAN, "tree-of-frames", budget=3 * 24 + 23, seed=0, img_branch=2, branching=2)
     assert r3.extra["roots"] == 3 and r3.budget["nfe"] == 72
-    with pytest.raises(BudgetError, match="smallest tree"):
+    with pytest.raises(BudgetError, match="tree of 1 root.* costs 24 NFE"):
         mmtts.search(proc, MEAN, "tree-of-frames", budget=23, seed=0, img_branch=2, branching=2)
+    with pytest.raises(BudgetError, match="tree of 5 root.* costs 120 NFE"):
+        mmtts.search(proc, MEAN, "tree-of-frames", budget=100, seed=0, n=5, img_branch=2, branching=2)
 
 
 def test_fraction_pruning_and_branching_per_depth():

@@ -124,19 +124,21 @@ class TreeOfFrames(Strategy):
                              f"process declaring num_units and stages_per_unit (FrameARProcess); "
                              f"{type(p).__name__} does not")
         fits = lambda r: m.can_afford(*self.cost(p, r))  # noqa: E731
+
+        def refuse(roots: int):
+            nfe, calls = self.cost(p, roots)
+            raise BudgetError(f"the tree of {roots} root(s) (img_branch={self.img_branch}, branching="
+                              f"{self.branching}) costs {nfe} NFE and {calls} verifier calls; the budget has "
+                              f"{m.remaining_nfe} NFE and {m.remaining_verifier_calls} calls: raise it or use "
+                              "fewer roots or smaller img_branch/branching")
         if self.n is not None:
             if not fits(self.n):
-                nfe, calls = self.cost(p, self.n)
-                m.check_affordable(f"a tree of {self.n} roots", nfe=nfe, verifier_calls=calls)
+                refuse(self.n)
             return self.n
         if not m.counted:
             raise BudgetError("tree-of-frames with n=None needs an NFE or verifier-call cap to size its tree")
         if not fits(1):
-            nfe, calls = self.cost(p, 1)
-            raise BudgetError(f"the smallest tree (one root: img_branch={self.img_branch}, branching="
-                              f"{self.branching}) costs {nfe} NFE and {calls} verifier calls; the budget has "
-                              f"{m.remaining_nfe} NFE and {m.remaining_verifier_calls} calls: raise it or use "
-                              "smaller img_branch/branching")
+            refuse(1)
         lo, hi = 1, 2
         while fits(hi):
             lo, hi = hi, 2 * hi
