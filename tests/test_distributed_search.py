@@ -34,6 +34,25 @@ def image(eta: float):
     return ImageProcess(tiny_unet(), sched, (1, 8, 8))
 
 
+def var():
+    from mmtts.modalities.var import MultiScaleVQ, NextScaleTransformer, VARProcess
+    scales = (1, 2, 3, 4, 6, 8)
+    torch.manual_seed(1)
+    tok = MultiScaleVQ(scales, vocab=16, code_dim=4, width=4).eval()
+    with torch.no_grad():
+        tok.decoder[-1].bias.fill_(0.5)
+    tf = NextScaleTransformer(scales, vocab=16, code_dim=4, width=16, depth=1, heads=2).eval()
+    return VARProcess(tok, tf)
+
+
+def ink(images, context=None):
+    return images.mean((1, 2, 3)) * 10
+
+
+def pixels(images):
+    return images.flatten(1)
+
+
 def brightness(x, context=None):
     return x.float().mean((1, 2, 3)) - (x.float() - 0.3).abs().mean((1, 2, 3))
 
@@ -49,6 +68,8 @@ CASES = [
      {"n": 8, "noise_generations": 0, "latent_scale": 0.5}, 40),
     ("image/particle-filter", lambda: image(1.0), lambda: brightness, "particle-filter",
      {"lmbda": 1.0, "potential": "max"}, 40),
+    # the VAR process: its KV caches are State data, gathered and re-indexed with the candidates
+    ("image/var-tts-var", var, lambda: ink, "tts-var", {"features": pixels, "keep": 2}, 16 * 130),
 ]
 
 

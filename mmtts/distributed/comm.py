@@ -153,7 +153,7 @@ class Comm:
             if fields is None:
                 meta, payload = _to_bytes(("objects",)), _to_bytes(local)
             else:
-                meta = _to_bytes(("tensors", _skeleton(local), [(str(t.dtype), tuple(t.shape[1:]),
+                meta = _to_bytes(("tensors", _skeleton(local), [(str(t.dtype), tuple(t.shape),
                                                                  t.numel() * t.element_size()) for t in fields]))
                 payload = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).to(self.device)
                                      for t in fields]) if fields else torch.empty(0, dtype=torch.uint8)
@@ -237,7 +237,7 @@ def _join_tensors(parts: list, devices: list[torch.device]) -> Any:
         at = 0
         for j, (dtype, shape, nbytes) in enumerate(specs):
             raw = body[at:at + nbytes].clone()  # its own storage: a view as a wider dtype needs an aligned start
-            columns[j].append(raw.view(_DTYPES[dtype]).reshape(-1, *shape).to(devices[j]))
+            columns[j].append(raw.view(_DTYPES[dtype]).reshape(shape).to(devices[j]))
             at += nbytes
     fields = iter([torch.cat(c) for c in columns])
 
