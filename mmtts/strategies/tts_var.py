@@ -10,9 +10,10 @@ survivors are drawn with replacement in proportion to exp(lmbda * potential),
 where the potential summarises each candidate's scores at the resampling
 scales so far. Duplicates continue with their parent's KV cache and a forked
 random stream. The last batch is finished, scored, and the best returned.
-``Selection.extra["cluster_s"]`` is the time spent embedding previews and
-clustering them (part of the search's wall time, outside its model, decode
-and verifier clocks).
+The feature extractor is a verifier-like network: its time is counted on the
+verifier clock and reported on its own as ``Selection.extra["features_s"]``;
+``Selection.extra["cluster_s"]`` is the rest of the clustering (structure maps
+and k-means), outside the model, decode and verifier clocks.
 """
 
 from __future__ import annotations
@@ -238,11 +239,13 @@ class TTSVAR(Strategy):
         return batches
 
     # -- the search ------------------------------------------------------------------------
-    def extract(self, ctx: SearchContext, previews) -> torch.Tensor:
+    def extract(self, ctx: SearchContext, previews) -> tuple[torch.Tensor, float]:
+        """The previews' features and the seconds the extractor took (on the verifier clock)."""
         fn = self.features or getattr(ctx.verifier, "features", None)
-        with torch.no_grad():
+        t0 = time.perf_counter()
+        with torch.no_grad(), ctx.meter.timer("verifier"):
             f = fn(previews) if fn is not None else torch.as_tensor(previews).flatten(1)
-        return structure_maps(f)
+        return f, time.perf_counter() - t0
 
     def run(self, ctx: SearchContext) -> Selection:
         loop = ctx.restored
@@ -250,9 +253,9 @@ class TTSVAR(Strategy):
             batches = self.plan(ctx)
             state = ctx.fresh(batches[0])
             loop = {"state": state, "history": torch.empty(batches[0], 0, dtype=torch.float64),
-                    "batches": batches, "kept": [], "cluster_s": 0.0}
+                    "batches": batches, "kept": [], "cluster_s": 0.0, "features_s": 0.0}
         state, history, batches, kept = loop["state"], loop["history"], loop["batches"], loop["kept"]
-        cluster_s = loop["cluster_s"]
+        cluster_s, features_s = loop["cluster_s"], loop.get("features_s", 0.0)
         K = ctx.process.num_stages
         while int(state.stage.max()) < K:
             state = ctx.step(state)
@@ -261,10 +264,10 @@ class TTSVAR(Strategy):
                 break
             nxt = batches[k + 1]
             if k in self.cluster_at and nxt < len(state):
-                previews = ctx.preview(state)
+                f, seconds = self.extract(ctx, ctx.preview(state))
+                features_s += seconds
                 t0 = time.perf_counter()
-                maps = self.extract(ctx, previews)
-                idx = nearest_to_centroids(maps, nxt, int(ctx.rng.numpy().integers(2 ** 31)))
+                idx = nearest_to_centroids(structure_maps(f), nxt, int(ctx.rng.numpy().integers(2 ** 31)))
                 cluster_s += time.perf_counter() - t0
                 state, history = state.select(idx), history[idx]
                 kept.append({"scale": k, "kind": "cluster", "index": idx.tolist()})
@@ -276,13 +279,13 @@ class TTSVAR(Strategy):
                 state, history = state.resample(idx), history[idx]
                 kept.append({"scale": k, "kind": "resample", "index": idx.tolist()})
             ctx.checkpoint({"state": state, "history": history, "batches": batches, "kept": kept,
-                            "cluster_s": cluster_s})
+                            "cluster_s": cluster_s, "features_s": features_s})
         out = ctx.finish(state)
         s = ctx.score(out, state)
         order = top_k(s, min(self.keep, len(s)))
         return Selection(outputs=take(out, order), scores=s[order], state=state.select(order),
-                         population=out, population_scores=s, extra={"batches": batches, "kept": kept, "cluster_s": cluster_s})
-
+                         population=out, population_scores=s,
+                         extra={"batches": batches, "kept": kept, "cluster_s": cluster_s, "features_s": features_s})
 
 
 __all__ = ["POTENTIALS", "TTSVAR", "linear_fractions", "nearest_to_centroids", "potential", "structure_maps"]

