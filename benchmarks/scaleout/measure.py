@@ -11,7 +11,9 @@
    the bytes each rank sends and receives per stage, and digests of the Results
    (they must match).
 
-Writes ``<out>/scale-out.json`` and ``<out>/scale-out.md``.
+Writes ``<out>/scale-out.json`` and ``<out>/scale-out.md``; with ``--append``
+the new measurement is added after those already there (the machine is shared,
+so runs at different loads belong side by side).
 
     python benchmarks/scaleout/measure.py --out benchmarks/results
 """
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating 1-process / 2-process sweeps")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="searches timed per process count")
+    ap.add_argument("--append", action="store_true", help="keep the measurements already in --out")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mmtts-scaleout-"))
     try:
@@ -123,9 +126,18 @@ def main() -> None:
     results = summarize(args, cells, identical_rows, search)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scale-out.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "scale-out.md").write_text(markdown(results))
+    earlier = json.loads((out / "scale-out.json").read_text())["measurements"] \
+        if args.append and (out / "scale-out.json").exists() else []
+    write(out, earlier + [results])
     print(markdown(results))
+
+
+def write(out: Path, measurements: list[dict]) -> None:
+    (out / "scale-out.json").write_text(json.dumps({"measurements": measurements}, indent=2) + "\n")
+    parts = [markdown(r) if len(measurements) == 1 else markdown(r).replace(
+        "# scale-out: 2 processes against 1", f"# scale-out: 2 processes against 1 (measurement {i + 1} of "
+        f"{len(measurements)})") for i, r in enumerate(measurements)]
+    (out / "scale-out.md").write_text("\n".join(parts))
 
 
 def summarize(args, cells, identical_rows, search) -> dict:
