@@ -1,5 +1,6 @@
 """The tts-var strategy: potentials, structure maps, clustering, schedules and bad input."""
 
+import time
 import warnings
 
 import numpy as np
@@ -117,6 +118,21 @@ def test_schedule_is_sized_from_the_budget_and_descends(process):
     assert kinds == [(1, "cluster"), (2, "cluster"), (3, "resample"), (4, "resample")]
     # the verifier saw each resampling scale's batch and the final batch
     assert res.budget["verifier_calls"] == batches[3] + batches[4] + batches[5]
+
+
+def test_feature_extractor_time_is_verifier_time_reported_on_its_own(process):
+    def slow_pixels(images):
+        time.sleep(0.1)
+        return images.flatten(1)
+
+    res = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=slow_pixels)
+    fast = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=pixels)
+    assert torch.equal(res.outputs, fast.outputs) and res.extra["kept"] == fast.extra["kept"]
+    # two clustering scales, one extractor call each: on the verifier clock, spending no verifier calls
+    assert res.extra["features_s"] >= 0.2 > res.extra["cluster_s"]
+    assert res.budget["seconds"]["verifier"] >= res.extra["features_s"]
+    assert res.budget["verifier_calls"] == fast.budget["verifier_calls"]
+    assert res.budget["seconds"]["wall"] >= sum(res.budget["seconds"][k] for k in ("model", "decode", "verifier"))
 
 
 @pytest.mark.parametrize("kind", ["value", "diff", "sum", "max", "topk"])

@@ -37,7 +37,8 @@ FULL = {"tokenizer": TOKENIZER,
 QUICK_TOKENIZER = TOKENIZER | {"width": 8, "steps": 30, "batch": 32, "warmup": 10}
 QUICK = {"tokenizer": QUICK_TOKENIZER,
          "transformer": {"arch": "next-scale/prenorm", "tokenizer": QUICK_TOKENIZER, "width": 32, "depth": 1,
-                         "heads": 2, "steps": 30, "batch": 16, "lr": 2e-3, "label_dropout": 0.15, "seed": 0}}
+                         "heads": 2, "steps": 30, "batch": 16, "lr": 2e-3, "label_dropout": 0.15, "digits": 1000,
+                         "seed": 0}}
 
 
 def load_var(cache, config: dict):

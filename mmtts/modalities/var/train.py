@@ -86,8 +86,14 @@ def tokenize_dataset(tokenizer: MultiScaleVQ, x: torch.Tensor) -> tuple[torch.Te
 
 
 def train_transformer(config: dict, tokenizer: MultiScaleVQ) -> dict[str, torch.Tensor]:
-    """Next-scale cross-entropy with label dropout to the null class; returns the state dict."""
+    """Next-scale cross-entropy with label dropout to the null class; returns the state dict.
+
+    ``config["digits"]``, when given, trains on the first that many digits only (a quick model's data is
+    tokenized faster).
+    """
     x, y = load_digits32()
+    if config.get("digits"):
+        x, y = x[:config["digits"]], y[:config["digits"]]
     ids, inputs = tokenize_dataset(tokenizer.eval(), x)
     torch.manual_seed(config["seed"])
     g = torch.Generator().manual_seed(config["seed"])
