@@ -81,12 +81,15 @@ def search(process: Process, verifier: Verifier | Callable, strategy: str | Stra
            budget: Budget | int, seed: int = 0,
            heldout: Mapping[str, Verifier | Callable] | Sequence[Verifier] | None = None,
            checkpoint=None, resume: bool = False, on_checkpoint: Callable[[int], None] | None = None,
-           **settings) -> Result:
+           distributed: bool = False, **settings) -> Result:
     """Search ``process`` for outputs ``verifier`` scores highly, within ``budget`` (NFE or a Budget).
 
     ``heldout`` verifiers score the chosen outputs after the search and are
     never used to select. With ``checkpoint=PATH`` the run saves resumable
     points; ``resume=True`` continues from that file to the identical result.
+    With ``distributed=True`` under ``accelerate launch``, the candidates'
+    model and verifier work is split over the processes, and every process
+    returns the Result one process returns with the same seed.
     """
     from .core import MmttsError, Strategy
     from .core.strategy import run_strategy
@@ -97,7 +100,7 @@ def search(process: Process, verifier: Verifier | Callable, strategy: str | Stra
     else:
         strat = _registry("STRATEGIES").create(strategy, **settings)
     return run_strategy(strat, process, verifier, budget, seed=seed, heldout=heldout, checkpoint=checkpoint,
-                        resume=resume, on_checkpoint=on_checkpoint)
+                        resume=resume, on_checkpoint=on_checkpoint, distributed=distributed)
 
 
 __all__ = ["Adapter", "Budget", "BudgetError", "Cached", "MeanRank", "MmttsError", "Process", "Result", "State",

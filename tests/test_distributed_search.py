@@ -221,3 +221,13 @@ def worker(scenario: str, out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     worker(sys.argv[1], Path(sys.argv[2]))
+
+
+def test_mmtts_search_passes_distributed_on():
+    import mmtts
+    _, process, verifier, strategy, settings, budget = CASES[2]
+    res = mmtts.search(process(), verifier(), strategy, budget=budget, seed=7, distributed=True, **settings)
+    want = search(CASES[2], distributed=False)
+    assert torch.equal(torch.as_tensor(res.scores), torch.as_tensor(want["scores"]))
+    with pytest.raises(mmtts.MmttsError, match="checkpoint"):
+        mmtts.search(process(), verifier(), strategy, budget=budget, distributed=True, checkpoint="x.pt", **settings)
