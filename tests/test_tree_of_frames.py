@@ -142,3 +142,79 @@ def test_resume_gives_the_uninterrupted_tree(tmp_path):
     assert torch.equal(full.outputs, resumed.outputs) and torch.equal(full.population_scores,
                                                                        resumed.population_scores)
     assert full.budget["nfe"] == resumed.budget["nfe"] and full.extra == resumed.extra
+
+
+def test_look_ahead_judges_a_level_on_its_x0_hat_and_finishes_only_the_kept_nodes():
+    proc = ar_process(eta=0.0, frames=4)  # 4 units of 3 stages
+    sizes = calls(proc.model)
+    seen = []
+
+    def record(v):
+        seen.append(v.shape[2])
+        return v.mean((1, 2, 3, 4))
+
+    t = TreeOfFrames(n=2, img_branch=2, branching=2, look_ahead=1)
+    r = mmtts.search(proc, FunctionVerifier(record, name="rec"), t, budget=10_000, seed=0)
+    # each level: every node for the first step, the kept nodes for the other two; the leaves are never cut
+    assert sizes == [4, 2, 2] * 3 + [4, 4, 4]
+    assert r.budget["nfe"] == sum(sizes) == t.cost(proc, 2)[0] == 36
+    assert seen == [1, 2, 3, 4]  # judged in each unit after one step (its x0-hat), the leaves when finished
+    assert r.extra == {"roots": 2, "levels": [4, 4, 4, 4], "survivors": [2, 2, 2, 4]}
+    # the budget sizes the tree with the look-ahead's cost: 18 NFE per root here
+    assert mmtts.search(proc, MEAN, "tree-of-frames", budget=54, seed=0, img_branch=2, branching=2,
+                        look_ahead=1).extra["roots"] == 3
+
+
+def test_look_ahead_of_a_whole_unit_is_the_default_tree():
+    proc = ar_process(eta=1.0, frames=4)
+    kw = dict(budget=200, seed=3, img_branch=2, branching=3, prune=1 / 3)
+    a = mmtts.search(proc, MEAN, "tree-of-frames", **kw)
+    b = mmtts.search(proc, MEAN, "tree-of-frames", look_ahead=proc.stages_per_unit, **kw)
+    assert torch.equal(a.outputs, b.outputs) and torch.equal(a.population_scores, b.population_scores)
+    assert (a.budget["nfe"], a.budget["verifier_calls"]) == (b.budget["nfe"], b.budget["verifier_calls"])
+    with pytest.raises(SettingsError, match="look_ahead=4 must be at most the 3 denoising steps"):
+        mmtts.search(proc, MEAN, "tree-of-frames", look_ahead=4, **kw)
+    with pytest.raises(SettingsError, match="look_ahead"):
+        TreeOfFrames(look_ahead=0)
+
+
+def test_a_pruning_rule_per_depth():
+    proc = ar_process(eta=0.0, frames=4)
+    t = TreeOfFrames(n=1, img_branch=2, branching=4, prune_at=(2, 1), prune=(0.25, "median"))
+    assert t.prune_at == (1, 2) and t.prune == ("median", 0.25)
+    levels, kept = t.shape(1, proc.num_units)
+    assert levels == [2, 4, 8, 8] and kept == [1, 2, 2, 8]
+    r = mmtts.search(proc, MEAN, t, budget=10_000, seed=0)
+    assert r.extra["survivors"] == kept and r.budget["nfe"] == 3 * sum(levels)
+    with pytest.raises(SettingsError, match="one rule per depth"):
+        TreeOfFrames(prune_at=(1, 2), prune=(0.5,))
+    with pytest.raises(SettingsError, match="one rule per depth"):
+        TreeOfFrames(prune=(0.5, 0.5))
+
+
+def test_the_published_shape_every_unit_the_best_of_its_candidates():
+    proc = ar_process(eta=0.0, frames=4)
+    sizes = calls(proc.model)
+    seen = []
+
+    def record(v):
+        s = v.mean((1, 2, 3, 4))
+        seen.append((s.clone(), v.clone()))
+        return s
+
+    # Video-T1's defaults: 5 first units, then 2 candidates per unit; 5 children at depth 1, then 1; median pruning
+    t = TreeOfFrames(n=1, img_branch=(5, 2), branching=(5, 1), prune_at=(2,), prune="median")
+    r = mmtts.search(proc, FunctionVerifier(record, name="rec"), t, budget=10_000, seed=0)
+    assert r.extra == {"roots": 1, "levels": [5, 10, 10, 6], "survivors": [1, 5, 3, 3]}
+    assert sizes == [5] * 3 + [10] * 6 + [6] * 3 and r.budget["nfe"] == sum(sizes) == t.cost(proc, 1)[0]
+    assert [v.shape for _, v in seen][1:3] == [(10, 1, 2, 8, 8), (10, 1, 3, 8, 8)]
+    assert r.budget["verifier_calls"] == 5 + 10 + 10 + 6 + 3 == t.cost(proc, 1)[1]
+    s1, v1 = seen[1]
+    pairs = s1.reshape(5, 2)
+    won, lost = v1[pairs.argmax(1) + torch.arange(5) * 2], v1[pairs.argmin(1) + torch.arange(5) * 2]
+    # every depth-2 candidate continues a winner of its pair at depth 1, none a loser
+    for v in seen[2][1]:
+        assert min(float((v[:, :2] - w).abs().max()) for w in won) < 1e-5
+        assert min(float((v[:, :2] - w).abs().max()) for w in lost) > 1e-3
+    with pytest.raises(SettingsError, match="img_branch"):
+        TreeOfFrames(img_branch=(5, 0))

@@ -10,6 +10,7 @@ import mmtts.strategies.tree_of_frames  # noqa: F401  (registers tree-of-frames)
 import mmtts.tasks.video_search  # noqa: F401  (registers video-search)
 from mmtts.cli import main
 from mmtts.modalities.video.data import ClipSpec, moving_digits
+from mmtts.strategies.tree_of_frames import TreeOfFrames
 from mmtts.tasks.video_search import centroid_velocity, phase_velocity, target_of
 
 pytest.importorskip("mlxtend")
@@ -48,3 +49,10 @@ def test_quick_video_search_benchmark(cache_dir, tmp_path):
     keys = ("reward", "heldout", "diversity", "nfe")
     a, b = task.run("tree-of-frames", "default", 48, 1), task.run("tree-of-frames", "default", 48, 1)
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    # the tree judges each level after a look-ahead step and spends the rest of the budget on first frames
+    kw = task.strategy_settings("tree-of-frames", 48)
+    assert kw["look_ahead"] == 1 and kw["n"] == 1 and kw["branching"] == 3
+    shape = {k: v for k, v in kw.items() if k != "keep"}
+    process = task.process("tree-of-frames")
+    cost = lambda k: TreeOfFrames(**(shape | {"img_branch": k})).cost(process, 1)[0]  # noqa: E731
+    assert cost(kw["img_branch"]) <= 48 < cost(kw["img_branch"] + 1)

@@ -248,16 +248,22 @@ class VideoSearch(Task):
                 "stages": list(range(start, per_clip))}
 
     def tree_settings(self, n: int) -> dict:
-        """One root per 3 clips the budget pays for, 2 children per node and median pruning after every middle
-        depth (a level holds 2 nodes per root), and the rest of the budget on the roots' first frames
-        (img_branch); below 3 clips one root whose first frame is the best of as many as the budget pays for,
-        continued once. Chosen on seeds 100-105 among img_branch 4-16 (fixed, or filling the budget),
-        branching 2/3/4, keeping 1/4, 1/3 or 1/2 of a level, and a root per 2, 3 or 4 clips."""
-        frames = self.cfg["frame"]["frames"]
-        if n < 3:
-            return {"n": 1, "img_branch": frames * n - (frames - 1), "branching": 1, "prune_at": ()}
-        roots = n // 3
-        return {"n": roots, "img_branch": frames * n // roots - 2 * (frames - 1), "branching": 2, "prune": "median"}
+        """Roots of 3/8 of the clips the budget pays for, 3 children per node and a third of each middle level
+        kept (3 nodes per root at every depth), every level judged on its x0-hat after a quarter of its unit's
+        steps, and the rest of the budget on the roots' first frames (img_branch); one root below 3 clips.
+        Chosen on seeds 100-105 among look-ahead 1-4 steps and the whole unit, 1-6 roots per 8 clips,
+        branching 2/3/4 with a half, a third or a quarter kept, and wider first branchings."""
+        from ..strategies.tree_of_frames import TreeOfFrames
+        look = max(1, self.cfg["steps"] // 4)
+        shape = {"n": max(1, 3 * n // 8), "branching": 3, "prune": round(1 / 3, 4), "look_ahead": look}
+        budget, process = n * self.clip_nfe(), self.process("tree-of-frames")
+        k = 0
+        while TreeOfFrames(img_branch=k + 1, **shape).cost(process, shape["n"])[0] <= budget:
+            k += 1
+        if k == 0:
+            return {"n": 1, "img_branch": self.cfg["frame"]["frames"] * n - (self.cfg["frame"]["frames"] - 1),
+                    "branching": 1, "prune_at": ()}
+        return shape | {"img_branch": k}
 
     def detail(self, method: str, setting: str, budget: int | None) -> str:
         kw = self.strategy_settings(method, budget)
