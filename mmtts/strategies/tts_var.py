@@ -226,9 +226,13 @@ class TTSVAR(Strategy):
             if n is None:
                 if b.max_nfe is None and b.max_verifier_calls is None:
                     raise BudgetError("tts-var with n=None needs an NFE or verifier-call cap to size its batch")
-                n = 0
-                while fits(self.schedule(K, n + 1)):
-                    n += 1
+                # cost and calls never fall as n grows: double past the largest n that fits, then bisect
+                n, hi = 0, 1
+                while fits(self.schedule(K, hi)):
+                    n, hi = hi, 2 * hi
+                while hi - n > 1:
+                    mid = (n + hi) // 2
+                    n, hi = (mid, hi) if fits(self.schedule(K, mid)) else (n, mid)
             batches = self.schedule(K, max(n, 1))
             if n < 1 or not fits(batches):
                 one = self.schedule(K, 1)
