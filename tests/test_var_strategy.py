@@ -2,6 +2,7 @@
 
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,13 +121,27 @@ def test_schedule_is_sized_from_the_budget_and_descends(process):
     assert res.budget["verifier_calls"] == batches[3] + batches[4] + batches[5]
 
 
+@pytest.mark.parametrize("fractions", [None, (1.0, 1.0, 0.9, 0.8, 0.5, 0.5)])
+def test_the_first_batch_is_the_largest_whose_schedule_fits(process, fractions):
+    s = TTSVAR(fractions=fractions)
+    costs = [1, 4, 9, 16, 36, 64]
+    for nfe in range(130, 5000, 53):
+        for calls in (None, 40):
+            budget = mmtts.Budget(max_nfe=nfe, max_verifier_calls=calls)
+            fits = lambda b: s.cost(costs, b) <= nfe and (calls is None or s.calls(b) <= calls)
+            n = 1
+            while fits(s.schedule(6, n + 1)):
+                n += 1
+            assert s.plan(SimpleNamespace(process=process, budget=budget)) == s.schedule(6, n)
+
+
 def test_feature_extractor_time_is_verifier_time_reported_on_its_own(process):
     def slow_pixels(images):
         time.sleep(0.1)
         return images.flatten(1)
 
+    fast = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=pixels)  # imports k-means
     res = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=slow_pixels)
-    fast = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=pixels)
     assert torch.equal(res.outputs, fast.outputs) and res.extra["kept"] == fast.extra["kept"]
     # two clustering scales, one extractor call each: on the verifier clock, spending no verifier calls
     assert res.extra["features_s"] >= 0.2 > res.extra["cluster_s"]
