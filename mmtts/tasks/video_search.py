@@ -249,7 +249,7 @@ class VideoSearch(Task):
 
     def tree_settings(self, n: int) -> dict:
         """Roots of 3/8 of the clips the budget pays for, 3 children per node and a third of each middle level
-        kept (3 nodes per root at every depth), every level judged on its x0-hat after a quarter of its unit's
+        kept (as many nodes as roots), every level judged on its x0-hat after a quarter of its unit's
         steps, and the rest of the budget on the roots' first frames (img_branch); one root below 3 clips.
         Chosen on seeds 100-105 among look-ahead 1-4 steps and the whole unit, 1-6 roots per 8 clips,
         branching 2/3/4 with a half, a third or a quarter kept, and wider first branchings."""
