@@ -61,7 +61,7 @@ class TreeOfFrames(Strategy):
     The tree's shape is fixed by the settings; ``n=None`` sizes the number of
     roots from the budget (the largest tree whose NFE and verifier calls fit),
     so the tree never exceeds it. ``extra`` records the shape: ``levels``
-    (units denoised per depth) and ``survivors`` (nodes kept per depth).
+    (units started per depth) and ``survivors`` (nodes kept per depth).
 
     The process must be frame-autoregressive: it declares ``num_units`` and
     ``stages_per_unit`` (as :class:`~mmtts.modalities.video.FrameARProcess`)
@@ -79,8 +79,8 @@ class TreeOfFrames(Strategy):
         look_ahead: the denoising steps of a unit after which its level is judged (None: the whole unit).
     """
 
-    def __init__(self, n: int | None = None, img_branch: int | tuple[int, ...] = 4, branching: int | tuple[int, ...] = 2,
-                 prune_at: tuple[int, ...] | None = None, prune: str | float | tuple = "median", keep: int = 1,
+    def __init__(self, n: int | None = None, img_branch: int | tuple[int, ...] = 4,
+                 branching: int | tuple[int, ...] = 2, prune_at: tuple[int, ...] | None = None, prune: str | float | tuple = "median", keep: int = 1,
                  look_ahead: int | None = None):
         me = "tree-of-frames"
         n, keep = whole("n", n, me, none=True), whole("keep", keep, me)
