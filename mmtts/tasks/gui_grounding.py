@@ -42,6 +42,10 @@ Metrics: ``accuracy`` (click inside the target box), the same split by
 reference kind (``acc_text``, ``acc_icon``, ``acc_position``),
 ``parse_rate`` (answers that parsed, a real VLM's failure mode) and
 ``ms_per_example`` (wall time, adaptation included, on this machine).
+
+``gui-grounding-vlm`` (:class:`GUIGroundingVLM`) runs the same screens and
+methods (without ``argmax``) on a transformers VLM that answers in text,
+trained here (:mod:`mmtts.modalities.gui.vlm`), at T = 0.5 and T = 1.
 """
 
 from __future__ import annotations
