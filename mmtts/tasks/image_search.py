@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.progress import progress_bar
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..core.threads import one_thread
 from ..core.verifier import Verifier
 from ..verifiers.classifier import ClassifierLogProb
 from .base import Task
+from .training import adamw_one_cycle, fit, fit_noisy_classifier, forward_diffusion, seeded_model
 
 SIZE = 16
 NULL_CLASS = 10
@@ -113,54 +113,31 @@ def to_unit(x01: torch.Tensor) -> torch.Tensor:
 
 @one_thread()
 def train_classifier(kind: str, config: dict) -> dict[str, torch.Tensor]:
+    """Classifier A (:class:`SmallCNN`, even-indexed digits) or B (:class:`SmallMLP`, odd-indexed) on noisy
+    digits."""
     x, y = load_digits16()
     sel = torch.arange(len(x)) % 2 == (0 if kind == "A" else 1)
-    x, y = x[sel], y[sel]
-    torch.manual_seed(config["seed"])
-    model = SmallCNN() if kind == "A" else SmallMLP()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(config["seed"])
-    with progress_bar(config["epochs"], f"training image-search classifier {kind}") as advance:
-        for _ in range(config["epochs"]):
-            model.train()
-            for idx in torch.randperm(len(x), generator=g).split(64):
-                xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)  # mild noise for robustness
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            advance(1, loss=loss.item())
-    return model.eval().state_dict()
+    return fit_noisy_classifier(SmallCNN if kind == "A" else SmallMLP, x[sel], y[sel], config["epochs"],
+                                config["seed"], f"training image-search classifier {kind}")
 
 
 @one_thread()
 def train_unet(config: dict) -> dict[str, torch.Tensor]:
+    """Epsilon-prediction training of the class-conditional UNet, the label dropped to the null class with
+    probability ``label_dropout``."""
     x, y = load_digits16()
-    torch.manual_seed(config["seed"])
-    g = torch.Generator().manual_seed(config["seed"])
-    model = make_unet(config["width"])
-    sched = make_scheduler()
-    abar = sched.alphas_cumprod
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config["lr"], total_steps=config["steps"],
-                                                   pct_start=0.05)
-    with progress_bar(config["steps"], "training image-search diffusion model") as advance:
-        for i in range(config["steps"]):
-            idx = torch.randint(0, len(x), (config["batch"],), generator=g)
-            x0, lab = x[idx], y[idx].clone()
-            lab[torch.rand(len(lab), generator=g) < config["label_dropout"]] = NULL_CLASS
-            t = torch.randint(0, len(abar), (len(idx),), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
-            a = abar[t].reshape(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            loss = F.mse_loss(model(xt, t, class_labels=lab).sample, eps)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            lr_sched.step()
-            if i % 50 == 49:
-                advance(50, loss=loss.item())
+    model, g = seeded_model(lambda: make_unet(config["width"]), config["seed"])
+    abar = make_scheduler().alphas_cumprod
+    opt, lr_sched = adamw_one_cycle(model, config["lr"], config["steps"])
+
+    def loss_at(i: int) -> torch.Tensor:
+        idx = torch.randint(0, len(x), (config["batch"],), generator=g)
+        x0, lab = x[idx], y[idx].clone()
+        lab[torch.rand(len(lab), generator=g) < config["label_dropout"]] = NULL_CLASS
+        t, eps, xt = forward_diffusion(x0, abar, g)
+        return F.mse_loss(model(xt, t, class_labels=lab).sample, eps)
+
+    fit(model, opt, lr_sched, config["steps"], loss_at, "training image-search diffusion model", every=50, clip=1.0)
     return model.eval().state_dict()
 
 

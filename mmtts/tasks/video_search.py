@@ -33,16 +33,15 @@ budget clock, as in image-search.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import MmttsError
-from ..core.progress import progress_bar
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..core.threads import one_thread
 from ..core.verifier import Verifier
 from .base import Task
+from .training import fit_noisy_classifier
 
 FRAME_ARCH = {"model": "UNet2DModel", "blocks": ["DownBlock2D", "DownBlock2D"], "input": "frame+context",
               "scheduler": "squaredcos_cap_v2/1000/epsilon"}
@@ -85,21 +84,8 @@ def train_frame_classifier(kind: str, config: dict) -> dict[str, torch.Tensor]:
     t = clips["video"].shape[2]
     x = clips["video"].transpose(1, 2).reshape(-1, 1, config["canvas"], config["canvas"])
     y = clips["label"].repeat_interleave(t)
-    torch.manual_seed(config["seed"])
-    g = torch.Generator().manual_seed(config["seed"])
-    model = SmallCNN() if kind == "A" else StridedCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    with progress_bar(config["epochs"], f"training video-search classifier {kind}") as advance:
-        for _ in range(config["epochs"]):
-            model.train()
-            for idx in torch.randperm(len(x), generator=g).split(64):
-                xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            advance(1, loss=loss.item())
-    return model.eval().state_dict()
+    return fit_noisy_classifier(SmallCNN if kind == "A" else StridedCNN, x, y, config["epochs"], config["seed"],
+                                f"training video-search classifier {kind}")
 
 
 def centroid_velocity(videos: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.progress import progress_bar
+from ...tasks.training import fit, seeded_model
 from .tokenizer import MultiScaleVQ
 from .transformer import NextScaleTransformer
 
@@ -53,24 +53,18 @@ def train_tokenizer(config: dict) -> dict[str, torch.Tensor]:
     batch, and every ``restart_every`` steps until three quarters of training unused entries are re-seeded.
     """
     x, _ = load_digits32()
-    torch.manual_seed(config["seed"])
-    g = torch.Generator().manual_seed(config["seed"])
-    model = make_tokenizer(config)
+    model, g = seeded_model(lambda: make_tokenizer(config), config["seed"])
     opt, sched = _optimizer(model, config)
-    with progress_bar(config["steps"], "training var tokenizer") as advance:
-        for i in range(config["steps"]):
-            xb = x[torch.randint(0, len(x), (config["batch"],), generator=g)]
-            warm = i < config["warmup"]
-            if not warm and (i - config["warmup"]) % config["restart_every"] == 0 and i < config["steps"] * 3 // 4:
-                model.restart_dead_codes(model.encoder(xb), g, every=i == config["warmup"])
-            rec, vq = model(xb, quantized=not warm)
-            loss = F.mse_loss(rec, xb) + vq
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if i % 25 == 24:
-                advance(25, loss=loss.item())
+
+    def loss_at(i: int) -> torch.Tensor:
+        xb = x[torch.randint(0, len(x), (config["batch"],), generator=g)]
+        warm = i < config["warmup"]
+        if not warm and (i - config["warmup"]) % config["restart_every"] == 0 and i < config["steps"] * 3 // 4:
+            model.restart_dead_codes(model.encoder(xb), g, every=i == config["warmup"])
+        rec, vq = model(xb, quantized=not warm)
+        return F.mse_loss(rec, xb) + vq
+
+    fit(model, opt, sched, config["steps"], loss_at, "training var tokenizer", every=25)
     return model.eval().state_dict()
 
 
@@ -95,23 +89,16 @@ def train_transformer(config: dict, tokenizer: MultiScaleVQ) -> dict[str, torch.
     if config.get("digits"):
         x, y = x[:config["digits"]], y[:config["digits"]]
     ids, inputs = tokenize_dataset(tokenizer.eval(), x)
-    torch.manual_seed(config["seed"])
-    g = torch.Generator().manual_seed(config["seed"])
-    model = make_transformer(config)
+    model, g = seeded_model(lambda: make_transformer(config), config["seed"])
     opt, sched = _optimizer(model, config)
     null = model.num_classes
-    with progress_bar(config["steps"], "training var transformer") as advance:
-        for i in range(config["steps"]):
-            b = torch.randint(0, len(x), (config["batch"],), generator=g)
-            lab = y[b].clone()
-            lab[torch.rand(len(b), generator=g) < config["label_dropout"]] = null
-            logits = model(inputs[b], lab)
-            loss = F.cross_entropy(logits.flatten(0, 1), ids[b].flatten())
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if i % 25 == 24:
-                advance(25, loss=loss.item())
+
+    def loss_at(i: int) -> torch.Tensor:
+        b = torch.randint(0, len(x), (config["batch"],), generator=g)
+        lab = y[b].clone()
+        lab[torch.rand(len(b), generator=g) < config["label_dropout"]] = null
+        logits = model(inputs[b], lab)
+        return F.cross_entropy(logits.flatten(0, 1), ids[b].flatten())
+
+    fit(model, opt, sched, config["steps"], loss_at, "training var transformer", every=25, clip=1.0)
     return model.eval().state_dict()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ...core.progress import progress_bar
 from ...core.threads import one_thread
+from ...tasks.training import adamw_one_cycle, fit, forward_diffusion, seeded_model
 from .data import ClipSpec, moving_digits
 
 
@@ -55,30 +54,19 @@ def train_frame_model(config: dict) -> dict[str, torch.Tensor]:
     """Epsilon-prediction training on (frame, previous frames) pairs of moving-digit clips; the first frame is
     drawn with probability ``first_frame`` (it is the hardest: a whole digit from nothing)."""
     clips = moving_digits(spec_of(config), config["clips"], seed=config["seed"])["video"]
-    torch.manual_seed(config["seed"])
-    g = torch.Generator().manual_seed(config["seed"])
-    model = make_frame_unet(config)
+    model, g = seeded_model(lambda: make_frame_unet(config), config["seed"])
     abar = make_frame_scheduler().alphas_cumprod
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config["lr"], total_steps=config["steps"], pct_start=0.05)
+    opt, sched = adamw_one_cycle(model, config["lr"], config["steps"])
     n, frames = len(clips), clips.shape[2]
-    with progress_bar(config["steps"], "training the video-search frame model") as advance:
-        for i in range(config["steps"]):
-            idx = torch.randint(0, n, (config["batch"],), generator=g)
-            f = torch.randint(0, frames, (config["batch"],), generator=g)
-            f[torch.rand(config["batch"], generator=g) < config["first_frame"]] = 0
-            x0 = clips[idx, :, f]
-            ctx = context_frames(clips[idx], f, config["context"])
-            t = torch.randint(0, len(abar), (len(idx),), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
-            a = abar[t].reshape(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            loss = F.mse_loss(model(torch.cat([xt, ctx], 1), t).sample, eps)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if i % 50 == 49:
-                advance(50, loss=loss.item())
+
+    def loss_at(i: int) -> torch.Tensor:
+        idx = torch.randint(0, n, (config["batch"],), generator=g)
+        f = torch.randint(0, frames, (config["batch"],), generator=g)
+        f[torch.rand(config["batch"], generator=g) < config["first_frame"]] = 0
+        x0 = clips[idx, :, f]
+        ctx = context_frames(clips[idx], f, config["context"])
+        t, eps, xt = forward_diffusion(x0, abar, g)
+        return F.mse_loss(model(torch.cat([xt, ctx], 1), t).sample, eps)
+
+    fit(model, opt, sched, config["steps"], loss_at, "training the video-search frame model", every=50, clip=1.0)
     return model.eval().state_dict()
