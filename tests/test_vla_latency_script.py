@@ -71,3 +71,10 @@ def test_crossing_interpolates_where_the_ratio_falls_to_two(latency):
     x = latency.crossing(rows)
     assert 0.1 < x < 1.0
     assert latency.crossing(rows[1:]) is None
+
+
+def test_step_time_script_times_both_step_sizes(load_script, capsys):
+    step_time = load_script("benchmarks/vla/step_time.py")
+    out = step_time.main(["--rounds", "2", "--steps", "5"])
+    assert set(out) == {"k1_ms", "k16_ms"} and all(len(v) == 2 and min(v) > 0 for v in out.values())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
