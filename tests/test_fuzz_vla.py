@@ -223,14 +223,13 @@ def test_select_action_acts_inside_the_bounds_or_raises_an_mmtts_error(policy, v
     agent.reset()
 
 
-DEADLINES = REAL_POS.filter(lambda v: not isinstance(v, str))  # the strategies compare it as a number
 ACTION_SETTINGS = {
-    "sample-verify": {"n": WHOLE, "chunk": WHOLE, "decimals": st.integers(-1, 3),
+    "sample-verify": {"n": WHOLE, "chunk": WHOLE, "decimals": mostly(st.integers(-1, 3), st.sampled_from([1.5, NAN, "2"]), 8),
                       "select": st.sampled_from(["argmax", "softmax", "sotfmax"]),
                       "temperature": mostly(st.floats(0.01, 10), st.sampled_from([0.0, NAN]), 10),
-                      "deadline_s": DEADLINES},
-    "robomonkey": {"n": WHOLE, "policy_samples": WHOLE, "chunk": WHOLE, "decimals": st.integers(-1, 3),
-                   "published": st.booleans(), "deadline_s": DEADLINES},
+                      "deadline_s": REAL_POS},
+    "robomonkey": {"n": WHOLE, "policy_samples": WHOLE, "chunk": WHOLE, "decimals": mostly(st.integers(-1, 3), st.sampled_from([1.5, NAN, "2"]), 8),
+                   "published": st.booleans(), "deadline_s": REAL_POS},
 }
 BUDGETS = mostly(st.integers(1, 200),
                  st.sampled_from([0, -1, NAN, 10 ** 12, Budget(max_nfe=10 ** 12, max_seconds=0.1)]), 12)

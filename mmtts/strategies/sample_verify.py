@@ -38,7 +38,7 @@ import torch
 
 from ..core.errors import MmttsError
 from ..core.registry import STRATEGIES
-from ..core.settings import renamed, whole
+from ..core.settings import real, renamed, whole
 from ..core.state import State
 from ..core.strategy import SearchContext, Selection, Strategy
 from ..modalities.vla.augment import Candidates, SampleSet
@@ -73,8 +73,9 @@ class SampleVerify(Strategy):
         """Check and keep the settings both action strategies share."""
         self.n = whole("n", n, self.name)
         self.chunk = None if chunk is None else whole("chunk", chunk, self.name)
-        if deadline_s is not None and not deadline_s > 0:
-            raise MmttsError(f"{self.name}: deadline_s={deadline_s} must be positive seconds, or None")
+        if deadline_s is not None:
+            deadline_s = real("deadline_s", deadline_s, self.name, low=0.0, low_open=True)
+        decimals = whole("decimals", decimals, self.name, minimum=-300, none=True)
         self.decimals, self.selector, self.deadline_s = decimals, Selector(select, temperature), deadline_s
 
     def _late(self, ctx: SearchContext, t0: float) -> bool:
