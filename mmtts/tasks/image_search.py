@@ -40,6 +40,9 @@ model (forwards and decodes) plus verifier time.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from typing import ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,7 @@ from ..core.threads import one_thread
 from ..core.verifier import Verifier
 from ..verifiers.classifier import ClassifierLogProb
 from .base import Task
-from .training import adamw_one_cycle, fit, fit_noisy_classifier, forward_diffusion, seeded_model
+from .training import adamw_one_cycle, cached_model, fit, fit_noisy_classifier, forward_diffusion, seeded_model
 
 SIZE = 16
 NULL_CLASS = 10
@@ -221,8 +224,63 @@ def sample_grid(samples: dict, methods: list[str], seeds: list[int], budget: int
     return path
 
 
+def ink_targets(x: torch.Tensor, y: torch.Tensor) -> dict[int, float]:
+    """The 90th percentile of each class's ink (mean intensity of images ``x`` in [0, 1]): the bold target."""
+    ink = x.mean((1, 2, 3))
+    return {c: float(torch.quantile(ink[y == c], 0.9)) for c in range(10)}
+
+
+def digit_classifiers(cache, config: dict) -> tuple[SmallCNN, SmallMLP]:
+    """Classifiers A and B of ``config`` (the ``cls`` part of :data:`FULL` or :data:`QUICK`) from ``cache``,
+    trained first when missing."""
+    return (cached_model(cache, SmallCNN(), "image-search-classifier-A", config, lambda: train_classifier("A", config)),
+            cached_model(cache, SmallMLP(), "image-search-classifier-B", config, lambda: train_classifier("B", config)))
+
+
+class SearchTask(Task):
+    """A search task over reference models trained on first use and cached, with rewards at most 0.
+
+    A subclass names its two configs (``full_config`` and ``quick_config``; ``cfg`` is the one in use), the
+    cache entries :meth:`prepare` reports (``model_names``), and builds its models in :meth:`load_models`;
+    :meth:`models` builds them once per task. ``samples`` holds the chosen output of each run by
+    ``(method, budget, seed)``, for the figure of chosen samples.
+
+    Args:
+        cache: where trained weights are kept; a default :class:`ModelCache` when None.
+        quick: use ``quick_config`` (small models trained in seconds) instead of ``full_config``.
+        **options: the task's options, declared with their defaults in ``option_defaults``.
+    """
+
+    full_config: ClassVar[dict] = {}
+    quick_config: ClassVar[dict] = {}
+    model_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cache=None, quick: bool = False, **options):
+        super().__init__(cache, quick, **options)
+        self.cfg = self.quick_config if quick else self.full_config
+        self._models: dict | None = None
+        self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def prepare(self) -> list[str]:
+        self.models()
+        return list(self.model_names)
+
+    def models(self) -> dict:
+        """The task's models by role, built by :meth:`load_models` on the first call."""
+        if self._models is None:
+            self._models = self.load_models()
+        return self._models
+
+    @abstractmethod
+    def load_models(self) -> dict:
+        """The task's models by role, loaded from the cache (trained and cached first where missing)."""
+
+    def references(self, budgets: list[int]) -> dict[str, list[float]]:
+        return {"ceiling (sup reward)": [0.0] * len(budgets)}
+
+
 @TASKS.register("image-search")
-class ImageSearch(Task):
+class ImageSearch(SearchTask):
     """MNIST diffusion steered to a bold target digit: noise and path search at equal NFE.
 
     Args:
@@ -240,33 +298,20 @@ class ImageSearch(Task):
     default_budgets = (20, 40, 80, 160, 320, 640)
     quick_budgets = (8, 24)
     option_defaults = {"steps": 20, "keep": 4}
+    full_config = FULL
+    quick_config = QUICK
+    model_names = ("image-search-unet", "image-search-classifier-A", "image-search-classifier-B")
 
     def __init__(self, cache=None, quick: bool = False, **options):
         super().__init__(cache, quick, **options)
-        self.cfg = QUICK if quick else FULL
         self.steps = 4 if quick and "steps" not in options else int(self.options["steps"])
-        self._models = None
-        self.samples: dict[tuple[str, int, int], torch.Tensor] = {}  # (method, budget, seed): the chosen image
 
-    def prepare(self) -> list[str]:
-        self.models()
-        return ["image-search-unet", "image-search-classifier-A", "image-search-classifier-B"]
-
-    def models(self) -> dict:
-        if self._models is None:
-            unet = make_unet(self.cfg["unet"]["width"])
-            unet.load_state_dict(self.cache.load_or_train("image-search-unet", self.cfg["unet"],
-                                                          lambda: train_unet(self.cfg["unet"])))
-            a, b = SmallCNN(), SmallMLP()
-            a.load_state_dict(self.cache.load_or_train("image-search-classifier-A", self.cfg["cls"],
-                                                       lambda: train_classifier("A", self.cfg["cls"])))
-            b.load_state_dict(self.cache.load_or_train("image-search-classifier-B", self.cfg["cls"],
-                                                       lambda: train_classifier("B", self.cfg["cls"])))
-            x, y = load_digits16()
-            ink = ((x + 1) / 2).mean((1, 2, 3))
-            ink_target = {c: float(torch.quantile(ink[y == c], 0.9)) for c in range(10)}
-            self._models = {"unet": unet.eval(), "A": a.eval(), "B": b.eval(), "ink": ink_target}
-        return self._models
+    def load_models(self) -> dict:
+        cfg = self.cfg["unet"]
+        unet = cached_model(self.cache, make_unet(cfg["width"]), "image-search-unet", cfg, lambda: train_unet(cfg))
+        a, b = digit_classifiers(self.cache, self.cfg["cls"])
+        x, y = load_digits16()
+        return {"unet": unet, "A": a, "B": b, "ink": ink_targets((x + 1) / 2, y)}
 
     def process(self, method: str):
         from ..modalities.image import ImageProcess, schedule_from_scheduler
@@ -328,9 +373,6 @@ class ImageSearch(Task):
     def diversity(self, images: torch.Tensor) -> float:
         """Mean pairwise distance of the kept outputs in classifier B's feature space (0 for one output)."""
         return feature_diversity(self.models()["B"], to_unit(images))
-
-    def references(self, budgets: list[int]) -> dict[str, list[float]]:
-        return {"ceiling (sup reward)": [0.0] * len(budgets)}
 
     def extra_plots(self, results: dict, out) -> list:
         """``image-search-samples.png``: the chosen image of each method (rows) for each seed (columns) at the

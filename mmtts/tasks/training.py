@@ -1,4 +1,4 @@
-"""The training loops that the search tasks' reference models share.
+"""What the search tasks' reference models share: their training loops and their cached weights.
 
 Every loop is seeded and draws its batches from its own generator, so the same
 config trains the same weights bit for bit: the helpers here draw their random
@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.progress import progress_bar
+
+
+def cached_model(cache, model: nn.Module, name: str, config: dict,
+                 train: Callable[[], dict[str, torch.Tensor]]) -> nn.Module:
+    """``model`` in eval mode with the weights that ``cache`` (a :class:`ModelCache`) keeps as ``name`` for
+    ``config``; ``train()`` makes them first when they are missing."""
+    model.load_state_dict(cache.load_or_train(name, config, train))
+    return model.eval()
 
 
 def seeded_model(make_model: Callable[[], nn.Module], seed: int) -> tuple[nn.Module, torch.Generator]:

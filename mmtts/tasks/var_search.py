@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..core.threads import one_thread
-from .base import Task
+from .image_search import FULL as IMAGE_FULL, QUICK as IMAGE_QUICK
+from .image_search import (ImageSearch, SearchTask, digit_classifiers, digit_verifiers, feature_diversity, ink_targets,
+                           sample_grid)
+from .training import cached_model
 
 SCALES = [1, 2, 3, 4, 6, 8]
 TOKENIZER = {"arch": "multiscale-vq/conv", "scales": SCALES, "vocab": 64, "code_dim": 16, "width": 16,
@@ -44,20 +47,13 @@ QUICK = {"tokenizer": QUICK_TOKENIZER,
 def load_var(cache, config: dict):
     """The cached tokenizer and transformer of ``config`` (FULL or QUICK), trained first when missing."""
     from ..modalities.var.train import make_tokenizer, make_transformer, train_tokenizer, train_transformer
-    tok = make_tokenizer(config["tokenizer"])
+    tok_cfg, tf_cfg = config["tokenizer"], config["transformer"]
     with one_thread():
-        tok.load_state_dict(cache.load_or_train("var-search-tokenizer", config["tokenizer"],
-                                                lambda: train_tokenizer(config["tokenizer"])))
-        tf = make_transformer(config["transformer"])
-        tf.load_state_dict(cache.load_or_train("var-search-transformer", config["transformer"],
-                                               lambda: train_transformer(config["transformer"], tok)))
-    return tok.eval(), tf.eval()
-
-
-def ink_targets(x: torch.Tensor, y: torch.Tensor) -> dict[int, float]:
-    """The 90th percentile of each class's ink (mean intensity in [0, 1]): the bold target."""
-    ink = x.mean((1, 2, 3))
-    return {c: float(torch.quantile(ink[y == c], 0.9)) for c in range(10)}
+        tok = cached_model(cache, make_tokenizer(tok_cfg), "var-search-tokenizer", tok_cfg,
+                           lambda: train_tokenizer(tok_cfg))
+        tf = cached_model(cache, make_transformer(tf_cfg), "var-search-transformer", tf_cfg,
+                          lambda: train_transformer(tf_cfg, tok))
+    return tok, tf
 
 
 def to_classifier(images: torch.Tensor) -> torch.Tensor:
@@ -95,7 +91,7 @@ POTENTIAL_METHODS = {"tts-var": "value", "tts-var-diff": "diff", "tts-var-sum": 
 
 
 @TASKS.register("var-search")
-class VARSearch(Task):
+class VARSearch(SearchTask):
     """MNIST VAR steered scale by scale to a bold target digit: TTS-VAR against best-of-N.
 
     Args:
@@ -113,34 +109,19 @@ class VARSearch(Task):
     quick_budgets = (130, 390)
     option_defaults = {"keep": 4, "lmbda": 3.0}
 
-    def __init__(self, cache=None, quick: bool = False, **options):
-        super().__init__(cache, quick, **options)
-        self.cfg = QUICK if quick else FULL
-        self._models = None
-        self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
+    full_config = FULL
+    quick_config = QUICK
+    model_names = ("var-search-tokenizer", "var-search-transformer", "image-search-classifier-A",
+                   "image-search-classifier-B")
 
-    def prepare(self) -> list[str]:
-        self.models()
-        return ["var-search-tokenizer", "var-search-transformer", "image-search-classifier-A",
-                "image-search-classifier-B"]
-
-    def models(self) -> dict:
-        if self._models is None:
-            from ..modalities.var.train import load_digits32
-            from .image_search import FULL as IMAGE_FULL, QUICK as IMAGE_QUICK, SmallCNN, SmallMLP, train_classifier
-            tok, tf = load_var(self.cache, self.cfg)
-            cls = (IMAGE_QUICK if self.quick else IMAGE_FULL)["cls"]
-            a, b = SmallCNN(), SmallMLP()
-            with one_thread():
-                a.load_state_dict(self.cache.load_or_train("image-search-classifier-A", cls,
-                                                           lambda: train_classifier("A", cls)))
-                b.load_state_dict(self.cache.load_or_train("image-search-classifier-B", cls,
-                                                           lambda: train_classifier("B", cls)))
-            x, y = load_digits32()
-            import sklearn.cluster  # noqa: F401  (tts-var's k-means: imported here, not inside a timed search)
-            self._models = {"tokenizer": tok, "transformer": tf, "A": a.eval(), "B": b.eval(),
-                            "ink": ink_targets(x, y)}
-        return self._models
+    def load_models(self) -> dict:
+        from ..modalities.var.train import load_digits32
+        tok, tf = load_var(self.cache, self.cfg)
+        with one_thread():
+            a, b = digit_classifiers(self.cache, (IMAGE_QUICK if self.quick else IMAGE_FULL)["cls"])
+        x, y = load_digits32()
+        import sklearn.cluster  # noqa: F401  (tts-var's k-means: imported here, not inside a timed search)
+        return {"tokenizer": tok, "transformer": tf, "A": a, "B": b, "ink": ink_targets(x, y)}
 
     def process(self):
         from ..modalities.var import VARProcess
@@ -163,7 +144,6 @@ class VARSearch(Task):
 
     @one_thread()
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
-        from .image_search import digit_verifiers
         self.check_method(method)
         self.check_setting(setting)
         reward, held = digit_verifiers(self.models(), seed % 10, to_classifier)
@@ -182,18 +162,13 @@ class VARSearch(Task):
 
     def diversity(self, images: torch.Tensor) -> float:
         """Mean pairwise distance of the kept outputs in classifier B's feature space (0 for one output)."""
-        from .image_search import feature_diversity
         return feature_diversity(self.models()["B"], to_classifier(images))
-
-    def references(self, budgets: list[int]) -> dict[str, list[float]]:
-        return {"ceiling (sup reward)": [0.0] * len(budgets)}
 
     def summarize(self, results: dict) -> dict:
         """Token work each method needs to reach best-of-N's mean reward at the largest budget, as a fraction of
         it; the held-out score at the largest budget; overhead (wall over model + decode + verifier time) at the
         largest budget, with and without the time tts-var spends on structure maps and k-means (its feature
         network's forward is verifier time, ``features_s``)."""
-        from .image_search import ImageSearch
         rows = results["rows"]
         top = max(results["budgets"])
         base = {r["budget"]: r for r in rows if r["method"] == self.baseline}
@@ -216,7 +191,6 @@ class VARSearch(Task):
     def extra_plots(self, results: dict, out) -> list:
         """``var-search-samples.png``: the best sample of each method (rows) for each seed (columns) at the
         largest budget, from this run's searches (none when some of them ran elsewhere)."""
-        from .image_search import sample_grid
         top = max(results["budgets"])
         methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
         path = sample_grid(self.samples, methods, results["seeds"], top, f"{top} tokens",

@@ -40,8 +40,8 @@ from ..core.registry import STRATEGIES, TASKS
 from ..core.strategy import run_strategy
 from ..core.threads import one_thread
 from ..core.verifier import Verifier
-from .base import Task
-from .training import fit_noisy_classifier
+from .image_search import ImageSearch, SearchTask, SmallCNN, to_unit
+from .training import cached_model, fit_noisy_classifier
 
 FRAME_ARCH = {"model": "UNet2DModel", "blocks": ["DownBlock2D", "DownBlock2D"], "input": "frame+context",
               "scheduler": "squaredcos_cap_v2/1000/epsilon"}
@@ -78,7 +78,6 @@ def train_frame_classifier(kind: str, config: dict) -> dict[str, torch.Tensor]:
     frames of moving-digit clips."""
     from ..modalities.video.data import moving_digits
     from ..modalities.video.train import spec_of
-    from .image_search import SmallCNN
     clips = moving_digits(spec_of(config), config["clips"], seed=config["seed"] + (kind == "B"),
                           split="even" if kind == "A" else "odd")
     t = clips["video"].shape[2]
@@ -144,12 +143,8 @@ def target_of(seed: int) -> tuple[int, float]:
     return seed % 10, 1.0 if seed % 4 < 2 else -1.0
 
 
-def to_unit(x01: torch.Tensor) -> torch.Tensor:
-    return x01 * 2 - 1
-
-
 @TASKS.register("video-search")
-class VideoSearch(Task):
+class VideoSearch(SearchTask):
     """Moving-digit video model steered to a target digit and direction: Tree-of-Frames against linear search.
 
     Args:
@@ -169,31 +164,19 @@ class VideoSearch(Task):
     default_seeds = (0, 1, 2, 3, 4, 5)
     option_defaults = {"keep": 4}
 
-    def __init__(self, cache=None, quick: bool = False, **options):
-        super().__init__(cache, quick, **options)
-        self.cfg = QUICK if quick else FULL
-        self._models = None
-        self.samples: dict[tuple[str, int, int], torch.Tensor] = {}
+    full_config = FULL
+    quick_config = QUICK
+    model_names = ("video-search-frame-model", "video-search-classifier-A", "video-search-classifier-B")
 
-    def prepare(self) -> list[str]:
-        self.models()
-        return ["video-search-frame-model", "video-search-classifier-A", "video-search-classifier-B"]
-
-    def models(self) -> dict:
-        if self._models is None:
-            from ..modalities.video.train import make_frame_unet, train_frame_model
-            from .image_search import SmallCNN
-            frame, cls = self.cfg["frame"], self.cfg["cls"]
-            unet = make_frame_unet(frame)
-            unet.load_state_dict(self.cache.load_or_train("video-search-frame-model", frame,
-                                                          lambda: train_frame_model(frame)))
-            a, b = SmallCNN(), StridedCNN()
-            a.load_state_dict(self.cache.load_or_train("video-search-classifier-A", cls,
-                                                       lambda: train_frame_classifier("A", cls)))
-            b.load_state_dict(self.cache.load_or_train("video-search-classifier-B", cls,
-                                                       lambda: train_frame_classifier("B", cls)))
-            self._models = {"unet": unet.eval(), "A": a.eval(), "B": b.eval()}
-        return self._models
+    def load_models(self) -> dict:
+        from ..modalities.video.train import make_frame_unet, train_frame_model
+        frame, cls = self.cfg["frame"], self.cfg["cls"]
+        return {"unet": cached_model(self.cache, make_frame_unet(frame), "video-search-frame-model", frame,
+                                     lambda: train_frame_model(frame)),
+                "A": cached_model(self.cache, SmallCNN(), "video-search-classifier-A", cls,
+                                  lambda: train_frame_classifier("A", cls)),
+                "B": cached_model(self.cache, StridedCNN(), "video-search-classifier-B", cls,
+                                  lambda: train_frame_classifier("B", cls))}
 
     def process(self, method: str):
         from ..modalities.image import schedule_from_scheduler
@@ -303,14 +286,10 @@ class VideoSearch(Task):
         feats = lambda f: self.models()["B"].features(to_unit(f))  # noqa: E731
         return float(TemporalConsistency(features=feats)(videos)[0])
 
-    def references(self, budgets: list[int]) -> dict[str, list[float]]:
-        return {"ceiling (sup reward)": [0.0] * len(budgets)}
-
     def summarize(self, results: dict) -> dict:
         """NFE each method needs to reach best-of-N's mean reward at the largest budget, as a fraction of it, and
         its held-out score there beside best-of-N's; overhead (wall over model + decode + verifier time) at the
         largest budget."""
-        from .image_search import ImageSearch
         rows = results["rows"]
         top = max(results["budgets"])
         base = {r["budget"]: r["metrics"] for r in rows if r["method"] == self.baseline}
