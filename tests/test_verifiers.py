@@ -178,3 +178,16 @@ def test_evaluations_of_ensembles_and_caches_are_their_parts():
     ens(x)
     ens(x[:2])
     assert (a.evaluations, b.evaluations, ens.evaluations, ens.hits) == (5, 5, 10, 2)
+
+
+def test_plain_function_taking_context_gets_it_and_its_errors_name_it():
+    from mmtts.core.verifier import as_verifier
+    with_context = as_verifier(lambda outputs, context: outputs.sum(1) + context)
+    assert with_context.takes_context and with_context(torch.ones(2, 3), 1.0).tolist() == [4.0, 4.0]
+    assert not as_verifier(lambda outputs, scale=2: outputs.sum(1) * scale).takes_context
+
+    def broken(outputs):
+        raise KeyError("missing column")
+
+    with pytest.raises(VerifierError, match="verifier 'broken' raised KeyError"):
+        as_verifier(broken)(torch.ones(2, 3))

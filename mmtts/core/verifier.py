@@ -13,6 +13,7 @@ evaluations are theirs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .batch import batch_size, take
-from .errors import VerifierError
+from .errors import MmttsError, VerifierError
 
 NONFINITE_POLICIES = ("last", "error")
 
@@ -150,14 +151,32 @@ class FunctionVerifier(Verifier):
         self.takes_context = takes_context
 
     def score(self, outputs, context=None):
-        return self.fn(outputs, context) if self.takes_context else self.fn(outputs)
+        try:
+            return self.fn(outputs, context) if self.takes_context else self.fn(outputs)
+        except MmttsError:
+            raise
+        except Exception as e:
+            raise VerifierError(f"verifier {self.name!r} raised {type(e).__name__}: {e}") from e
+
+
+def _needs_context(fn: Callable) -> bool:
+    """Whether ``fn`` requires two positional arguments (outputs and context)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len([p for p in positional if p.default is p.empty]) >= 2 or (
+        len(positional) >= 2 and positional[1].name == "context")
 
 
 def as_verifier(v: Verifier | Callable, name: str | None = None) -> Verifier:
+    """``v`` itself, or a plain scoring function wrapped: ``fn(outputs)``, or ``fn(outputs, context)`` when it
+    requires two arguments."""
     if isinstance(v, Verifier):
         return v
     if callable(v):
-        return FunctionVerifier(v, name=name)
+        return FunctionVerifier(v, name=name, takes_context=_needs_context(v))
     raise VerifierError(f"a verifier must be an mmtts Verifier or a scoring function, not {type(v).__name__}")
 
 
