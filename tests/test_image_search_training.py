@@ -123,3 +123,4 @@ def test_search_task_loads_its_models_once_and_picks_its_config(tmp_path):
     assert not torch.equal(full.models()["net"].weight, quick.models()["net"].weight)
     assert quick.samples == {}
     assert quick.references([8, 24]) == {"ceiling (sup reward)": [0.0, 0.0]}
+    assert (quick.baseline, quick.primary_metric) == ("best-of-n", "reward")

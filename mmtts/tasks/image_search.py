@@ -240,10 +240,11 @@ def digit_classifiers(cache, config: dict) -> tuple[SmallCNN, SmallMLP]:
 class SearchTask(Task):
     """A search task over reference models trained on first use and cached, with rewards at most 0.
 
-    A subclass names its two configs (``full_config`` and ``quick_config``; ``cfg`` is the one in use), the
-    cache entries :meth:`prepare` reports (``model_names``), and builds its models in :meth:`load_models`;
-    :meth:`models` builds them once per task. ``samples`` holds the chosen output of each run by
-    ``(method, budget, seed)``, for the figure of chosen samples.
+    Its methods are compared with best-of-n on the reward. A subclass names its two configs (``full_config``
+    and ``quick_config``; ``cfg`` is the one in use), the cache entries :meth:`prepare` reports
+    (``model_names``), and builds its models in :meth:`load_models`; :meth:`models` builds them once per task.
+    ``samples`` holds the chosen output of each run by ``(method, budget, seed)``, for the figure of chosen
+    samples.
 
     Args:
         cache: where trained weights are kept; a default :class:`ModelCache` when None.
@@ -251,6 +252,7 @@ class SearchTask(Task):
         **options: the task's options, declared with their defaults in ``option_defaults``.
     """
 
+    baseline = "best-of-n"
     full_config: ClassVar[dict] = {}
     quick_config: ClassVar[dict] = {}
     model_names: ClassVar[tuple[str, ...]] = ()
@@ -292,8 +294,6 @@ class ImageSearch(SearchTask):
 
     description = "MNIST diffusion steered to a bold target digit: noise and path search at equal NFE"
     methods = ("best-of-n", "zero-order", "paths", "evosearch", "particle-filter", "beam")
-    baseline = "best-of-n"
-    primary_metric = "reward"
     budget_unit = "NFE"
     default_budgets = (20, 40, 80, 160, 320, 640)
     quick_budgets = (8, 24)

@@ -102,13 +102,10 @@ class VARSearch(SearchTask):
 
     description = "MNIST VAR steered scale by scale to a bold target digit: TTS-VAR against best-of-N at equal token work"
     methods = ("best-of-n", *POTENTIAL_METHODS, "beam", "particle-filter")
-    baseline = "best-of-n"
-    primary_metric = "reward"
     budget_unit = "tokens"
     default_budgets = (130, 260, 520, 1040, 2080, 4160)
     quick_budgets = (130, 390)
     option_defaults = {"keep": 4, "lmbda": 3.0}
-
     full_config = FULL
     quick_config = QUICK
     model_names = ("var-search-tokenizer", "var-search-transformer", "image-search-classifier-A",

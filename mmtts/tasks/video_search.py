@@ -156,14 +156,11 @@ class VideoSearch(SearchTask):
     description = ("moving-digit frame-autoregressive video model steered to a target digit and direction: "
                    "tree-of-frames, evosearch and SMC against random linear search at equal NFE")
     methods = ("best-of-n", "tree-of-frames", "evosearch", "particle-filter", "beam")
-    baseline = "best-of-n"
-    primary_metric = "reward"
     budget_unit = "NFE"
     default_budgets = (48, 96, 192, 384, 768, 1536)
     quick_budgets = (12, 48)
     default_seeds = (0, 1, 2, 3, 4, 5)
     option_defaults = {"keep": 4}
-
     full_config = FULL
     quick_config = QUICK
     model_names = ("video-search-frame-model", "video-search-classifier-A", "video-search-classifier-B")
