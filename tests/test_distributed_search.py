@@ -158,7 +158,7 @@ def test_a_failing_rank_stops_every_rank_with_its_error(toy_ranks):
     _, runs = toy_ranks  # the launch's last search fails on rank 1; launch() fails the test on a hang
     for rc, output in runs:
         assert rc != 0
-        assert "rank 1 failed: RuntimeError: verifier broke on rank 1" in output, output
+        assert "rank 1 failed: VerifierError: verifier 'breaks' raised RuntimeError: verifier broke on rank 1" in output, output
 
 
 @pytest.mark.slow
