@@ -52,3 +52,33 @@ def test_the_strategy_takes_the_preset_and_refuses_non_bools():
     assert RoboMonkey().settings["published"] is False
     with pytest.raises(MmttsError, match="published"):
         RoboMonkey(published="yes")
+
+
+def test_token_bin_de_duplication_when_an_action_tokenizer_is_given():
+    from mmtts.modalities.vla.tokens import ActionTokenizer
+    tok = ActionTokenizer(SPACE, bins=256, vocab_size=300)  # bins of width 2/256 on the arm
+    samples = batch([0.0, 0.0], [0.002, 0.0])  # both arm values in bin 128
+    noise = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])[None, :, None, :]  # means 0.001 -/+ 0.001
+    floats = GaussianAugmenter(SPACE, published=True)(samples, noise)
+    bins = GaussianAugmenter(SPACE, published=True, tokenizer=tok)(samples, noise)
+    assert floats.counts == [3]  # 0.001, 0.002, 0.0: three distinct floats
+    assert bins.counts == [1] and torch.equal(bins.actions[0], floats.actions[0][:1])  # one bin: the first kept
+    assert tok.encode(floats.actions[0])[:, 0, 0].unique().numel() == 1
+    with pytest.raises(MmttsError, match="ActionTokenizer"):
+        GaussianAugmenter(SPACE, tokenizer="bins")
+
+
+def test_published_robomonkey_de_duplicates_on_the_token_policy_bins():
+    from types import SimpleNamespace
+
+    from mmtts.core.rng import Streams
+    from mmtts.modalities.vla.tokens import ActionTokenizer
+    tok = ActionTokenizer(SPACE, bins=256, vocab_size=300)
+    samples = batch([0.0, 0.0], [0.002, 0.0])
+    ctx = SimpleNamespace(process=SimpleNamespace(space=SPACE, policy=SimpleNamespace(tokenizer=tok)))
+    state = SimpleNamespace(streams=Streams.spawn(5, 2))  # what candidates() reads of the state
+    published, _ = RoboMonkey(n=8, published=True).candidates(ctx, state, samples, None)
+    default, _ = RoboMonkey(n=8).candidates(ctx, state, samples, None)
+    explicit, _ = RoboMonkey(n=8, tokenizer=tok).candidates(ctx, state, samples, None)
+    assert published.counts[0] < default.counts[0] == 8
+    assert explicit.counts == published.counts

@@ -41,22 +41,26 @@ class RoboMonkey(SampleVerify):
             (``None``: only a ``Budget(max_seconds=...)`` limits the time).
         published: augment as the published RoboMonkey code does (spread with ``np.var``, gripper by the
             samples' mean, the raw sample when all samples agree; see
-            :class:`~mmtts.modalities.vla.augment.GaussianAugmenter`).
+            :class:`~mmtts.modalities.vla.augment.GaussianAugmenter`); with a policy that has an action
+            ``tokenizer`` (a token VLA), candidates are also de-duplicated on its bins, as the published code does.
+        tokenizer: an :class:`~mmtts.modalities.vla.tokens.ActionTokenizer` to de-duplicate on its bins instead of
+            on floats (``None``: the policy's own under ``published=True``, else floats).
     """
 
     def __init__(self, n: int | None = None, policy_samples: int | None = None, decimals: int | None = None,
                  chunk: int | None = None, select: str = "argmax", temperature: float = 1.0,
-                 deadline_s: float | None = None, published: bool = False, *,
+                 deadline_s: float | None = None, published: bool = False, tokenizer=None, *,
                  num_candidates: int | None = None, k: int | None = None, num_samples: int | None = None):
         if not isinstance(published, bool):
             raise MmttsError(f"robomonkey published={published!r} must be True or False")
-        self.published = published
+        self.published, self.tokenizer = published, tokenizer
         self._setup(renamed(self.name, "n", n, 16, num_candidates=num_candidates, k=k), decimals, chunk,
                     select, temperature, deadline_s)
         self._policy_samples = whole("policy_samples", renamed(
             self.name, "policy_samples", policy_samples, 8, num_samples=num_samples))
         Strategy.__init__(self, n=self.n, policy_samples=self._policy_samples, decimals=decimals, chunk=chunk,
-                          select=select, temperature=temperature, deadline_s=deadline_s, published=published)
+                          select=select, temperature=temperature, deadline_s=deadline_s, published=published,
+                          tokenizer=tokenizer)
 
     @property
     def policy_samples(self) -> int:
@@ -67,5 +71,8 @@ class RoboMonkey(SampleVerify):
         b = samples.shape[0]
         first = torch.arange(b)  # round 0: the first sample of every observation, whose stream draws the noise
         noise = state.streams.select(first, fork_duplicates=False).randn((self.n, *samples.shape[2:]))
-        cands = GaussianAugmenter(ctx.process.space, self.decimals, self.published)(samples, noise, valid)
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.published:
+            tokenizer = getattr(getattr(ctx.process, "policy", None), "tokenizer", None)
+        cands = GaussianAugmenter(ctx.process.space, self.decimals, self.published, tokenizer)(samples, noise, valid)
         return cands, first[:, None].expand(b, self.n)

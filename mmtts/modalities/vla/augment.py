@@ -157,12 +157,22 @@ class GaussianAugmenter:
         space: the bounds and discrete dimensions.
         decimals: round before de-duplication (``None``: exact duplicates only).
         published: the published construction (see above) instead of mmtts's.
+        tokenizer: an :class:`~mmtts.modalities.vla.tokens.ActionTokenizer`: candidates whose actions fall in
+            the same bins of every dimension are duplicates (the published de-duplication for token VLAs);
+            ``decimals`` is then unused.
     """
 
-    def __init__(self, space: ActionSpace, decimals: int | None = None, published: bool = False):
+    def __init__(self, space: ActionSpace, decimals: int | None = None, published: bool = False,
+                 tokenizer=None):
         self.space = space
         self.decimals = check_decimals(decimals)
         self.published = bool(published)
+        from .tokens import ActionTokenizer
+
+        if tokenizer is not None and not isinstance(tokenizer, ActionTokenizer):
+            raise MmttsError(f"tokenizer must be an ActionTokenizer (with encode(actions) -> bin ids); got "
+                             f"{type(tokenizer).__name__}")
+        self.tokenizer = tokenizer
 
     @staticmethod
     def fit(samples: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +232,11 @@ class GaussianAugmenter:
             first = samples[torch.arange(samples.shape[0]), ok.to(torch.int64).argmax(1)]  # a valid sample
             same = ((samples == first[:, None]) | ~ok[:, :, None, None]).flatten(2).all(-1).all(-1)
             draws = torch.where(same[:, None, None, None], first[:, None].expand_as(draws), draws)
-        return Candidates(draws, distinct_rows(draws.flatten(2), self.decimals), mean, std)
+        if self.tokenizer is not None:
+            keep = distinct_rows(self.tokenizer.encode(draws).flatten(2))
+        else:
+            keep = distinct_rows(draws.flatten(2), self.decimals)
+        return Candidates(draws, keep, mean, std)
 
 
 class SampleSet:
