@@ -1,5 +1,7 @@
 """Errors raised for user mistakes. The CLI prints these as one line, without a traceback."""
 
+from typing import Any, Callable
+
 
 class MmttsError(Exception):
     """A problem with what the user asked for; the message names it and the fix."""
@@ -38,3 +40,19 @@ class ProcessError(MmttsError, RuntimeError):
 
 class CollapseWarning(UserWarning):
     """A population search ended with copies of one candidate where it needed distinct ones."""
+
+
+def call_user(fn: Callable, *args: Any, explain: Callable[[Exception], str], error: type = None) -> Any:
+    """``fn(*args)`` for a function the user gave (a policy, a scoring function): an exception it raises becomes
+    ``error(explain(e))`` (an :class:`MmttsError` by default), chained to the original. An MmttsError passes
+    through unchanged, and so does running out of memory."""
+    try:
+        return fn(*args)
+    except MmttsError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+            raise
+        raise (error or MmttsError)(explain(e)) from e

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .batch import batch_size, take
-from .errors import MmttsError, VerifierError
+from .errors import VerifierError, call_user
 
 NONFINITE_POLICIES = ("last", "error")
 
@@ -151,12 +151,9 @@ class FunctionVerifier(Verifier):
         self.takes_context = takes_context
 
     def score(self, outputs, context=None):
-        try:
-            return self.fn(outputs, context) if self.takes_context else self.fn(outputs)
-        except MmttsError:
-            raise
-        except Exception as e:
-            raise VerifierError(f"verifier {self.name!r} raised {type(e).__name__}: {e}") from e
+        args = (outputs, context) if self.takes_context else (outputs,)
+        return call_user(self.fn, *args, error=VerifierError,
+                         explain=lambda e: f"verifier {self.name!r} raised {type(e).__name__}: {e}")
 
 
 def _needs_context(fn: Callable) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ...core.errors import MmttsError
+from ...core.errors import MmttsError, call_user
 from ...core.process import Process
 from ...core.rng import Streams
 from ...core.state import State
@@ -143,12 +143,5 @@ class ActionProcess(Process):
 
 def _policy_call(what: str, fn, *args):
     """``fn(*args)``, with an exception the policy raises turned into an MmttsError that names the call."""
-    try:
-        return fn(*args)
-    except MmttsError:
-        raise
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as e:
-        raise MmttsError(f"the policy's {what} raised {type(e).__name__}: {e}; check the policy against the "
-                         "observations (keys, shapes, dtypes) and the action space") from e
+    return call_user(fn, *args, explain=lambda e: f"the policy's {what} raised {type(e).__name__}: {e}; check the "
+                     "policy against the observations (keys, shapes, dtypes) and the action space")

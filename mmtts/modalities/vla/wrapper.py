@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ...core.budget import Budget
-from ...core.errors import MmttsError
+from ...core.errors import MmttsError, call_user
 from ...core.rng import derive_seed
 from ...core.settings import whole
 from ...core.strategy import run_strategy
@@ -249,13 +249,7 @@ class RoboMonkeyPolicy:
 def _named_errors(fn: Callable) -> Callable:
     """``fn(actions, observations)``, with an exception it raises turned into an MmttsError naming the verifier."""
     def score(actions, observations):
-        try:
-            return fn(actions, observations)
-        except MmttsError:
-            raise
-        except (MemoryError, torch.OutOfMemoryError):
-            raise
-        except Exception as e:
-            raise MmttsError(f"the verifier function raised {type(e).__name__}: {e}; it is called as "
-                             "fn(actions (M, H, D), observations with one row per action) and returns M scores") from e
+        return call_user(fn, actions, observations, explain=lambda e: (
+            f"the verifier function raised {type(e).__name__}: {e}; it is called as fn(actions (M, H, D), "
+            "observations with one row per action) and returns M scores"))
     return score
