@@ -289,14 +289,21 @@ class GUIGrounding(Task):
                               answer=SETTING_ANSWER[setting]), extra
 
     def detail(self, method: str, setting: str, budget: int | None) -> str:
-        o = self.options
         parts = []
         if method.endswith("rc"):
-            parts.append(f"K={budget}, T={self.temperature(setting):g}, alpha={o['alpha']:g}")
+            parts.append(f"K={budget}, T={self.temperature(setting):g}, alpha={self.options['alpha']:g}")
         if method.startswith("gui-rcpo"):
-            parts.append(f"RCPO {o['rcpo_epochs']} epochs x {o['rcpo_samples']} samples, lr={o['rcpo_lr']:g}, "
-                         f"beta={o['rcpo_beta']:g}")
-        return "; ".join(parts) or ("most likely cell" if method == "argmax" else "digit-by-digit greedy")
+            parts.append(self.rcpo_detail())
+        return "; ".join(parts) or self.greedy_detail(method)
+
+    def rcpo_detail(self) -> str:
+        """How GUI-RCPO adapts, for the results table."""
+        o = self.options
+        return f"RCPO {o['rcpo_epochs']} epochs x {o['rcpo_samples']} samples, lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}"
+
+    def greedy_detail(self, method: str) -> str:
+        """How a single answer is decoded, for the results table."""
+        return "most likely cell" if method == "argmax" else "digit-by-digit greedy"
 
     def describe(self) -> dict:
         return {**super().describe(), "models": self.model_configs, "temperature": {
@@ -406,16 +413,14 @@ class GUIGroundingVLM(GUIGrounding):
         out["rcpo_ms_per_step"] = 1000.0 * step
         return out
 
-    def detail(self, method: str, setting: str, budget: int | None) -> str:
+    def rcpo_detail(self) -> str:
         o = self.options
-        parts = []
-        if method.endswith("rc"):
-            parts.append(f"K={budget}, T={self.temperature(setting):g}, alpha={o['alpha']:g}")
-        if method.startswith("gui-rcpo"):
-            parts.append(f"RCPO {o['rcpo_epochs']} epoch x {o['rcpo_samples']} samples, {o['rcpo_prompts']} "
-                         f"prompts/step, lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}, {o['rcpo_params']}, "
-                         f"published reward +{o['point_expand_size']} px")
-        return "; ".join(parts) or "greedy decoding (do_sample=False)"
+        return (f"RCPO {o['rcpo_epochs']} epoch x {o['rcpo_samples']} samples, {o['rcpo_prompts']} prompts/step, "
+                f"lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}, {o['rcpo_params']}, "
+                f"published reward +{o['point_expand_size']} px")
+
+    def greedy_detail(self, method: str) -> str:
+        return "greedy decoding (do_sample=False)"
 
     def describe(self) -> dict:
         return {**Task.describe(self), "model": self.vlm_config,
