@@ -299,7 +299,8 @@ class GUIGrounding(Task):
     def rcpo_detail(self) -> str:
         """How GUI-RCPO adapts, for the results table."""
         o = self.options
-        return f"RCPO {o['rcpo_epochs']} epochs x {o['rcpo_samples']} samples, lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}"
+        return (f"RCPO {o['rcpo_epochs']} epochs x {o['rcpo_samples']} samples, lr={o['rcpo_lr']:g}, "
+                f"beta={o['rcpo_beta']:g}")
 
     def greedy_detail(self, method: str) -> str:
         """How a single answer is decoded, for the results table."""
