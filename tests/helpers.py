@@ -1,6 +1,5 @@
 """Small processes and verifiers shared by the core tests."""
 
-import torch
 
 from mmtts.core import Process, State, Verifier
 
@@ -33,3 +32,15 @@ class SumVerifier(Verifier):
 
     def score(self, outputs, context=None):
         return outputs.sum(1)
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_after` to interrupt a search at a checkpoint."""
+
+
+def stop_after(k):
+    """An ``on_checkpoint`` hook that interrupts the search once ``k`` checkpoints are written."""
+    def hook(count):
+        if count == k:
+            raise Stop
+    return hook

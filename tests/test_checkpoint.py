@@ -6,21 +6,12 @@ import torch
 import mmtts
 from mmtts.modalities.toy_gmm import DEFAULT_MIXTURE, DEFAULT_TARGET, GMMDiffusion, QuadraticReward
 
+from helpers import Stop, stop_after
+
 P = GMMDiffusion(DEFAULT_MIXTURE, 8)
 R = QuadraticReward(DEFAULT_TARGET)
 CASES = [("best-of-n", {"batch_size": 5}), ("particle-filter", {"ess_threshold": 0.9}), ("beam", {"beams": 3}),
          ("zero-order", {"neighbours": 4}), ("paths", {"width": 3}), ("evosearch", {"n": 6})]
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_after(k):
-    def hook(count):
-        if count == k:
-            raise Stop
-    return hook
 
 
 def comparable(r):

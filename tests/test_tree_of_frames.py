@@ -9,6 +9,7 @@ from mmtts.core.errors import SettingsError
 from mmtts.strategies.tree_of_frames import TreeOfFrames, survivors
 from mmtts.verifiers.video import PerDepth
 
+from helpers import Stop, stop_after
 from test_video_process import MEAN, ar_process, clip_process
 
 
@@ -123,15 +124,6 @@ def test_bad_settings_and_processes_are_refused():
 
 
 def test_resume_gives_the_uninterrupted_tree(tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop_after(k):
-        def hook(count):
-            if count == k:
-                raise Stop
-        return hook
-
     proc = ar_process(eta=1.0, frames=4)
     kw = dict(budget=200, seed=5, img_branch=2, branching=2)
     full = mmtts.search(proc, MEAN, "tree-of-frames", **kw)

@@ -16,6 +16,8 @@ from mmtts.core.verifier import as_verifier
 from mmtts.modalities.var import MultiScaleVQ, NextScaleTransformer, VARProcess
 from mmtts.strategies.tts_var import TTSVAR, linear_fractions, nearest_to_centroids, potential, structure_maps
 
+from helpers import Stop, stop_after
+
 SCALES = (1, 2, 3, 4, 6, 8)
 TOKENS = 130
 
@@ -202,15 +204,8 @@ def test_bad_input_errors(process):
 def test_a_resumed_run_equals_an_uninterrupted_one(process, tmp_path):
     ck = tmp_path / "tts-var.ckpt"
 
-    class Stop(Exception):
-        pass
-
-    def stop(written):
-        if written == 2:  # after the second clustering scale
-            raise Stop
-
-    with pytest.raises(Stop):
-        mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2, checkpoint=ck, on_checkpoint=stop)
+    with pytest.raises(Stop):  # after the second clustering scale
+        mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2, checkpoint=ck, on_checkpoint=stop_after(2))
     resumed = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2, checkpoint=ck, resume=True)
     whole = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=2)
     assert torch.equal(resumed.outputs, whole.outputs) and torch.equal(resumed.scores, whole.scores)
