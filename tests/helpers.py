@@ -1,6 +1,5 @@
 """Small processes and verifiers shared by the core tests."""
 
-
 from mmtts.core import Process, State, Verifier
 
 
