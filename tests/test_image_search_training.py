@@ -124,3 +124,14 @@ def test_search_task_loads_its_models_once_and_picks_its_config(tmp_path):
     assert quick.samples == {}
     assert quick.references([8, 24]) == {"ceiling (sup reward)": [0.0, 0.0]}
     assert (quick.baseline, quick.primary_metric) == ("best-of-n", "reward")
+
+
+def test_one_cycle_schedule_needs_a_warm_up_step():
+    from mmtts.core.errors import MmttsError
+    from mmtts.tasks.training import adamw_one_cycle
+    with pytest.raises(MmttsError, match="more than 20 steps"):
+        adamw_one_cycle(torch.nn.Linear(2, 2), 1e-3, 20)
+    opt, sched = adamw_one_cycle(torch.nn.Linear(2, 2), 1e-3, 21)
+    for _ in range(21):
+        opt.step()
+        sched.step()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import MmttsError
 from ..core.progress import progress_bar
 
 
@@ -35,6 +36,9 @@ def seeded_model(make_model: Callable[[], nn.Module], seed: int) -> tuple[nn.Mod
 def adamw_one_cycle(model: nn.Module, lr: float, steps: int):
     """AdamW without weight decay on ``model``'s parameters, under a one-cycle schedule of ``steps`` steps that
     peaks at ``lr`` after 5% of them. Returns ``(optimizer, schedule)``."""
+    if steps <= 20:  # the warm-up must last at least one step
+        raise MmttsError(f"a one-cycle schedule of {steps} steps has no warm-up step (5% of them); give the "
+                         "training config more than 20 steps")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
 
