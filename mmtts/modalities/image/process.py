@@ -262,21 +262,9 @@ class ImageProcess(Process):
     def finish(self, state: State) -> torch.Tensor:
         return self.decode(state.data["x"])
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1] (B, C, H, W) on the CPU, float32."""
-        if self.vae is not None:
-            z = latents / self.vae_scale
-            vae_dtype = _floating_dtype(self.vae)
-            try:
-                img = self.vae.decode(z if vae_dtype is None else z.to(vae_dtype)).sample
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise MmttsError(f"the VAE failed to decode latents of shape {tuple(latents.shape)}: {e}. Check "
-                                 "sample_shape against the VAE's latent channels and downsampling") from e
-        else:
-            img = latents
-        lo, hi = self.output_range
-        return ((img.float() - lo) / (hi - lo)).clamp(0, 1).cpu()
+        return decode_latents(latents, self.vae, self.vae_scale, self.output_range)
 
     def context(self, state: State) -> Any:
         n = len(state)
@@ -329,6 +317,24 @@ class ImageProcess(Process):
         s = self.schedule
         return {**super().describe(), "update": s.update, "eta": s.eta, "prediction": s.prediction,
                 "guidance_scale": self.guidance_scale, "latent": self.vae is not None}
+
+
+@torch.no_grad()
+def decode_latents(latents: torch.Tensor, vae, vae_scale: float, output_range) -> torch.Tensor:
+    """(N, C, H, W) latents to images in [0, 1] on the CPU, float32: through ``vae`` (in its own dtype) after
+    dividing by ``vae_scale``, or the latents themselves without one; ``output_range`` is mapped to [0, 1]."""
+    if vae is not None:
+        z = latents / vae_scale
+        vae_dtype = _floating_dtype(vae)
+        try:
+            img = vae.decode(z if vae_dtype is None else z.to(vae_dtype)).sample
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise MmttsError(f"the VAE failed to decode latents of shape {tuple(latents.shape)}: {e}. Check "
+                             "sample_shape against the VAE's latent channels and downsampling") from e
+    else:
+        img = latents
+    lo, hi = output_range
+    return ((img.float() - lo) / (hi - lo)).clamp(0, 1).cpu()
 
 
 def _floating_dtype(model) -> torch.dtype | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...core.errors import MmttsError
+from ..image.process import decode_latents
 
 
 @torch.no_grad()
@@ -18,8 +19,9 @@ def decode_frames(latents: torch.Tensor, vae=None, *, scale: float = 1.0, chunk:
                   output_range=(-1.0, 1.0)) -> torch.Tensor:
     """(B, C, T, H, W) latents to (B, C', T, H', W') frames in [0, 1] on the CPU (float32).
 
-    Without a VAE the latents are the pixels. ``chunk`` frames (over the whole
-    batch) go through the VAE per call; None decodes every frame at once.
+    Each chunk of ``chunk`` frames (over the whole batch; None: every frame at
+    once) is decoded as images are (:func:`~mmtts.modalities.image.process.decode_latents`:
+    without a VAE the latents are the pixels).
     """
     if latents.ndim != 5:
         raise MmttsError(f"video latents must be (batch, channels, frames, height, width); got {tuple(latents.shape)}")
@@ -28,13 +30,7 @@ def decode_frames(latents: torch.Tensor, vae=None, *, scale: float = 1.0, chunk:
         raise MmttsError("cannot decode a clip of zero frames")
     if chunk is not None and chunk < 1:
         raise MmttsError(f"decode chunk={chunk} must be a positive number of frames, or None for all at once")
-    if vae is None:
-        frames = latents
-    else:
-        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w) / scale
-        step = len(flat) if chunk is None else chunk
-        parts = [vae.decode(part).sample for part in flat.split(step)]
-        img = torch.cat(parts)
-        frames = img.reshape(b, t, *img.shape[1:]).permute(0, 2, 1, 3, 4)
-    lo, hi = output_range
-    return ((frames.float() - lo) / (hi - lo)).clamp(0, 1).cpu()
+    flat = latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    step = max(len(flat), 1) if chunk is None else chunk
+    img = torch.cat([decode_latents(part, vae, scale, output_range) for part in flat.split(step)])
+    return img.reshape(b, t, *img.shape[1:]).permute(0, 2, 1, 3, 4)
