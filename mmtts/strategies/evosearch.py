@@ -386,6 +386,5 @@ class EvoSearch(Strategy):
 
 
 def ranking(scores: torch.Tensor) -> list[int]:
-    """Candidate indices best first; ties keep the earlier candidate, as :func:`top_k` does."""
-    s = scores.tolist()
-    return sorted(range(len(s)), key=s.__getitem__, reverse=True)
+    """Candidate indices best first, as plain integers; ties keep the earlier candidate (:func:`top_k`)."""
+    return top_k(scores, len(scores)).tolist()
