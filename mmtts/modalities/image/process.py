@@ -75,6 +75,8 @@ class ImageProcess(Process):
     """
 
     latent_key = "x"
+    #: the dimensions of ``sample_shape``, channels first
+    sample_layout: tuple[str, ...] = ("channels", "height", "width")
 
     def __init__(self, model, schedule: Schedule, sample_shape, *, cond=None, uncond=None,
                  guidance_scale: float = 1.0, vae=None, vae_scale: float | None = None, prompt: str | None = None,
@@ -87,7 +89,7 @@ class ImageProcess(Process):
         self.schedule = schedule
         self.num_stages = schedule.num_stages
         self.model_dtype = _floating_dtype(model)
-        self.sample_shape = _check_sample_shape(sample_shape, model)
+        self.sample_shape = _check_sample_shape(sample_shape, model, self.sample_layout, type(self).__name__)
         self.device = _check_device(device)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise MmttsError(f"dtype={dtype!r} must be a floating torch dtype (torch.float32, float64, float16 or "
@@ -359,21 +361,23 @@ def _in_channels(model) -> int | None:
     return None
 
 
-def _check_sample_shape(sample_shape, model) -> tuple[int, int, int]:
-    """(C, H, W) of positive whole numbers, C matching the model's input channels where it declares them."""
+def _check_sample_shape(sample_shape, model, layout: tuple[str, ...] = ("channels", "height", "width"),
+                        owner: str = "ImageProcess") -> tuple[int, ...]:
+    """``layout`` (channels first) of positive whole numbers, the channels matching the model's input channels
+    where it declares them."""
     try:
         dims = tuple(sample_shape)
     except TypeError:
         dims = None
-    if dims is None or len(dims) != 3:
-        raise MmttsError(f"sample_shape {sample_shape!r} must be (channels, height, width) of one latent")
-    shape = tuple(whole(f"sample_shape[{i}]", d, "ImageProcess") for i, d in enumerate(dims))
+    if dims is None or len(dims) != len(layout):
+        raise MmttsError(f"sample_shape {sample_shape!r} must be ({', '.join(layout)}) of one latent")
+    shape = tuple(whole(f"sample_shape[{i}]", d, owner) for i, d in enumerate(dims))
     want = _in_channels(model)
     if want is not None and shape[0] != want:
         hint = f"; did you pass (height, width, channels)? use {(shape[2], shape[0], shape[1])}" \
-            if shape[2] == want else ""
+            if len(shape) == 3 and shape[2] == want else ""
         raise MmttsError(f"sample_shape {shape} has {shape[0]} channels; the model reads {want}: pass "
-                         f"({want}, height, width){hint}")
+                         f"({want}, {', '.join(layout[1:])}){hint}")
     return shape
 
 

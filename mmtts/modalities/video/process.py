@@ -16,19 +16,10 @@ from __future__ import annotations
 import torch
 
 from ...core.errors import MmttsError
+from ...core.settings import whole
 from ..image.process import ImageProcess
 from ..image.schedulers import schedule_from_scheduler
 from .decode import decode_frames
-
-
-def video_shape(sample_shape) -> tuple[int, int, int, int]:
-    """(C, T, H, W) as ints, refused with the fix when it is not a clip of at least one frame."""
-    shape = tuple(int(s) for s in sample_shape)
-    if len(shape) != 4:
-        raise MmttsError(f"sample_shape {tuple(sample_shape)} must be (channels, frames, height, width)")
-    if shape[1] < 1:
-        raise MmttsError(f"a clip needs at least one frame; sample_shape {shape} has {shape[1]} frames")
-    return shape
 
 
 class VideoProcess(ImageProcess):
@@ -48,13 +39,14 @@ class VideoProcess(ImageProcess):
             ``guidance_scale``, ``vae``, ``vae_scale``, ``prompt``, ``device``, ``dtype``, ``output_range``).
     """
 
+    sample_layout = ("channels", "frames", "height", "width")
+
     def __init__(self, model, schedule, sample_shape, *, decode_chunk: int | None = 8, **image_kwargs):
-        c, t, h, w = video_shape(sample_shape)
-        if decode_chunk is not None and int(decode_chunk) < 1:
-            raise MmttsError(f"decode_chunk={decode_chunk} must be a positive number of frames, or None")
-        super().__init__(model, schedule, (c, h, w), **image_kwargs)  # the image checks apply to one frame
-        self.sample_shape = (c, t, h, w)
-        self.decode_chunk = decode_chunk
+        frames = tuple(sample_shape)[1:2] if isinstance(sample_shape, (tuple, list, torch.Size)) else ()
+        if frames and isinstance(frames[0], (int, float)) and frames[0] < 1:
+            raise MmttsError(f"a clip needs at least one frame; sample_shape {tuple(sample_shape)} has {frames[0]}")
+        super().__init__(model, schedule, sample_shape, **image_kwargs)
+        self.decode_chunk = None if decode_chunk is None else whole("decode_chunk", decode_chunk, "VideoProcess")
 
     @property
     def frames(self) -> int:
