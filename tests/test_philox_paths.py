@@ -48,8 +48,8 @@ def test_cpu_words_equal_the_torch_route(monkeypatch, below):
         offset = torch.randint(0, 2 ** 62, (b,), generator=g, dtype=torch.int64)
         offset[0] = 0
         cpu = philox._words(seed, offset, quads)
-        assert cpu.dtype == torch.int64 and cpu.shape == (4, b, quads) and cpu.is_contiguous()
-        assert torch.equal(cpu, _torch_route(seed, offset, quads))
+        assert cpu.dtype == torch.int64 and cpu.shape == (b, quads, 4) and cpu.is_contiguous()
+        assert torch.equal(cpu, _torch_route(seed, offset, quads).permute(1, 2, 0))
 
 
 SEED = torch.tensor([0, 0x0123456789ABCDEF, -(2 ** 63)])

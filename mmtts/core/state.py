@@ -107,13 +107,17 @@ class State:
         at = lambda t: t.index_select(0, index if t.is_cpu else index.to(t.device))  # noqa: E731
         ids, parents = at(self.ids), at(self.parents)
         forked = [j for j, k in enumerate(keys) if k is not None] if keys is not None else []
+        streams = self.streams.take(index, keys)
         if forked:
             parents = parents.cpu()  # a copy on any other device; then a view
             parents.numpy()[forked] = ids.cpu().numpy()[forked]
             parents = parents.to(ids.device)
-            ids = fork_values(ids, at(self.streams.counters), keys)
+            if ids.device == streams.seeds.device and torch.equal(self.ids, self.streams.seeds):
+                ids = streams.seeds.clone()  # ids that are the seeds fork to the forked seeds: derive them once
+            else:
+                ids = fork_values(ids, at(self.streams.counters), keys)
         return State.unchecked({k: at(v) for k, v in self.data.items()}, at(self.stage),
-                               self.streams.take(index, keys), ids, parents, at(self.origin), dict(self.meta))
+                               streams, ids, parents, at(self.origin), dict(self.meta))
 
     def select(self, index) -> "State":
         """Exact copies of the candidates at ``index`` (duplicates share their stream)."""

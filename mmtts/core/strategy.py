@@ -204,6 +204,33 @@ class SearchContext:
         m.charge(nfe=cost)
         return new
 
+    def perturb(self, state: State, scale) -> State:
+        """The process's :meth:`~mmtts.core.process.Process.perturb` of ``state``, on the model clock.
+
+        Like the noise a stochastic step draws, a mutation's noise and its
+        mixing into the latents are the process's sampling work: every process
+        operation that makes or moves latents (init, step, perturb, renoise)
+        runs on the model clock, so a method's overhead is the search's own
+        bookkeeping whichever of them it uses.
+        """
+        with self.meter.timer("model"):
+            out = self.process.perturb(state, scale)
+        return self._same_candidates(out, state, "perturb")
+
+    def renoise(self, state: State, stages: int) -> State:
+        """The process's :meth:`~mmtts.core.process.Process.renoise` of ``state`` by ``stages``, on the model
+        clock (see :meth:`perturb`)."""
+        with self.meter.timer("model"):
+            out = self.process.renoise(state, stages)
+        return self._same_candidates(out, state, "renoise")
+
+    def _same_candidates(self, out, state: State, method: str) -> State:
+        if not isinstance(out, State) or len(out) != len(state):
+            got = f"{len(out)} candidates" if isinstance(out, State) else f"a {type(out).__name__}"
+            raise ProcessError(f"{self._process_name()}.{method}() returned {got} for {len(state)} candidates; it "
+                               "must return a State with the same candidates")
+        return out
+
     def advance(self, state: State, stages: int | None = None) -> State:
         """Step ``stages`` times (default: until every candidate is done)."""
         p = self.process

@@ -77,37 +77,41 @@ def words_to_uniform(w: torch.Tensor) -> torch.Tensor:
 
 
 def _words(seed: torch.Tensor, offset: torch.Tensor, quads: int) -> torch.Tensor:
-    """Philox output words (4, B, quads), int64 on the seeds' device, for counters (j, offset low, offset high, 0),
-    j < quads, keyed by the seed.
+    """Philox output words (B, quads, 4), int64 on the seeds' device, for counters (j, offset low, offset high, 0),
+    j < quads, keyed by the seed: row b, block j holds the block's four words in order.
 
     The same rounds, by the cheapest route: on the CPU, Python integers for a
-    few blocks and numpy arrays for more; torch tensors on other devices.
+    few blocks and numpy arrays for more; torch tensors on other devices. The
+    words come out block-major, the layout of the noise itself, so the
+    mapping to floats never transposes.
     """
     seed, offset = _int64(seed).reshape(-1, 1), _int64(offset).reshape(-1, 1)  # offsets are non-negative
     b = seed.shape[0]
     if seed.device.type != "cpu":
         j = torch.arange(quads, dtype=torch.int64, device=seed.device)
-        return philox4x32(j, offset & _M32, offset >> 32, 0, seed & _M32, (seed >> 32) & _M32)
+        words = _rounds(j, offset & _M32, offset >> 32, 0, seed & _M32, (seed >> 32) & _M32, *_INTS)
+        return torch.stack(torch.broadcast_tensors(*words), dim=-1)
     if 0 < b * quads < _PER_BLOCK_BELOW:
         m = _M32
         blocks = [_rounds(j, o & m, o >> 32, 0, s & m, (s >> 32) & m, *_INTS)
                   for s, o in zip(seed.view(-1).tolist(), offset.view(-1).tolist()) for j in range(quads)]
-        return torch.tensor(list(zip(*blocks)), dtype=torch.int64).view(4, b, quads)
+        return torch.tensor(blocks, dtype=torch.int64).view(b, quads, 4)
     s, o = seed.numpy().view(np.uint64), offset.numpy().view(np.uint64)
     mask, shift = _U64[0], _U64[3]
     j = np.arange(quads, dtype=np.uint64)
-    return torch.from_numpy(philox4x32(j, o & mask, o >> shift, 0, s & mask, s >> shift).view(np.int64))
+    words = _rounds(j, o & mask, o >> shift, 0, s & mask, s >> shift, *_U64)
+    return torch.from_numpy(np.stack(np.broadcast_arrays(*words), axis=-1).view(np.int64))
 
 
 def philox_normal_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
     """Standard normals of shape (B, numel) in float32 for per-candidate ``seed`` and ``offset`` of shape (B,)."""
     quads = (numel + 3) // 4
-    u = words_to_uniform(_words(seed, offset, quads))  # (4, B, quads)
-    radius = torch.sqrt(-2.0 * torch.log(u[0::2]))  # from words 0 and 2
-    theta = (2.0 * math.pi) * u[1::2]  # from words 1 and 3
+    u = words_to_uniform(_words(seed, offset, quads))  # (B, quads, 4)
+    radius = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))  # from words 0 and 2
+    theta = (2.0 * math.pi) * u[..., 1::2]  # from words 1 and 3
     # element 4j + k: k = 0, 1 from words (0, 1), k = 2, 3 from words (2, 3): radius * (cos, sin)
-    normals = torch.view_as_real(torch.polar(radius, theta))  # (2, B, quads, 2)
-    return normals.permute(1, 2, 0, 3).reshape(-1, quads * 4)[:, :numel]
+    normals = torch.view_as_real(torch.polar(radius, theta))  # (B, quads, 2, 2)
+    return normals.reshape(-1, quads * 4)[:, :numel]
 
 
 def philox_uniform_reference(seed: torch.Tensor, offset: torch.Tensor, numel: int) -> torch.Tensor:
@@ -117,10 +121,10 @@ def philox_uniform_reference(seed: torch.Tensor, offset: torch.Tensor, numel: in
     words (2, 3) when odd: top 27 and 26 bits, as numpy's ``random()`` does.
     """
     pairs = (numel + 1) // 2
-    w = _words(seed, offset, pairs)
-    hi, lo = (w[0::2] >> 5).to(torch.float64), (w[1::2] >> 6).to(torch.float64)  # (2, B, pairs) each
+    w = _words(seed, offset, pairs)  # (B, pairs, 4)
+    hi, lo = (w[..., 0::2] >> 5).to(torch.float64), (w[..., 1::2] >> 6).to(torch.float64)  # (B, pairs, 2) each
     u = (hi * 67108864.0 + lo) * _INV_2_53
-    return u.permute(1, 2, 0).reshape(-1, pairs * 2)[:, :numel]
+    return u.reshape(-1, pairs * 2)[:, :numel]
 
 
 def check_seed_offset(seed, offset, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,7 +77,7 @@ class Beam(Strategy):
             if nxt >= ctx.process.num_stages:
                 break
             s = ctx.score(ctx.preview(state), state, final=False)
-            kids = fork_copies(ctx.process, state, top_k(s, self.beams).repeat_interleave(width), self.fork)
+            kids = fork_copies(ctx, state, top_k(s, self.beams).repeat_interleave(width), self.fork)
             state = state if kids is None else kids
             ctx.checkpoint({"state": state, "width": width, "points": points})
         out = ctx.finish(state)

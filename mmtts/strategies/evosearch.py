@@ -231,7 +231,7 @@ class EvoSearch(Strategy):
         first = stages[0] if stages else None
         while plan["noise_generations"] is None or loop["gen"] < plan["noise_generations"]:
             parents = self._parents(ctx, ranking(arch["scores"]), None, self.kids)
-            kids = ctx.process.perturb(arch["noise"].resample(parents, fork_all=True), self.beta)
+            kids = ctx.perturb(arch["noise"].resample(parents, fork_all=True), self.beta)
             out, s, final, snap = self._finish(ctx, kids, first)
             arch = self._grow(arch, out, s, final, kids, snap)
             loop.update(gen=loop["gen"] + 1, archive=arch)
@@ -241,7 +241,7 @@ class EvoSearch(Strategy):
             if loop["population"] is None:  # the elites are in the archive, finished: every place is a child
                 snap = arch["snap"]
                 parents = self._parents(ctx, ranking(arch["scores"]), self._places(snap, self.P), self.P)
-                pop = ctx.process.perturb(snap.resample(parents, fork_all=True), self.latent_scale)
+                pop = ctx.perturb(snap.resample(parents, fork_all=True), self.latent_scale)
             else:
                 pop = self._next_generation(ctx, loop["population"], loop["pop_scores"], ahead=len(stages) - k)
             nxt = stages[k + 1] if k + 1 < len(stages) else ctx.process.num_stages
@@ -317,7 +317,7 @@ class EvoSearch(Strategy):
             cap = self._places(pop, self.P)
             elites = self._fill(ranked, e, cap, self._share(e))
         parents = self._parents(ctx, ranked, cap, self.P - e, ahead)
-        kids = ctx.process.perturb(pop.resample(parents, fork_all=True), self.latent_scale)
+        kids = ctx.perturb(pop.resample(parents, fork_all=True), self.latent_scale)
         return State.cat([pop.select(elites), kids]) if e else kids
 
     def _parents(self, ctx: SearchContext, ranked: list[int], cap: dict | None, k: int, ahead: int = 1) -> list[int]:

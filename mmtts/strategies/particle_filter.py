@@ -131,7 +131,7 @@ class ParticleFilter(Strategy):
             due = (t in checks and ess < self.ess_threshold * n) or (last and self.final_resample)
             if due:
                 idx = resample(log_w, n, self.scheme, ctx.rng.numpy())
-                kids = state.resample(idx) if last else fork_copies(ctx.process, state, idx, self.fork)
+                kids = state.resample(idx) if last else fork_copies(ctx, state, idx, self.fork)
                 if kids is not None:
                     state = kids
                     out, r = take(out, idx), r[idx]

@@ -88,7 +88,7 @@ class PathSearch(Strategy):
         while loop["round"] < len(rounds):
             lo, hi = rounds[loop["round"]]
             kids = state.resample(torch.arange(len(state)).repeat_interleave(self.width))
-            kids = ctx.process.renoise(kids, int(kids.stage.max()) - lo)
+            kids = ctx.renoise(kids, int(kids.stage.max()) - lo)
             kids = ctx.advance(kids, hi - lo)
             last = hi >= T
             out = ctx.finish(kids) if last else ctx.preview(kids)

@@ -84,9 +84,9 @@ def fork_points(process, points: list[int], fork: str, strategy: str) -> list[in
     return kept
 
 
-def fork_copies(process, state, index: torch.Tensor, fork: str):
+def fork_copies(ctx, state, index: torch.Tensor, fork: str):
     """``state.resample(index)`` where, with ``fork="perturb"``, every copy but the first of each
-    candidate is mutated by ``process.perturb(copies, 1.0)`` (the stage's own noise scale).
+    candidate is mutated by ``ctx.perturb(copies, 1.0)`` (the stage's own noise scale, on the search's model clock).
 
     ``index`` holds each candidate's copies next to each other (as sorted
     resampling indices and repeated beams do). Returns None when the
@@ -104,8 +104,8 @@ def fork_copies(process, state, index: torch.Tensor, fork: str):
     if len(copies) == 0:
         return kids
     plain = kids.select(copies)
-    moved = process.perturb(plain, 1.0)
-    if torch.equal(process.latent(moved), process.latent(plain)):
+    moved = ctx.perturb(plain, 1.0)
+    if torch.equal(ctx.process.latent(moved), ctx.process.latent(plain)):
         return None
     firsts = torch.nonzero(first).reshape(-1)
     order = torch.cat([firsts, copies])

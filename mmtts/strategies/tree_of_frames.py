@@ -218,7 +218,7 @@ class TreeOfFrames(Strategy):
         units, state = p.num_units, loop["state"]
         while loop["depth"] < units:
             d = loop["depth"]
-            state = self.level(ctx, self.branch(p, state, self.children(d) * self.candidates(d)), d, look)
+            state = self.level(ctx, self.branch(ctx, state, self.children(d) * self.candidates(d)), d, look)
             loop.update(depth=d + 1, state=state)
             ctx.checkpoint(loop)
         out = ctx.finish(state)
@@ -246,10 +246,10 @@ class TreeOfFrames(Strategy):
         return ctx.advance(state, p.stages_per_unit - look)
 
     @staticmethod
-    def branch(process, state: State, k: int) -> State:
+    def branch(ctx: SearchContext, state: State, k: int) -> State:
         """``k`` children per node: the first continues the node, the others start their unit from fresh noise."""
         if k == 1:
             return state
         kids = state.resample(torch.arange(len(state)).repeat_interleave(k))
         fresh = (torch.arange(len(kids)) % k != 0).to(torch.float64)
-        return process.perturb(kids, fresh)
+        return ctx.perturb(kids, fresh)
