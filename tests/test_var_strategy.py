@@ -105,6 +105,22 @@ def test_clustering_keeps_the_sample_nearest_each_centroid():
     assert len(kept) == 3 and {0, 3} <= set(kept)
 
 
+def test_ward_seeding_keeps_what_kmeanspp_keeps_on_separated_clusters():
+    g = np.random.default_rng(0)
+    centres = g.normal(scale=20.0, size=(6, 5))
+    pts = torch.tensor(np.repeat(centres, 4, axis=0) + g.normal(scale=0.1, size=(24, 5)))
+    ward = nearest_to_centroids(pts, 6, seed=0, init="ward")
+    assert ward.tolist() == nearest_to_centroids(pts, 6, seed=0).tolist()
+    assert sorted(int(i) // 4 for i in ward) == list(range(6))  # one per cluster
+    # with k close to the batch the closest pair merges first: of 5 points, the two nearest become one cluster
+    line = torch.tensor([[0.0], [1.0], [1.1], [3.0], [6.0]])
+    assert nearest_to_centroids(line, 4, seed=0, init="ward").tolist() in ([0, 1, 3, 4], [0, 2, 3, 4])
+    with pytest.raises(MmttsError, match="unknown clustering init"):
+        nearest_to_centroids(pts, 3, seed=0, init="random")
+    with pytest.raises(MmttsError, match="unknown cluster_init"):
+        TTSVAR(cluster_init="kmeans")
+
+
 def test_schedule_is_sized_from_the_budget_and_descends(process):
     s = TTSVAR()
     assert linear_fractions(6, [1, 2, 3, 4]) == [1.0, 1.0, 0.8, 0.6, 0.4, 0.2]

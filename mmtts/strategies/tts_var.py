@@ -87,28 +87,54 @@ def structure_maps(features: torch.Tensor) -> torch.Tensor:
     return proj * torch.where(sign == 0, 1.0, sign)
 
 
-def nearest_to_centroids(points: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+CLUSTER_INITS = ("ward", "k-means++")
+
+
+def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k-means++") -> torch.Tensor:
     """K-means (scikit-learn) into ``k`` clusters; the index of the point nearest each centroid, sorted.
 
-    When identical points leave fewer than ``k`` distinct clusters (candidates
-    whose coarse scales agree), the rest are the remaining points nearest their
-    own centroid, and scikit-learn's warning about it is silenced.
+    ``init="k-means++"`` is scikit-learn's own seeding (``seed`` fixes its
+    draws), one pass over the points per centroid, which dominates the cost
+    when ``k`` is close to the number of points; ``init="ward"`` seeds the
+    k-means with the k clusters of Ward's agglomeration (scipy: the greedy
+    merges that raise the k-means objective least, so the points merged first
+    are those closest together) and refines them by Lloyd's iterations.
+    Identical points are common at coarse scales (candidates whose first
+    tokens agree): with at most ``k`` distinct points there is nothing to
+    cluster, and the first copy of each distinct point is kept, then further
+    copies in index order. When k-means still leaves fewer than ``k``
+    distinct clusters, the rest are the remaining points nearest their own
+    centroid, and scikit-learn's warning about it is silenced.
     """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
+    if init not in CLUSTER_INITS:
+        raise MmttsError(f"unknown clustering init {init!r}; choose one of {CLUSTER_INITS}")
     x = torch.as_tensor(points, dtype=torch.float64).reshape(len(points), -1).numpy()
     if k >= len(x):
         return torch.arange(len(x))
+    first = np.unique(x, axis=0, return_index=True)[1]
+    if len(first) <= k:  # no more distinct points than clusters: each distinct point, then copies in order
+        rest = np.setdiff1d(np.arange(len(x)), first)[:k - len(first)]
+        return torch.tensor(sorted(first.tolist() + rest.tolist()), dtype=torch.int64)
+    if init == "ward":
+        from scipy.cluster.hierarchy import cut_tree, fcluster, linkage
+
+        tree = linkage(x, "ward")
+        labels = fcluster(tree, k, "maxclust") - 1
+        if labels.max() + 1 != k:  # merges tied at the cut: cut_tree (slower) splits the tree at exactly k
+            labels = cut_tree(tree, n_clusters=k).reshape(-1)
+        start = np.zeros((k, x.shape[1]))
+        np.add.at(start, labels, x)
+        start /= np.bincount(labels, minlength=k)[:, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
-    dist = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
-    chosen = []
-    for c in range(k):
-        members = np.flatnonzero(km.labels_ == c)
-        if len(members):
-            chosen.append(int(members[np.argmin(dist[members])]))
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed, init=start if init == "ward" else "k-means++").fit(x)
+    labels = km.labels_
+    dist = np.linalg.norm(x - km.cluster_centers_[labels], axis=1)
+    order = np.lexsort((dist, labels))  # by cluster, nearest first, the lower index first among equals
+    chosen = order[np.r_[True, labels[order][1:] != labels[order][:-1]]].tolist()  # each cluster's nearest
     if len(chosen) < k:
         rest = [i for i in np.argsort(dist, kind="stable").tolist() if i not in chosen]
         chosen += rest[:k - len(chosen)]
@@ -141,15 +167,20 @@ class TTSVAR(Strategy):
         topk: how many best scores the ``topk`` potential averages.
         features: a function from a batch of previews to features ((B, D), (B, P, D) or (B, C, H, W));
             None uses the verifier's ``features`` method when it has one, else the preview's pixels.
+        cluster_init: how the k-means is seeded: ``"k-means++"`` (scikit-learn's default, as the published code
+            runs it) or ``"ward"`` (Ward's agglomeration, then Lloyd's iterations: cheaper when the batch shrinks
+            little); see :func:`nearest_to_centroids`.
         keep: how many of the best finished candidates to return.
     """
 
     def __init__(self, n: int | None = None, batches: Sequence[int] | None = None,
                  fractions: Sequence[float] | None = None, cluster_at: Sequence[int] = (1, 2),
                  resample_at: Sequence[int] = (3, 4), potential: str = "value", lmbda: float = 10.0,
-                 topk: int = 2, features: Callable | None = None, keep: int = 1):
+                 topk: int = 2, features: Callable | None = None, cluster_init: str = "k-means++", keep: int = 1):
         if potential not in POTENTIALS:
             raise MmttsError(f"unknown potential {potential!r}; choose one of {POTENTIALS}")
+        if cluster_init not in CLUSTER_INITS:
+            raise MmttsError(f"unknown cluster_init {cluster_init!r}; choose one of {CLUSTER_INITS}")
         if n is not None and n < 1:
             raise MmttsError(f"tts-var needs n >= 1 candidates, got n={n}")
         if keep < 1 or topk < 1:
@@ -171,10 +202,12 @@ class TTSVAR(Strategy):
             if any(b > a for a, b in zip(fractions, fractions[1:])) or not 0 < min(fractions) <= max(fractions) <= 1:
                 raise MmttsError(f"fractions {fractions} must lie in (0, 1] and never increase")
         super().__init__(n=n, batches=batches, fractions=fractions, cluster_at=cluster_at, resample_at=resample_at,
-                         potential=potential, lmbda=lmbda, topk=topk, features=features, keep=keep)
+                         potential=potential, lmbda=lmbda, topk=topk, features=features, cluster_init=cluster_init,
+                         keep=keep)
         self.n, self.batches, self.fractions = n, batches, fractions
         self.cluster_at, self.resample_at = cluster_at, resample_at
         self.potential, self.lmbda, self.topk, self.features, self.keep = potential, float(lmbda), topk, features, keep
+        self.cluster_init = cluster_init
 
     # -- the schedule --------------------------------------------------------------------
     def schedule(self, stages: int, n: int) -> list[int]:
@@ -271,7 +304,8 @@ class TTSVAR(Strategy):
                 f, seconds = self.extract(ctx, ctx.preview(state))
                 features_s += seconds
                 t0 = time.perf_counter()
-                idx = nearest_to_centroids(structure_maps(f), nxt, int(ctx.rng.numpy().integers(2 ** 31)))
+                idx = nearest_to_centroids(structure_maps(f), nxt, int(ctx.rng.numpy().integers(2 ** 31)),
+                                           self.cluster_init)
                 cluster_s += time.perf_counter() - t0
                 state, history = state.select(idx), history[idx]
                 kept.append({"scale": k, "kind": "cluster", "index": idx.tolist()})
@@ -292,4 +326,4 @@ class TTSVAR(Strategy):
                          extra={"batches": batches, "kept": kept, "cluster_s": cluster_s, "features_s": features_s})
 
 
-__all__ = ["POTENTIALS", "TTSVAR", "linear_fractions", "nearest_to_centroids", "potential", "structure_maps"]
+__all__ = ["CLUSTER_INITS", "POTENTIALS", "TTSVAR", "linear_fractions", "nearest_to_centroids", "potential", "structure_maps"]
