@@ -105,6 +105,26 @@ def test_clustering_keeps_the_sample_nearest_each_centroid():
     assert len(kept) == 3 and {0, 3} <= set(kept)
 
 
+def test_identical_maps_are_kept_once_before_any_copy():
+    maps = torch.tensor([[0.0], [0.0], [1.0], [1.0], [1.0], [5.0]])  # three distinct maps among six
+    assert nearest_to_centroids(maps, 4, seed=0).tolist() == [0, 1, 2, 5]  # each distinct one, then a copy
+    assert nearest_to_centroids(maps, 3, seed=0).tolist() == [0, 2, 5]
+    # the published selection runs k-means over the copies too: still one per distinct map here
+    published = nearest_to_centroids(maps, 3, seed=0, distinct_first=False).tolist()
+    assert sorted(int(maps[i]) for i in published) == [0, 1, 5]
+
+
+def test_published_preset_runs_value_with_kmeanspp(process):
+    with pytest.raises(MmttsError, match="published=True runs the value potential"):
+        TTSVAR(published=True, potential="diff")
+    with pytest.raises(MmttsError, match="published=True runs the value potential"):
+        TTSVAR(published=True, cluster_init="ward")
+    a = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=pixels, published=True)
+    b = mmtts.search(process, ink, "tts-var", budget=8 * TOKENS, seed=0, features=pixels, published=True)
+    assert torch.equal(a.outputs, b.outputs)
+    assert [k["kind"] for k in a.extra["kept"]] == ["cluster", "cluster", "resample", "resample"]
+
+
 def test_ward_seeding_keeps_what_kmeanspp_keeps_on_separated_clusters():
     g = np.random.default_rng(0)
     centres = g.normal(scale=20.0, size=(6, 5))

@@ -90,7 +90,8 @@ def structure_maps(features: torch.Tensor) -> torch.Tensor:
 CLUSTER_INITS = ("ward", "k-means++")
 
 
-def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k-means++") -> torch.Tensor:
+def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k-means++",
+                         distinct_first: bool = True) -> torch.Tensor:
     """K-means (scikit-learn) into ``k`` clusters; the index of the point nearest each centroid, sorted.
 
     ``init="k-means++"`` is scikit-learn's own seeding (``seed`` fixes its
@@ -102,7 +103,8 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k
     Identical points are common at coarse scales (candidates whose first
     tokens agree): with at most ``k`` distinct points there is nothing to
     cluster, and the first copy of each distinct point is kept, then further
-    copies in index order. When k-means still leaves fewer than ``k``
+    copies in index order (``distinct_first=False`` runs the k-means on them
+    anyway, as the published code does). When k-means still leaves fewer than ``k``
     distinct clusters, the rest are the remaining points nearest their own
     centroid, and scikit-learn's warning about it is silenced.
     """
@@ -115,7 +117,7 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k
     if k >= len(x):
         return torch.arange(len(x))
     first = np.unique(x, axis=0, return_index=True)[1]
-    if len(first) <= k:  # no more distinct points than clusters: each distinct point, then copies in order
+    if distinct_first and len(first) <= k:  # no more distinct points than clusters: each one, then copies in order
         rest = np.setdiff1d(np.arange(len(x)), first)[:k - len(first)]
         return torch.tensor(sorted(first.tolist() + rest.tolist()), dtype=torch.int64)
     if init == "ward":
@@ -171,12 +173,22 @@ class TTSVAR(Strategy):
             runs it) or ``"ward"`` (Ward's agglomeration, then Lloyd's iterations: cheaper when the batch shrinks
             little); see :func:`nearest_to_centroids`.
         keep: how many of the best finished candidates to return.
+        published: select as the published code does: k-means even over identical structure maps, k-means++
+            seeding, the ``value`` potential only (the published code blocks the others); docs/var.md lists
+            the departures.
     """
 
     def __init__(self, n: int | None = None, batches: Sequence[int] | None = None,
                  fractions: Sequence[float] | None = None, cluster_at: Sequence[int] = (1, 2),
                  resample_at: Sequence[int] = (3, 4), potential: str = "value", lmbda: float = 10.0,
-                 topk: int = 2, features: Callable | None = None, cluster_init: str = "k-means++", keep: int = 1):
+                 topk: int = 2, features: Callable | None = None, cluster_init: str = "k-means++", keep: int = 1,
+                 published: bool = False):
+        if not isinstance(published, bool):
+            raise MmttsError(f"tts-var published={published!r} must be True or False")
+        if published and (potential != "value" or cluster_init != "k-means++"):
+            raise MmttsError(f"tts-var published=True runs the value potential with k-means++ seeding, as the "
+                             f"published code does; drop potential={potential!r} / cluster_init={cluster_init!r} "
+                             "or published=True")
         if potential not in POTENTIALS:
             raise MmttsError(f"unknown potential {potential!r}; choose one of {POTENTIALS}")
         if cluster_init not in CLUSTER_INITS:
@@ -203,11 +215,11 @@ class TTSVAR(Strategy):
                 raise MmttsError(f"fractions {fractions} must lie in (0, 1] and never increase")
         super().__init__(n=n, batches=batches, fractions=fractions, cluster_at=cluster_at, resample_at=resample_at,
                          potential=potential, lmbda=lmbda, topk=topk, features=features, cluster_init=cluster_init,
-                         keep=keep)
+                         keep=keep, published=published)
         self.n, self.batches, self.fractions = n, batches, fractions
         self.cluster_at, self.resample_at = cluster_at, resample_at
         self.potential, self.lmbda, self.topk, self.features, self.keep = potential, float(lmbda), topk, features, keep
-        self.cluster_init = cluster_init
+        self.cluster_init, self.published = cluster_init, published
 
     # -- the schedule --------------------------------------------------------------------
     def schedule(self, stages: int, n: int) -> list[int]:
@@ -305,7 +317,7 @@ class TTSVAR(Strategy):
                 features_s += seconds
                 t0 = time.perf_counter()
                 idx = nearest_to_centroids(structure_maps(f), nxt, int(ctx.rng.numpy().integers(2 ** 31)),
-                                           self.cluster_init)
+                                           self.cluster_init, distinct_first=not self.published)
                 cluster_s += time.perf_counter() - t0
                 state, history = state.select(idx), history[idx]
                 kept.append({"scale": k, "kind": "cluster", "index": idx.tolist()})
