@@ -12,8 +12,9 @@ from mmtts.modalities.gui import ClickProcess, TransformersSampler
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.render import instructions, render_screen
 from mmtts.modalities.gui.transformers_sampler import answer_mask, generate_answers, nucleus
-from mmtts.modalities.gui.vlm import QUICK_VLM_CONFIG, build_vlm, image_tokens, prompt_text, vocabulary
-from mmtts.modalities.gui.vlm_train import IGNORE, answer_ids, screen_examples, train_vlm, training_batch
+from mmtts.modalities.gui.vlm import (MAX_NEW_TOKENS, QUICK_BOX_VLM_CONFIG, QUICK_VLM_CONFIG, VLM_CONFIG,
+                                      answer_format, build_vlm, image_tokens, prompt_text, vocabulary)
+from mmtts.modalities.gui.vlm_train import IGNORE, answer_ids, box_ids, screen_examples, train_vlm, training_batch
 from mmtts.tasks.cache import ModelCache
 
 SCREEN = render_screen(7, (1280, 720))
@@ -26,6 +27,14 @@ def trained(tmp_path_factory):
     cache = ModelCache(tmp_path_factory.mktemp("cache"))
     state = cache.load_or_train("gui-vlm", QUICK_VLM_CONFIG, lambda: train_vlm(QUICK_VLM_CONFIG))
     return build_vlm(QUICK_VLM_CONFIG, state)
+
+
+@pytest.fixture(scope="module")
+def trained_box(tmp_path_factory):
+    """The quick VLM that answers with boxes, trained once (seconds) into a private cache."""
+    cache = ModelCache(tmp_path_factory.mktemp("cache"))
+    state = cache.load_or_train("gui-vlm", QUICK_BOX_VLM_CONFIG, lambda: train_vlm(QUICK_BOX_VLM_CONFIG))
+    return build_vlm(QUICK_BOX_VLM_CONFIG, state)
 
 
 def test_processor_and_training_prompts_agree():
@@ -168,3 +177,53 @@ def test_sampler_bad_input():
     model.generation_config = None
     with pytest.raises(MmttsError, match="no generation config with an eos_token_id"):
         s.sample(SCREEN.image, INSTRUCTION, [1], 1.0)
+
+
+def test_box_answers_name_the_target_box():
+    vocab = vocabulary()
+    _, proc = build_vlm(QUICK_BOX_VLM_CONFIG)
+    a = box_ids((12.4, 7.0, 250.2, 999.5), vocab)             # edges rounded outward, one token per character
+    assert proc.tokenizer.decode(a, skip_special_tokens=True) == "[12,7,251,1000]" and a[-1] == vocab["</s>"]
+    assert len(a) <= MAX_NEW_TOKENS["box"] and len(box_ids((999, 999, 1000, 1000), vocab)) <= MAX_NEW_TOKENS["box"]
+    cfg = {**QUICK_BOX_VLM_CONFIG, "screens": 2, "per_screen": 2}
+    data = screen_examples(cfg, proc)
+    # the same text every time the example is drawn, whatever the random stream
+    b1 = training_batch(data, np.array([1, 2]), np.random.default_rng(0), vocab, "box")
+    b2 = training_batch(data, np.array([1, 2]), np.random.default_rng(9), vocab, "box")
+    assert torch.equal(b1["labels"], b2["labels"])
+    for row, i in enumerate([1, 2]):
+        lab = b1["labels"][row]
+        text = proc.tokenizer.decode(lab[lab != IGNORE], skip_special_tokens=True)
+        got = parse_answers([text], "permille", (1000, 1000)).boxes[0]
+        x1, y1, x2, y2 = data["boxes"][i]
+        assert np.allclose(got, [np.floor(x1), np.floor(y1), np.ceil(x2), np.ceil(y2)])
+    # the point model's config has no answer key: its hash and cached weights stay as they were
+    assert "answer" not in VLM_CONFIG and answer_format(VLM_CONFIG) == "point"
+    assert answer_format(QUICK_BOX_VLM_CONFIG) == "box"
+    with pytest.raises(MmttsError, match="answer must be one of"):
+        build_vlm({**QUICK_VLM_CONFIG, "answer": "polygon"})
+
+
+def test_box_model_answers_parseable_boxes(trained_box):
+    model, proc = trained_box
+    assert model.generation_config.max_new_tokens == MAX_NEW_TOKENS["box"]
+    s = TransformersSampler(model, proc, space="permille", prompt="<image>{instruction}:",
+                            max_new_tokens=MAX_NEW_TOKENS["box"])
+    texts = s.sample(SCREEN.image, INSTRUCTION, list(range(16)), 1.0) + s.sample(SCREEN.image, INSTRUCTION, [0], 0.0)
+    p = parse_answers(texts, "permille", SCREEN.size)
+    assert p.ok.mean() >= 0.75 and p.ok[-1]                    # the quick model writes "[x1,y1,x2,y2]"
+    boxes = p.boxes[p.ok]
+    assert np.isfinite(boxes).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+    assert np.allclose(p.points[p.ok], (boxes[:, :2] + boxes[:, 2:]) / 2)   # a box answer is scored by its centre
+    # in the box space the text's thousandths become pixels of the screenshot
+    one = texts[-1]
+    x1, y1, x2, y2 = (int(v) for v in one.strip("[]").split(","))
+    w, h = SCREEN.size
+    assert np.allclose(p.boxes[-1], [x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000])
+    # the region vote counts each parsed box as itself
+    k = 16
+    res = run_strategy(STRATEGIES.create("region-vote", n=k), ClickProcess(s, SCREEN.image, INSTRUCTION,
+                                                                           SCREEN.size, 1.0), None, budget=k, seed=0)
+    got = parse_answers(res.population["texts"], "permille", SCREEN.size)
+    assert np.allclose(res.population["boxes"].numpy(), got.boxes, equal_nan=True)
+    assert 0 < res.extra["voted"] <= got.ok.sum() and res.extra["voted"] + res.extra["missing"] == k

@@ -45,7 +45,8 @@ reference kind (``acc_text``, ``acc_icon``, ``acc_position``),
 
 ``gui-grounding-vlm`` (:class:`GUIGroundingVLM`) runs the same screens and
 methods (without ``argmax``) on a transformers VLM that answers in text,
-trained here (:mod:`mmtts.modalities.gui.vlm`), at T = 0.5 and T = 1.
+trained here (:mod:`mmtts.modalities.gui.vlm`), at T = 0.5 and T = 1: one
+model that writes a click, one that writes the target element's box.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ from ..modalities.gui.process import ClickProcess
 from ..modalities.gui.render import instructions, render_screen
 from ..modalities.gui.sampler import HeatmapSampler, TransformersSampler
 from ..modalities.gui.train import train_element_boxes, train_grounding
-from ..modalities.gui.vlm import PROMPT, QUICK_VLM_CONFIG, VLM_CONFIG, build_processor, build_vlm
+from ..modalities.gui.vlm import (BOX_VLM_CONFIG, MAX_NEW_TOKENS, PROMPT, QUICK_BOX_VLM_CONFIG, QUICK_VLM_CONFIG,
+                                  VLM_CONFIG, build_processor, build_vlm)
 from ..modalities.gui.vlm_train import train_vlm
 from ..strategies.region_vote import RegionVote
 from .base import Task
@@ -293,11 +295,11 @@ class GUIGrounding(Task):
         if method.endswith("rc"):
             parts.append(f"K={budget}, T={self.temperature(setting):g}, alpha={self.options['alpha']:g}")
         if method.startswith("gui-rcpo"):
-            parts.append(self.rcpo_detail())
+            parts.append(self.rcpo_detail(setting))
         return "; ".join(parts) or self.greedy_detail(method)
 
-    def rcpo_detail(self) -> str:
-        """How GUI-RCPO adapts, for the results table."""
+    def rcpo_detail(self, setting: str) -> str:
+        """How GUI-RCPO adapts ``setting``'s model, for the results table."""
         o = self.options
         return (f"RCPO {o['rcpo_epochs']} epochs x {o['rcpo_samples']} samples, lr={o['rcpo_lr']:g}, "
                 f"beta={o['rcpo_beta']:g}")
@@ -312,9 +314,14 @@ class GUIGrounding(Task):
 
 
 #: sampling temperature of the VLM settings: the published GUI-RC/GUI-RCPO value and one more
-VLM_SETTING_TEMPERATURE = {"vlm-t0.5": 0.5, "vlm-t1": 1.0}
-#: the longest answer the VLM generates ("(999,999)" and its end token are 10 tokens)
-VLM_MAX_NEW_TOKENS = 12
+VLM_SETTING_TEMPERATURE = {"vlm-t0.5": 0.5, "vlm-t1": 1.0, "vlm-box-t0.5": 0.5, "vlm-box-t1": 1.0}
+#: how the VLM of each setting answers: a click "(x,y)" or the element's box "[x1,y1,x2,y2]" (thousandths)
+VLM_SETTING_ANSWER = {"vlm-t0.5": "point", "vlm-t1": "point", "vlm-box-t0.5": "box", "vlm-box-t1": "box"}
+#: the VLM of each answer format, full and quick
+VLM_CONFIGS = {"point": VLM_CONFIG, "box": BOX_VLM_CONFIG}
+QUICK_VLM_CONFIGS = {"point": QUICK_VLM_CONFIG, "box": QUICK_BOX_VLM_CONFIG}
+#: the published reward's branch per answer format: clicks grown by point_expand_size (UI-TARS), boxes as they are
+VLM_RCPO_BRANCH = {"point": "ui-tars", "box": "qwen"}
 
 
 @TASKS.register("gui-grounding-vlm")
@@ -323,11 +330,15 @@ class GUIGroundingVLM(GUIGrounding):
 
     The same procedural ScreenSpot files as ``gui-grounding``; the model is
     the LLaVA of :mod:`mmtts.modalities.gui.vlm`, trained on other rendered
-    screens and cached, asked through :class:`TransformersSampler` (answers
-    "(x,y)" in thousandths). GUI-RCPO adapts it with the token backend of the
-    ``gui-rcpo`` adapter, rewarding each answer as the published training
-    code does (``published=True``, UI-TARS branch, ``point_expand_size``
-    pixels per side, 50 as the released scripts pass).
+    screens and cached, asked through :class:`TransformersSampler`. The
+    ``vlm-*`` settings use the model that answers "(x,y)" in thousandths,
+    the ``vlm-box-*`` settings the same model trained to answer with the
+    target element's box "[x1,y1,x2,y2]" (boxes vote as themselves). GUI-RCPO
+    adapts it with the token backend of the ``gui-rcpo`` adapter, rewarding
+    each answer as the published training code does (``published=True``:
+    clicks in the UI-TARS branch, grown by ``point_expand_size`` pixels per
+    side, 50 as the released scripts pass; boxes in the Qwen branch, as
+    they are).
 
     Args:
         cache: where trained weights are kept; a default :class:`ModelCache` when None.
@@ -347,23 +358,26 @@ class GUIGroundingVLM(GUIGrounding):
         super().__init__(cache, quick, **options)
         if self.options["rcpo_params"] not in ("full", "lora"):
             raise MmttsError(f"rcpo_params={self.options['rcpo_params']!r}; choose 'full' or 'lora'")
-        self.vlm_config = QUICK_VLM_CONFIG if quick else VLM_CONFIG
-        self._vlm = None
-        self._pixels = build_processor(self.vlm_config).image_processor
+        self.vlm_configs = QUICK_VLM_CONFIGS if quick else VLM_CONFIGS
+        self._vlm: dict[str, tuple] = {}
+        self._pixels = build_processor(self.vlm_configs["point"]).image_processor
 
     def prepare(self) -> list[str]:
-        self.model()
-        return ["gui-vlm"]
+        for answer in self.vlm_configs:
+            self._load(answer)
+        return [f"gui-vlm ({answer} answers)" for answer in self.vlm_configs]
 
-    def model(self, setting: str | None = None):
-        """(model, processor): the VLM, trained once and cached (one model for every setting)."""
-        if setting is not None:
-            self.check_setting(setting)
-        if self._vlm is None:
-            cfg = self.vlm_config
+    def model(self, setting: str = "vlm-t0.5"):
+        """(model, processor): the VLM of ``setting`` (the click model or the box model), trained once and cached."""
+        self.check_setting(setting)
+        return self._load(VLM_SETTING_ANSWER[setting])
+
+    def _load(self, answer: str):
+        if answer not in self._vlm:
+            cfg = self.vlm_configs[answer]
             state = self.cache.load_or_train("gui-vlm", cfg, lambda: train_vlm(cfg))
-            self._vlm = build_vlm(cfg, state)
-        return self._vlm
+            self._vlm[answer] = build_vlm(cfg, state)
+        return self._vlm[answer]
 
     def model_input(self, image: Image.Image) -> torch.Tensor:
         """A screenshot as the VLM takes it: its processor's pixel values (3, side, side)."""
@@ -380,10 +394,11 @@ class GUIGroundingVLM(GUIGrounding):
             model, proc = self.model(setting)
             o = self.options
             t0 = time.perf_counter()
+            answer = VLM_SETTING_ANSWER[setting]
             adapter = GUIRCPO(copy.deepcopy(model), processor=proc, space="permille", prompt=PROMPT,
-                              max_new_tokens=VLM_MAX_NEW_TOKENS, n=o["rcpo_samples"],
+                              max_new_tokens=MAX_NEW_TOKENS[answer], n=o["rcpo_samples"],
                               temperature=self.temperature(setting), beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed,
-                              trainable=o["rcpo_params"], published=True, branch="ui-tars",
+                              trainable=o["rcpo_params"], published=True, branch=VLM_RCPO_BRANCH[answer],
                               point_expand_size=o["point_expand_size"])
             g = torch.Generator().manual_seed(derive_seed(seed, 0x12C0))
             n, p = len(examples), o["rcpo_prompts"]
@@ -405,8 +420,8 @@ class GUIGroundingVLM(GUIGrounding):
             (model, proc), extra = self.adapted(seed, setting)
         else:
             model, proc = self.model(setting)
-        return TransformersSampler(model, proc, space="permille", prompt=PROMPT, max_new_tokens=VLM_MAX_NEW_TOKENS,
-                                   share_prompt=True), extra
+        return TransformersSampler(model, proc, space="permille", prompt=PROMPT,
+                                   max_new_tokens=MAX_NEW_TOKENS[VLM_SETTING_ANSWER[setting]], share_prompt=True), extra
 
     def run(self, method: str, setting: str, budget: int | None, seed: int) -> dict[str, float]:
         out = super().run(method, setting, budget, seed)
@@ -414,15 +429,16 @@ class GUIGroundingVLM(GUIGrounding):
         out["rcpo_ms_per_step"] = 1000.0 * step
         return out
 
-    def rcpo_detail(self) -> str:
+    def rcpo_detail(self, setting: str) -> str:
         o = self.options
+        box = VLM_SETTING_ANSWER[setting] == "box"
+        reward = "published reward, boxes as they are" if box else f"published reward +{o['point_expand_size']} px"
         return (f"RCPO {o['rcpo_epochs']} epoch x {o['rcpo_samples']} samples, {o['rcpo_prompts']} prompts/step, "
-                f"lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}, {o['rcpo_params']}, "
-                f"published reward +{o['point_expand_size']} px")
+                f"lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}, {o['rcpo_params']}, {reward}")
 
     def greedy_detail(self, method: str) -> str:
         return "greedy decoding (do_sample=False)"
 
     def describe(self) -> dict:
-        return {**Task.describe(self), "model": self.vlm_config,
+        return {**Task.describe(self), "model": self.vlm_configs["point"], "box_model": self.vlm_configs["box"],
                 "temperature": {s: self.temperature(s) for s in self.settings}, "test_offset": TEST_OFFSET}

@@ -41,6 +41,14 @@ VLM_CONFIG = {"arch": "llava-clip-llama", "image_size": 96, "patch_size": 12, "v
 QUICK_VLM_CONFIG = {**VLM_CONFIG, "image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 32,
                     "text_layers": 1, "heads": 2, "screens": 12, "per_screen": 4, "steps": 300, "batch": 8,
                     "lr": 1e-2}
+#: the same model trained to answer with the target element's box "[x1,y1,x2,y2]" in thousandths
+BOX_VLM_CONFIG = {**VLM_CONFIG, "answer": "box"}
+#: its quick version (twice the steps of the quick click model: a box is twice as many digits)
+QUICK_BOX_VLM_CONFIG = {**QUICK_VLM_CONFIG, "answer": "box", "steps": 600}
+#: answer formats: a click "(x,y)" or a box "[x1,y1,x2,y2]"; a config without "answer" answers with points
+ANSWERS = ("point", "box")
+#: the longest answer of each format with its end token: "(999,999)" is 9 tokens, "[999,999,999,999]" 17
+MAX_NEW_TOKENS = {"point": 12, "box": 20}
 
 
 def vocabulary() -> dict[str, int]:
@@ -79,6 +87,14 @@ def build_processor(config: dict):
                           num_additional_image_tokens=1)
 
 
+def answer_format(config: dict) -> str:
+    """The answer format of ``config``: ``"point"`` (the default) or ``"box"``."""
+    answer = config.get("answer", "point")
+    if answer not in ANSWERS:
+        raise MmttsError(f"the VLM config's answer must be one of {ANSWERS}, got {answer!r}")
+    return answer
+
+
 def build_config(config: dict):
     """The :class:`transformers.LlavaConfig` of ``config`` (vision tower, projector and decoder sizes)."""
     from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig
@@ -99,7 +115,7 @@ def build_config(config: dict):
                       vision_feature_layer=-1, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu")
     return cfg, GenerationConfig(bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
-                                 max_new_tokens=12)
+                                 max_new_tokens=MAX_NEW_TOKENS[answer_format(config)])
 
 
 def build_vlm(config: dict, state: dict[str, torch.Tensor] | None = None):
@@ -129,6 +145,11 @@ def image_tokens(config: dict) -> int:
 def answer_text(x: int, y: int) -> str:
     """The answer the model is trained to write for a click at (x, y) thousandths."""
     return f"({int(x)},{int(y)})"
+
+
+def box_text(x1: int, y1: int, x2: int, y2: int) -> str:
+    """The answer the box model is trained to write for an element whose box is (x1, y1, x2, y2) thousandths."""
+    return f"[{int(x1)},{int(y1)},{int(x2)},{int(y2)}]"
 
 
 def prompt_text(instruction: str) -> str:

@@ -3,7 +3,9 @@
 Each training example is a screenshot, an instruction from the renderer
 and, as the answer, a click drawn uniformly inside the target element's box
 (drawn anew every time the example is used), written in thousandths as the
-model answers: ``(x,y)``. The loss is the decoder's cross-entropy on the
+model answers: ``(x,y)``. A config with ``"answer": "box"`` trains the
+model to write the target element's own box instead, ``[x1,y1,x2,y2]`` in
+thousandths (edges rounded outward), the same text every time. The loss is the decoder's cross-entropy on the
 answer tokens and the end-of-sequence token only; the prompt is context.
 """
 
@@ -15,7 +17,7 @@ import torch
 from ...core.threads import one_thread
 from .render import instructions, render_screen
 from .train import _fit
-from .vlm import answer_text, build_vlm, image_tokens, prompt_text, vocabulary
+from .vlm import answer_format, answer_text, box_text, build_vlm, image_tokens, prompt_text, vocabulary
 
 IGNORE = -100
 
@@ -46,16 +48,30 @@ def answer_ids(x: int, y: int, vocab: dict[str, int]) -> list[int]:
     return [vocab[c] for c in answer_text(x, y)] + [vocab["</s>"]]
 
 
-def training_batch(data: dict, idx: np.ndarray, rng: np.random.Generator, vocab: dict[str, int]) -> dict:
-    """Model inputs for examples ``idx``: prompts and freshly drawn answers, right-padded; labels on answers only."""
+def box_ids(box, vocab: dict[str, int]) -> list[int]:
+    """Token ids of the box answer "[x1,y1,x2,y2]" for a box in thousandths (x1, y1 floored, x2, y2 ceiled,
+    within 0-1000), followed by the end of sequence."""
+    x1, y1, x2, y2 = np.asarray(box, dtype=np.float64)
+    edges = (*np.clip(np.floor([x1, y1]), 0, 1000), *np.clip(np.ceil([x2, y2]), 0, 1000))
+    return [vocab[c] for c in box_text(*edges)] + [vocab["</s>"]]
+
+
+def training_batch(data: dict, idx: np.ndarray, rng: np.random.Generator, vocab: dict[str, int],
+                   answer: str = "point") -> dict:
+    """Model inputs for examples ``idx``: prompts and their answers (clicks drawn afresh, or the target's box),
+    right-padded; labels on answers only."""
     rows, labels = [], []
     for i in idx:
         x1, y1, x2, y2 = data["boxes"][i]
-        x = int(np.clip(np.floor(rng.uniform(x1, x2)), 0, 999))
-        y = int(np.clip(np.floor(rng.uniform(y1, y2)), 0, 999))
-        prompt, answer = data["prompts"][i], answer_ids(x, y, vocab)
-        rows.append(prompt + answer)
-        labels.append([IGNORE] * len(prompt) + answer)
+        if answer == "box":
+            target = box_ids(data["boxes"][i], vocab)
+        else:
+            x = int(np.clip(np.floor(rng.uniform(x1, x2)), 0, 999))
+            y = int(np.clip(np.floor(rng.uniform(y1, y2)), 0, 999))
+            target = answer_ids(x, y, vocab)
+        prompt, answer_row = data["prompts"][i], target
+        rows.append(prompt + answer_row)
+        labels.append([IGNORE] * len(prompt) + answer_row)
     length = max(len(r) for r in rows)
     pad = vocab["<pad>"]
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
@@ -67,19 +83,19 @@ def training_batch(data: dict, idx: np.ndarray, rng: np.random.Generator, vocab:
 
 def train_vlm(config: dict) -> dict[str, torch.Tensor]:
     """Train the VLM of ``config`` (``screens`` x ``per_screen`` examples, ``steps`` AdamW steps of ``batch``,
-    one-cycle schedule peaking at ``lr``) on one thread; returns its state dict."""
+    one-cycle schedule peaking at ``lr``, answers as ``config["answer"]``) on one thread; returns its state dict."""
     with one_thread():
         torch.manual_seed(config["seed"])
         model, processor = build_vlm(config)
         data = screen_examples(config, processor)
-        vocab = vocabulary()
+        vocab, answer = vocabulary(), answer_format(config)
         rng = np.random.default_rng(config["seed"] + 1)
         n = len(data["prompts"])
         model.train()
 
         def loss(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(n, (config["batch"],), generator=g).numpy()
-            return model(**training_batch(data, idx, rng, vocab)).loss
+            return model(**training_batch(data, idx, rng, vocab, answer)).loss
 
         state = _fit(model, config, loss, "training gui vlm")
         return {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
