@@ -26,6 +26,18 @@ def test_vlm_vote_bounds_quick(load_script, tmp_path):
     assert all(again[k] == res[k] for k in res if k.startswith("T=") or k.endswith("acc"))
 
 
+def test_vlm_vote_bounds_box_model(load_script, tmp_path):
+    mod = load_script("benchmarks/gui/vlm_vote_bounds.py")
+    res = mod.main(["--answer", "box", "--quick", "--seeds", "0", "--screens", "1", "--samples", "64",
+                    "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)])
+    assert res["n"] == 3 and res["answer"] == "box"
+    for t in mod.TEMPERATURES:
+        r = res[f"T={t:g}"]
+        assert round(r["greedy_on_mode"] * res["n"]) + r["disagreements"] == res["n"]
+    assert "answering with boxes" in (tmp_path / "vlm_vote_bounds_box.md").read_text()
+    assert not (tmp_path / "vlm_vote_bounds.md").exists()
+
+
 def test_element_of_picks_the_smallest_box_holding_the_point(load_script):
     mod = load_script("benchmarks/gui/vlm_vote_bounds.py")
     boxes = [(0, 0, 100, 100), (10, 10, 20, 20), (50, 50, 60, 60)]

@@ -8,15 +8,21 @@ temperature from the cached VLM and measures:
 - ``mode``: the element that holds the most samples (the limit of
   element-level voting as the number of samples grows, estimated from the
   draws), and whether greedy lands on it;
-- ``vote K``: GUI-RC region voting (alpha = 50 px squares) over the first K
-  of the same samples;
+- ``vote K``: GUI-RC region voting (alpha = 50 px squares for clicks, a box
+  answer as itself) over the first K of the same samples;
 - in the prompts where greedy and the mode disagree, how often each is right.
+
+An answer's element is the smallest element holding its point (a box
+answer's centre). ``--answer box`` measures the model that answers with
+the element's box (the ``vlm-box-*`` settings) and writes
+vlm_vote_bounds_box.{json,md}.
 
 Voting can gain over greedy only where greedy departs from the mode and the
 mode is right more often than greedy there; this prints how often that is.
 Writes vlm_vote_bounds.json and vlm_vote_bounds.md beside this script (or under --out).
 
-    python benchmarks/gui/vlm_vote_bounds.py [--seeds 100 101 102] [--screens 30] [--out DIR] [--quick --cache DIR]
+    python benchmarks/gui/vlm_vote_bounds.py [--answer point|box] [--seeds 100 101 102] [--screens 30] [--out DIR]
+                                             [--quick --cache DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from mmtts.core.rng import derive_seed
 from mmtts.core.threads import one_thread
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.render import render_screen
-from mmtts.strategies.region_vote import consensus, point_boxes
+from mmtts.strategies.region_vote import consensus, vote_boxes
 from mmtts.tasks.cache import ModelCache
 from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGroundingVLM
 
@@ -53,14 +59,18 @@ def inside(p, box) -> bool:
     return bool(np.isfinite(p).all() and box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3])
 
 
-def measure(task: GUIGroundingVLM, seeds, samples: int) -> dict:
+#: the setting whose model each answer format measures (the temperature comes from TEMPERATURES)
+SETTING = {"point": "vlm-t0.5", "box": "vlm-box-t0.5"}
+
+
+def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -> dict:
     counts = {"n": 0, "greedy": 0, "parsed_greedy": 0}
     per_t = {t: {"mode": 0, "greedy_on_mode": 0, "disagree": 0, "greedy_right_when_disagree": 0,
                  "mode_right_when_disagree": 0, "parse_rate": 0.0, **{f"vote{k}": 0 for k in VOTES}}
              for t in TEMPERATURES}
     for seed in seeds:
         examples, pixels = task.data(seed)
-        sampler, _ = task.sampler("greedy", "vlm-t0.5", seed)
+        sampler, _ = task.sampler("greedy", SETTING[answer], seed)
         screens = {}
         for i, (ex, px) in enumerate(zip(examples, pixels)):
             s = int(ex.id.split("-")[0])
@@ -88,7 +98,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int) -> dict:
                     r["greedy_right_when_disagree"] += inside(g, ex.box)
                     r["mode_right_when_disagree"] += mode == target and mode >= 0
                 for k in VOTES:
-                    c = consensus(point_boxes(p.points[:k], 50.0), *ex.image_size)
+                    c = consensus(vote_boxes(p.points[:k], p.boxes[:k], 50.0), *ex.image_size)
                     r[f"vote{k}"] += c.point is not None and inside(np.array(c.point), ex.box)
     n = counts["n"]
     out = {"n": n, "greedy_acc": counts["greedy"] / n, "greedy_parse_rate": counts["parsed_greedy"] / n}
@@ -102,8 +112,9 @@ def measure(task: GUIGroundingVLM, seeds, samples: int) -> dict:
     return out
 
 
-def markdown(res: dict, samples: int, seeds) -> str:
-    lines = [f"# Voting bounds on the gui-grounding-vlm model (validation seeds {list(seeds)}, {res['n']} "
+def markdown(res: dict, samples: int, seeds, answer: str = "point") -> str:
+    model = "gui-grounding-vlm model" + (" answering with boxes" if answer == "box" else "")
+    lines = [f"# Voting bounds on the {model} (validation seeds {list(seeds)}, {res['n']} "
              f"instructions, {samples} samples per temperature)", "",
              f"greedy accuracy {100 * res['greedy_acc']:.1f}% (parsed {100 * res['greedy_parse_rate']:.1f}%)", "",
              "| T | mode accuracy | greedy on the mode | disagreements | greedy right there | mode right there | "
@@ -120,6 +131,7 @@ def markdown(res: dict, samples: int, seeds) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--answer", choices=tuple(SETTING), default="point", help="the click model or the box model")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
     ap.add_argument("--screens", type=int, default=30, help="screens per seed (three instructions each)")
     ap.add_argument("--samples", type=int, default=128, help="answers drawn per temperature")
@@ -132,13 +144,17 @@ def main(argv=None) -> dict:
     task = GUIGroundingVLM(cache=ModelCache(args.cache) if args.cache else None, quick=args.quick,
                            screens=args.screens)
     with one_thread():
-        res = measure(task, args.seeds, args.samples)
+        res = measure(task, args.seeds, args.samples, args.answer)
     res.update(seeds=args.seeds, samples=args.samples, screens=args.screens, machine=platform.machine())
+    if args.answer != "point":
+        res["answer"] = args.answer
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vlm_vote_bounds.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "vlm_vote_bounds.md").write_text(markdown(res, args.samples, args.seeds))
-    print(markdown(res, args.samples, args.seeds))
+    name = "vlm_vote_bounds" + ("" if args.answer == "point" else f"_{args.answer}")
+    text = markdown(res, args.samples, args.seeds, args.answer)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    print(text)
     return res
 
 
