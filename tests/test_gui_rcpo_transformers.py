@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmtts.adapters.gui_rcpo import GUIRCPO, grouped_region_rewards
+from mmtts.adapters.gui_rcpo import GUIRCPO, grouped_region_rewards, published_region_rewards
 from mmtts.core.errors import MmttsError
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.render import render_screen
 from mmtts.modalities.gui.transformers_sampler import generate_answers, sequence_logprobs
-from mmtts.modalities.gui.vlm import QUICK_VLM_CONFIG, build_vlm, prompt_text, vocabulary
+from mmtts.modalities.gui.vlm import (MAX_NEW_TOKENS, QUICK_BOX_VLM_CONFIG, QUICK_VLM_CONFIG, build_vlm, prompt_text,
+                                      vocabulary)
 from mmtts.modalities.gui.vlm_train import train_vlm
 from mmtts.strategies.region_vote import point_boxes, region_rewards
 from mmtts.tasks.cache import ModelCache
@@ -100,6 +101,27 @@ def test_groups_are_prompt_ids_and_never_mix(trained):
         alone = region_rewards(point_boxes(seen["points"][m], 40.0), *seen["sizes"][g])
         assert np.array_equal(rewards[m], alone)
     assert adapter.last["parsed"] > 0.5
+
+
+def test_box_answers_reach_the_published_qwen_reward_as_boxes(tmp_path):
+    state = ModelCache(tmp_path).load_or_train("gui-vlm", QUICK_BOX_VLM_CONFIG,
+                                               lambda: train_vlm(QUICK_BOX_VLM_CONFIG))
+    model, proc = build_vlm(QUICK_BOX_VLM_CONFIG, state)
+    seen = {}
+
+    def spy(points, groups, sizes, alpha, **kw):
+        seen.update(points=points.copy(), groups=groups.copy(), sizes=dict(sizes), **kw)
+        return published_region_rewards(points, groups, sizes, alpha, branch="qwen", **kw)
+
+    adapter = rcpo(model, proc, n=8, temperature=0.5, reward=spy, max_new_tokens=MAX_NEW_TOKENS["box"])
+    adapter(batch(ids=(0, 1)))
+    boxes, points = seen["boxes"], seen["points"]
+    answered = np.isfinite(boxes).all(1)
+    assert answered.mean() >= 0.5                          # the box model answers with boxes, passed as boxes
+    assert np.allclose(points[answered], (boxes[answered, :2] + boxes[answered, 2:]) / 2)
+    r = published_region_rewards(points, seen["groups"], seen["sizes"], boxes=boxes, branch="qwen")
+    assert r[answered].max() > 0 and (r[~answered] == 0).all()   # a box votes as itself; no answer earns 0
+    assert adapter.last["reward"] == pytest.approx(r.mean())
 
 
 def test_reset_is_exact_with_full_fine_tuning():
