@@ -77,6 +77,37 @@ def test_the_wrong_count_is_not_charged():
     assert ctx.meter.decodes == 0 and ctx.meter.verifier_calls == 0 and ctx.meter.nfe == 20
 
 
+class SlowMutations(Broken):
+    """Perturb and renoise take a known time; ``wrong`` makes one of them drop a candidate."""
+
+    def perturb(self, state, scale):
+        import time
+        time.sleep(0.02)
+        out = state.replace(x=state.data["x"] + scale)
+        return out.select([0]) if self.wrong == "perturb" else out
+
+    def renoise(self, state, stages):
+        import time
+        time.sleep(0.02)
+        return state.select([0]) if self.wrong == "renoise" else state
+
+
+def test_mutations_run_on_the_model_clock_and_are_checked():
+    from mmtts.core.strategy import SearchContext
+    ctx = SearchContext(SlowMutations(None), Counting(), mmtts.Budget(max_nfe=100), seed=0)
+    state = ctx.advance(ctx.fresh(4), 1)
+    before = ctx.meter.seconds["model"]
+    moved = ctx.renoise(ctx.perturb(state, 1.0), 1)
+    assert torch.equal(moved.data["x"], state.data["x"] + 1.0)
+    assert ctx.meter.seconds["model"] - before >= 0.04  # both calls on the model clock
+    assert ctx.meter.nfe == 4  # a mutation is not a model forward: nothing charged
+    for wrong in ("perturb", "renoise"):
+        ctx = SearchContext(SlowMutations(wrong), Counting(), mmtts.Budget(max_nfe=100), seed=0)
+        state = ctx.advance(ctx.fresh(4), 1)
+        with pytest.raises(ProcessError, match=rf"SlowMutations.{wrong}\(\) returned 1 candidates for 4"):
+            ctx.perturb(state, 1.0) if wrong == "perturb" else ctx.renoise(state, 1)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1.0, "10", True])
 def test_particle_filter_lmbda_must_be_finite_and_non_negative(bad):
     with pytest.raises(SettingsError, match=r"particle-filter lmbda=.* must be a finite number in \[0.0, inf\]"):
