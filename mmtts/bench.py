@@ -259,7 +259,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric_names = [k for k in results["rows"][0]["metrics"]
-                    if not k.endswith("_ci95") and k not in ("nfe", "verifier_calls")]
+                    if not k.endswith("_ci95") and k not in ("nfe", "verifier_calls")
+                    and any(isinstance(r["metrics"][k], (int, float)) and np.isfinite(r["metrics"][k])
+                            for r in results["rows"])]  # a metric no row has a value of gets no panel
     settings = results["settings"]
     sweep = results["budget_unit"] is not None
     nrows = len(settings) if sweep else 1

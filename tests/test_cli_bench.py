@@ -188,3 +188,15 @@ def test_cli_module_imports_no_torch_before_main():
     out = subprocess.run([sys.executable, "-c", "import sys, mmtts.cli; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plot_leaves_out_a_metric_no_row_has(tmp_path):
+    # a sweep where one metric is undefined everywhere (e.g. a per-adaptation-step time with no adapting method)
+    from mmtts.bench import plot
+    rows = [{"method": m, "setting": "s", "budget": b,
+             "metrics": {"acc": 0.5, "acc_ci95": 0.1, "step_ms": float("nan"), "step_ms_ci95": float("nan")}}
+            for m in ("a", "b") for b in (8, 16)]
+    results = {"task": "t", "rows": rows, "settings": ["s"], "budget_unit": "samples", "primary_metric": "acc",
+               "references": {}, "budgets": [8, 16], "seeds": [0, 1]}
+    plot(results, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
