@@ -22,6 +22,9 @@ def test_vlm_vote_bounds_quick(load_script, tmp_path):
         assert 0 <= r["parse_rate"] <= 1
     assert json.loads((tmp_path / "a" / "vlm_vote_bounds.json").read_text())["n"] == 6
     assert "mode accuracy" in (tmp_path / "a" / "vlm_vote_bounds.md").read_text()
+    assert len(res["per_seed_acc"]["greedy"]) == 1 and res["per_seed_acc"]["greedy"][0] == res["greedy_acc"]
+    for t in mod.TEMPERATURES:  # the pooled accuracies are the per-seed ones over one seed
+        assert res["per_seed_acc"][f"T={t:g}/overlap64"][0] == res[f"T={t:g}"]["overlap_K64_acc"]
     again = mod.main(argv[:-1] + [str(tmp_path / "b")])
     assert all(again[k] == res[k] for k in res if k.startswith("T=") or k.endswith("acc"))
 
@@ -36,6 +39,15 @@ def test_vlm_vote_bounds_box_model(load_script, tmp_path):
         assert round(r["greedy_on_mode"] * res["n"]) + r["disagreements"] == res["n"]
     assert "answering with boxes" in (tmp_path / "vlm_vote_bounds_box.md").read_text()
     assert not (tmp_path / "vlm_vote_bounds.md").exists()
+
+
+def test_overlap_vote_answers_with_the_box_most_others_overlap(load_script):
+    mod = load_script("benchmarks/gui/vlm_vote_bounds.py")
+    nan = float("nan")
+    boxes = np.array([[0, 0, 10, 10], [100, 100, 120, 110], [101, 100, 121, 110], [nan, nan, nan, nan],
+                      [99, 101, 119, 111]], dtype=float)
+    assert mod.overlap_vote(boxes).tolist() == [110.0, 105.0]  # the middle one of three overlapping boxes
+    assert np.isnan(mod.overlap_vote(np.full((2, 4), nan))).all()  # nothing voted
 
 
 def test_element_of_picks_the_smallest_box_holding_the_point(load_script):

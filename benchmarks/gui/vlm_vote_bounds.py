@@ -10,6 +10,9 @@ temperature from the cached VLM and measures:
   draws), and whether greedy lands on it;
 - ``vote K``: GUI-RC region voting (alpha = 50 px squares for clicks, a box
   answer as itself) over the first K of the same samples;
+- ``overlap K``: a whole-answer vote over the same K samples: the answer
+  (its box, or its 50 px square) with the largest summed IoU with the
+  others, scored by its centre;
 - in the prompts where greedy and the mode disagree, how often each is right.
 
 An answer's element is the smallest element holding its point (a box
@@ -55,6 +58,21 @@ def element_of(point, boxes) -> int:
     return int(np.argmin(hit)) if np.isfinite(min(hit, default=np.inf)) else -1
 
 
+def overlap_vote(boxes: np.ndarray) -> np.ndarray:
+    """The centre of the box (K, 4) with the largest summed IoU with the others (NaN rows cast no vote; the
+    first of equal sums); NaN when none votes."""
+    b = boxes[np.isfinite(boxes).all(1)]
+    if len(b) == 0:
+        return np.array([np.nan, np.nan])
+    lo, hi = np.maximum(b[:, None, :2], b[None, :, :2]), np.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(-1)
+    area = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
+    union = area[:, None] + area[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    j = int(np.argmax(iou.sum(1)))
+    return (b[j, :2] + b[j, 2:]) / 2
+
+
 def inside(p, box) -> bool:
     return bool(np.isfinite(p).all() and box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3])
 
@@ -66,9 +84,14 @@ SETTING = {"point": "vlm-t0.5", "box": "vlm-box-t0.5"}
 def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -> dict:
     counts = {"n": 0, "greedy": 0, "parsed_greedy": 0}
     per_t = {t: {"mode": 0, "greedy_on_mode": 0, "disagree": 0, "greedy_right_when_disagree": 0,
-                 "mode_right_when_disagree": 0, "parse_rate": 0.0, **{f"vote{k}": 0 for k in VOTES}}
+                 "mode_right_when_disagree": 0, "parse_rate": 0.0, **{f"vote{k}": 0 for k in VOTES},
+                 **{f"overlap{k}": 0 for k in VOTES}}
              for t in TEMPERATURES}
+    per_seed = {"greedy": [], **{f"T={t:g}/{m}{k}": [] for t in TEMPERATURES for m in ("vote", "overlap")
+                                  for k in VOTES}}  # accuracy of each seed's instructions, for paired intervals
     for seed in seeds:
+        before = {"greedy": counts["greedy"], **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES
+                                                   for m in ("vote", "overlap") for k in VOTES}}
         examples, pixels = task.data(seed)
         sampler, _ = task.sampler("greedy", SETTING[answer], seed)
         screens = {}
@@ -98,33 +121,44 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                     r["greedy_right_when_disagree"] += inside(g, ex.box)
                     r["mode_right_when_disagree"] += mode == target and mode >= 0
                 for k in VOTES:
-                    c = consensus(vote_boxes(p.points[:k], p.boxes[:k], 50.0), *ex.image_size)
+                    cast = vote_boxes(p.points[:k], p.boxes[:k], 50.0)
+                    c = consensus(cast, *ex.image_size)
                     r[f"vote{k}"] += c.point is not None and inside(np.array(c.point), ex.box)
+                    r[f"overlap{k}"] += inside(overlap_vote(cast), ex.box)
+        now = {"greedy": counts["greedy"], **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES
+                                                for m in ("vote", "overlap") for k in VOTES}}
+        for key in per_seed:
+            per_seed[key].append((now[key] - before[key]) / len(examples))
     n = counts["n"]
-    out = {"n": n, "greedy_acc": counts["greedy"] / n, "greedy_parse_rate": counts["parsed_greedy"] / n}
+    out = {"n": n, "greedy_acc": counts["greedy"] / n, "greedy_parse_rate": counts["parsed_greedy"] / n,
+           "per_seed_acc": per_seed}
     for t, r in per_t.items():
         out[f"T={t:g}"] = {"mode_acc": r["mode"] / n, "greedy_on_mode": r["greedy_on_mode"] / n,
                            "disagreements": r["disagree"],
                            "greedy_right_when_disagree": r["greedy_right_when_disagree"],
                            "mode_right_when_disagree": r["mode_right_when_disagree"],
                            "parse_rate": r["parse_rate"] / n,
-                           **{f"vote_K{k}_acc": r[f"vote{k}"] / n for k in VOTES}}
+                           **{f"vote_K{k}_acc": r[f"vote{k}"] / n for k in VOTES},
+                           **{f"overlap_K{k}_acc": r[f"overlap{k}"] / n for k in VOTES}}
     return out
 
 
 def markdown(res: dict, samples: int, seeds, answer: str = "point") -> str:
     model = "gui-grounding-vlm model" + (" answering with boxes" if answer == "box" else "")
-    lines = [f"# Voting bounds on the {model} (validation seeds {list(seeds)}, {res['n']} "
+    which = "validation seeds" if min(seeds) >= 100 else "seeds"
+    lines = [f"# Voting bounds on the {model} ({which} {list(seeds)}, {res['n']} "
              f"instructions, {samples} samples per temperature)", "",
              f"greedy accuracy {100 * res['greedy_acc']:.1f}% (parsed {100 * res['greedy_parse_rate']:.1f}%)", "",
              "| T | mode accuracy | greedy on the mode | disagreements | greedy right there | mode right there | "
-             + " | ".join(f"vote K={k}" for k in VOTES) + " | parse rate |",
-             "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(VOTES) + "---:|"]
+             + " | ".join(f"vote K={k}" for k in VOTES) + " | "
+             + " | ".join(f"overlap K={k}" for k in VOTES) + " | parse rate |",
+             "|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(VOTES)) + "---:|"]
     for t in TEMPERATURES:
         r = res[f"T={t:g}"]
         lines.append(f"| {t:g} | {100 * r['mode_acc']:.1f}% | {100 * r['greedy_on_mode']:.1f}% | "
                      f"{r['disagreements']} | {r['greedy_right_when_disagree']} | {r['mode_right_when_disagree']} | "
-                     + " | ".join(f"{100 * r[f'vote_K{k}_acc']:.1f}%" for k in VOTES)
+                     + " | ".join(f"{100 * r[f'vote_K{k}_acc']:.1f}%" for k in VOTES) + " | "
+                     + " | ".join(f"{100 * r[f'overlap_K{k}_acc']:.1f}%" for k in VOTES)
                      + f" | {100 * r['parse_rate']:.1f}% |")
     return "\n".join(lines) + "\n"
 
