@@ -87,11 +87,14 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                  "mode_right_when_disagree": 0, "parse_rate": 0.0, **{f"vote{k}": 0 for k in VOTES},
                  **{f"overlap{k}": 0 for k in VOTES}}
              for t in TEMPERATURES}
-    per_seed = {"greedy": [], **{f"T={t:g}/{m}{k}": [] for t in TEMPERATURES for m in ("vote", "overlap")
-                                  for k in VOTES}}  # accuracy of each seed's instructions, for paired intervals
+
+    def right() -> dict:  # the answers right so far: greedy, and each vote at each temperature
+        return {"greedy": counts["greedy"], **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES
+                                               for m in ("vote", "overlap") for k in VOTES}}
+
+    per_seed = {key: [] for key in right()}  # accuracy of each seed's instructions, for paired intervals
     for seed in seeds:
-        before = {"greedy": counts["greedy"], **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES
-                                                   for m in ("vote", "overlap") for k in VOTES}}
+        before = right()
         examples, pixels = task.data(seed)
         sampler, _ = task.sampler("greedy", SETTING[answer], seed)
         screens = {}
@@ -125,8 +128,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                     c = consensus(cast, *ex.image_size)
                     r[f"vote{k}"] += c.point is not None and inside(np.array(c.point), ex.box)
                     r[f"overlap{k}"] += inside(overlap_vote(cast), ex.box)
-        now = {"greedy": counts["greedy"], **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES
-                                                for m in ("vote", "overlap") for k in VOTES}}
+        now = right()
         for key in per_seed:
             per_seed[key].append((now[key] - before[key]) / len(examples))
     n = counts["n"]

@@ -172,11 +172,7 @@ class SearchContext:
         self.next_index += n
         with self.meter.timer("model"):
             state = self.process.init(streams, first_index=first)
-        if not isinstance(state, State) or len(state) != n:
-            got = f"{len(state)} candidates" if isinstance(state, State) else f"a {type(state).__name__}"
-            raise ProcessError(f"{self._process_name()}.init() returned {got} for {n} streams; it must return "
-                               f"a State of {n} candidates, one per stream")
-        return state
+        return self._checked_state(state, n, "init", f"a State of {n} candidates, one per stream", of="streams")
 
     def step(self, state: State) -> State:
         if bool(self.process.is_done(state).any()):
@@ -197,10 +193,7 @@ class SearchContext:
             raise _DeadlineReached
         with m.timer("model"):
             new = p.step(state)
-        if not isinstance(new, State) or len(new) != len(state):
-            got = f"{len(new)} candidates" if isinstance(new, State) else f"a {type(new).__name__}"
-            raise ProcessError(f"{self._process_name()}.step() returned {got} for {len(state)} candidates; it must "
-                               "return a State with the same candidates, one stage further")
+        self._checked_state(new, len(state), "step", "a State with the same candidates, one stage further")
         m.charge(nfe=cost)
         return new
 
@@ -215,20 +208,22 @@ class SearchContext:
         """
         with self.meter.timer("model"):
             out = self.process.perturb(state, scale)
-        return self._same_candidates(out, state, "perturb")
+        return self._checked_state(out, len(state), "perturb", "a State with the same candidates")
 
     def renoise(self, state: State, stages: int) -> State:
         """The process's :meth:`~mmtts.core.process.Process.renoise` of ``state`` by ``stages``, on the model
         clock (see :meth:`perturb`)."""
         with self.meter.timer("model"):
             out = self.process.renoise(state, stages)
-        return self._same_candidates(out, state, "renoise")
+        return self._checked_state(out, len(state), "renoise", "a State with the same candidates")
 
-    def _same_candidates(self, out, state: State, method: str) -> State:
-        if not isinstance(out, State) or len(out) != len(state):
+    def _checked_state(self, out, n: int, method: str, must: str, of: str = "candidates") -> State:
+        """``out`` when the process's ``method`` returned a State of ``n`` candidates, else a ProcessError
+        saying what it must return."""
+        if not isinstance(out, State) or len(out) != n:
             got = f"{len(out)} candidates" if isinstance(out, State) else f"a {type(out).__name__}"
-            raise ProcessError(f"{self._process_name()}.{method}() returned {got} for {len(state)} candidates; it "
-                               "must return a State with the same candidates")
+            raise ProcessError(f"{self._process_name()}.{method}() returned {got} for {n} {of}; it must return "
+                               f"{must}")
         return out
 
     def advance(self, state: State, stages: int | None = None) -> State:

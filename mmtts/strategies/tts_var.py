@@ -116,10 +116,11 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k
     x = torch.as_tensor(points, dtype=torch.float64).reshape(len(points), -1).numpy()
     if k >= len(x):
         return torch.arange(len(x))
-    first = np.unique(x, axis=0, return_index=True)[1]
-    if distinct_first and len(first) <= k:  # no more distinct points than clusters: each one, then copies in order
-        rest = np.setdiff1d(np.arange(len(x)), first)[:k - len(first)]
-        return torch.tensor(sorted(first.tolist() + rest.tolist()), dtype=torch.int64)
+    if distinct_first:
+        first = np.unique(x, axis=0, return_index=True)[1]
+        if len(first) <= k:  # no more distinct points than clusters: each one, then copies in order
+            rest = np.setdiff1d(np.arange(len(x)), first)[:k - len(first)]
+            return torch.tensor(sorted(first.tolist() + rest.tolist()), dtype=torch.int64)
     if init == "ward":
         from scipy.cluster.hierarchy import cut_tree, fcluster, linkage
 

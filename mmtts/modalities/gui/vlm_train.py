@@ -69,9 +69,9 @@ def training_batch(data: dict, idx: np.ndarray, rng: np.random.Generator, vocab:
             x = int(np.clip(np.floor(rng.uniform(x1, x2)), 0, 999))
             y = int(np.clip(np.floor(rng.uniform(y1, y2)), 0, 999))
             target = answer_ids(x, y, vocab)
-        prompt, answer_row = data["prompts"][i], target
-        rows.append(prompt + answer_row)
-        labels.append([IGNORE] * len(prompt) + answer_row)
+        prompt = data["prompts"][i]
+        rows.append(prompt + target)
+        labels.append([IGNORE] * len(prompt) + target)
     length = max(len(r) for r in rows)
     pad = vocab["<pad>"]
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
