@@ -14,7 +14,8 @@ from mmtts.core.rng import Streams
 from mmtts.core.strategy import SearchContext
 from mmtts.core.verifier import as_verifier
 from mmtts.modalities.var import MultiScaleVQ, NextScaleTransformer, VARProcess
-from mmtts.strategies.tts_var import TTSVAR, linear_fractions, nearest_to_centroids, potential, structure_maps
+from mmtts.strategies.tts_var import (TTSVAR, distinct_copies, linear_fractions, nearest_to_centroids, potential,
+                                     structure_maps, top_components)
 
 from helpers import Stop, stop_after
 
@@ -83,6 +84,54 @@ def test_structure_map_is_each_images_first_principal_component():
     bad[1, 3, 2] = float("nan")
     with pytest.raises(MmttsError, match="NaN/inf for 1 of 3 candidates"):
         structure_maps(bad)
+
+
+def test_top_components_equal_the_eigendecomposition_and_fall_back_to_it():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(8, 6, 4))
+    gram = a @ a.transpose(0, 2, 1)  # rank 4 of 6: two zero eigenvalues
+    gram[1] = np.diag([2.0, 2.0, 1.0, 0.0, 0.0, 0.0])  # a repeated top eigenvalue: any unit vector of its plane
+    gram[2] = 0.0
+    gram[3] = np.diag([1.0, 1.0 - 1e-9, 0.5, 0.0, 0.0, 0.0])  # squaring cannot separate the top pair: exact path
+    got = top_components(gram)
+    w, v = np.linalg.eigh(gram)
+    want = v[:, :, -1] * np.sqrt(np.clip(w[:, -1:], 0, None))
+    sign = np.sign((got * want).sum(1, keepdims=True))
+    generic = [0, 4, 5, 6, 7]
+    np.testing.assert_allclose((got * np.where(sign == 0, 1, sign))[generic], want[generic], atol=1e-12)
+    np.testing.assert_array_equal(got[3], want[3])  # decomposed exactly, not by squaring
+    np.testing.assert_array_equal(got[2], np.zeros(6))
+    # the degenerate case still returns a top eigenvector scaled by the root of its eigenvalue
+    np.testing.assert_allclose(gram[1] @ got[1], 2.0 * got[1], atol=1e-12)
+    assert np.isclose(np.linalg.norm(got[1]), np.sqrt(2.0)) and np.allclose(got[1][2:], 0.0)
+
+
+def test_distinct_copies_keeps_each_distinct_row_first_or_gives_up():
+    rows = torch.tensor([[0.0, 1.0], [-0.0, 1.0], [2.0, 2.0], [2.0, 2.0], [3.0, 0.0]])  # -0.0 equals 0.0
+    assert distinct_copies(rows, 3).tolist() == [0, 2, 4]
+    assert distinct_copies(rows, 4).tolist() == [0, 1, 2, 4]  # then the first further copy
+    assert distinct_copies(rows, 2) is None  # three distinct rows need clustering into two
+    assert distinct_copies(rows, 5).tolist() == [0, 1, 2, 3, 4]
+    # the same choice as the clustering's own check on identical points
+    assert nearest_to_centroids(rows, 4, seed=0).tolist() == distinct_copies(rows, 4).tolist()
+
+
+def test_identical_previews_are_neither_embedded_nor_clustered(process):
+    greedy = VARProcess(process.tokenizer, process.transformer, top_k=1)  # every candidate samples the same
+    calls = []
+
+    def counted(images):
+        calls.append(len(images))
+        return images.flatten(1)
+
+    res = mmtts.search(greedy, ink, "tts-var", budget=8 * TOKENS, seed=0, features=counted)
+    clusters = [k for k in res.extra["kept"] if k["kind"] == "cluster"]
+    assert calls == [] and len(clusters) == 2
+    assert all(k["index"] == list(range(len(k["index"]))) for k in clusters)  # the first copies, in order
+    # the published selection embeds and clusters them anyway
+    mmtts.search(greedy, ink, "tts-var", budget=8 * TOKENS, seed=0, features=counted, published=True)
+    assert len(calls) == 2
+    assert TTSVAR().cluster_init == "ward" and TTSVAR(published=True).cluster_init == "k-means++"
 
 
 def test_clustering_keeps_the_sample_nearest_each_centroid():

@@ -80,14 +80,58 @@ def structure_maps(features: torch.Tensor) -> torch.Tensor:
         raise MmttsError(f"features must be (B, D), (B, P, D) or (B, C, H, W), got shape {tuple(f.shape)}")
     x = f - f.mean(1, keepdim=True)
     # x = U S V^T, so the projection on the first component x v_1 is s_1 u_1: the top eigenvector of the
-    # (P, P) Gram matrix scaled by the root of its eigenvalue (a small eigenproblem per image)
-    evals, evecs = torch.linalg.eigh(x @ x.transpose(1, 2))
-    proj = evecs[:, :, -1] * evals[:, -1:].clamp(min=0).sqrt()
+    # (P, P) Gram matrix scaled by the root of its eigenvalue
+    proj = torch.from_numpy(top_components((x @ x.transpose(1, 2)).numpy()))
     sign = torch.sign(proj.gather(1, proj.abs().argmax(1, keepdim=True)))
     return proj * torch.where(sign == 0, 1.0, sign)
 
 
+def top_components(gram: np.ndarray, squarings: int = 10, rtol: float = 1e-10) -> np.ndarray:
+    """sqrt(lambda_1) u_1 of each symmetric PSD matrix of ``gram`` (B, P, P), up to sign.
+
+    Repeated squaring (each power normalised by its trace) turns a matrix into
+    the projector on its top eigenvector once ``(lambda_2 / lambda_1) ** (2 ** squarings)``
+    vanishes, which costs a dozen small batched products, a fraction of a
+    batched eigendecomposition of small matrices. A matrix whose column does
+    not satisfy the eigen-equation to ``rtol`` (top eigenvalues too close, or a
+    zero matrix) is decomposed exactly (``numpy.linalg.eigh``).
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    trace = np.trace(g, axis1=1, axis2=2)
+    m = g / np.where(trace > 0, trace, 1.0)[:, None, None]
+    for _ in range(squarings):
+        m = m @ m
+        t = np.trace(m, axis1=1, axis2=2)
+        m /= np.where(t > 0, t, 1.0)[:, None, None]
+    rows = np.arange(len(g))
+    v = m[rows, :, np.argmax(np.diagonal(m, axis1=1, axis2=2), axis=1)]  # the projector's fullest column
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
+    gv = np.einsum("bij,bj->bi", g, v)
+    lam = np.einsum("bi,bi->b", v, gv)
+    bad = ~(np.linalg.norm(gv - lam[:, None] * v, axis=1) <= rtol * np.maximum(trace, 1e-300))
+    if bad.any():
+        w, vec = np.linalg.eigh(g[bad])
+        v[bad], lam[bad] = vec[:, :, -1], w[:, -1]
+    return v * np.sqrt(np.clip(lam, 0, None))[:, None]
+
+
 CLUSTER_INITS = ("ward", "k-means++")
+
+
+def distinct_copies(points, k: int) -> torch.Tensor | None:
+    """With at most ``k`` distinct rows among ``points``: the first copy of each, then further copies in index
+    order, ``k`` indices sorted; None when there are more distinct rows than ``k`` (they need clustering)."""
+    x = torch.as_tensor(points).reshape(len(points), -1).cpu().numpy()
+    if k >= len(x):
+        return torch.arange(len(x))
+    seen: dict[bytes, int] = {}
+    for i, row in enumerate(np.ascontiguousarray(x + 0)):  # + 0 turns -0.0 into 0.0: equal values, equal bytes
+        seen.setdefault(row.tobytes(), i)
+        if len(seen) > k:
+            return None
+    first = np.fromiter(seen.values(), dtype=np.int64)
+    rest = np.setdiff1d(np.arange(len(x)), first)[:k - len(first)]
+    return torch.tensor(sorted(first.tolist() + rest.tolist()), dtype=torch.int64)
 
 
 def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k-means++",
@@ -108,6 +152,7 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k
     distinct clusters, the rest are the remaining points nearest their own
     centroid, and scikit-learn's warning about it is silenced.
     """
+    from sklearn import config_context
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -117,10 +162,9 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k
     if k >= len(x):
         return torch.arange(len(x))
     if distinct_first:
-        first = np.unique(x, axis=0, return_index=True)[1]
-        if len(first) <= k:  # no more distinct points than clusters: each one, then copies in order
-            rest = np.setdiff1d(np.arange(len(x)), first)[:k - len(first)]
-            return torch.tensor(sorted(first.tolist() + rest.tolist()), dtype=torch.int64)
+        idx = distinct_copies(x, k)
+        if idx is not None:
+            return idx
     if init == "ward":
         from scipy.cluster.hierarchy import cut_tree, fcluster, linkage
 
@@ -131,7 +175,8 @@ def nearest_to_centroids(points: torch.Tensor, k: int, seed: int, init: str = "k
         start = np.zeros((k, x.shape[1]))
         np.add.at(start, labels, x)
         start /= np.bincount(labels, minlength=k)[:, None]
-    with warnings.catch_warnings():
+    # the points are finite (structure_maps refuses NaN/inf) and the parameters fixed here: skip both checks
+    with warnings.catch_warnings(), config_context(assume_finite=True, skip_parameter_validation=True):
         warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=k, n_init=1, random_state=seed, init=start if init == "ward" else "k-means++").fit(x)
     labels = km.labels_
@@ -170,9 +215,10 @@ class TTSVAR(Strategy):
         topk: how many best scores the ``topk`` potential averages.
         features: a function from a batch of previews to features ((B, D), (B, P, D) or (B, C, H, W));
             None uses the verifier's ``features`` method when it has one, else the preview's pixels.
-        cluster_init: how the k-means is seeded: ``"k-means++"`` (scikit-learn's default, as the published code
-            runs it) or ``"ward"`` (Ward's agglomeration, then Lloyd's iterations: cheaper when the batch shrinks
-            little); see :func:`nearest_to_centroids`.
+        cluster_init: how the k-means is seeded: ``"ward"`` (Ward's agglomeration, then Lloyd's iterations;
+            the default: as good as k-means++ on the validation seeds of ``var-search`` and cheaper when the batch
+            shrinks little) or ``"k-means++"`` (scikit-learn's default, as the published code runs it); None
+            picks ``"ward"``, or ``"k-means++"`` with ``published``. See :func:`nearest_to_centroids`.
         keep: how many of the best finished candidates to return.
         published: select as the published code does: k-means even over identical structure maps, k-means++
             seeding, the ``value`` potential only (the published code blocks the others); docs/var.md lists
@@ -182,10 +228,12 @@ class TTSVAR(Strategy):
     def __init__(self, n: int | None = None, batches: Sequence[int] | None = None,
                  fractions: Sequence[float] | None = None, cluster_at: Sequence[int] = (1, 2),
                  resample_at: Sequence[int] = (3, 4), potential: str = "value", lmbda: float = 10.0,
-                 topk: int = 2, features: Callable | None = None, cluster_init: str = "k-means++", keep: int = 1,
+                 topk: int = 2, features: Callable | None = None, cluster_init: str | None = None, keep: int = 1,
                  published: bool = False):
         if not isinstance(published, bool):
             raise MmttsError(f"tts-var published={published!r} must be True or False")
+        if cluster_init is None:
+            cluster_init = "k-means++" if published else "ward"
         if published and (potential != "value" or cluster_init != "k-means++"):
             raise MmttsError(f"tts-var published=True runs the value potential with k-means++ seeding, as the "
                              f"published code does; drop potential={potential!r} / cluster_init={cluster_init!r} "
@@ -314,11 +362,18 @@ class TTSVAR(Strategy):
                 break
             nxt = batches[k + 1]
             if k in self.cluster_at and nxt < len(state):
-                f, seconds = self.extract(ctx, ctx.preview(state))
-                features_s += seconds
+                previews, seed = ctx.preview(state), int(ctx.rng.numpy().integers(2 ** 31))
                 t0 = time.perf_counter()
-                idx = nearest_to_centroids(structure_maps(f), nxt, int(ctx.rng.numpy().integers(2 ** 31)),
-                                           self.cluster_init, distinct_first=not self.published)
+                # identical previews have identical features and maps: with no more distinct previews than
+                # survivors nothing needs embedding or clustering
+                idx = None if self.published else distinct_copies(previews, nxt)
+                if idx is None:
+                    cluster_s += time.perf_counter() - t0
+                    f, seconds = self.extract(ctx, previews)
+                    features_s += seconds
+                    t0 = time.perf_counter()
+                    idx = nearest_to_centroids(structure_maps(f), nxt, seed, self.cluster_init,
+                                               distinct_first=not self.published)
                 cluster_s += time.perf_counter() - t0
                 state, history = state.select(idx), history[idx]
                 kept.append({"scale": k, "kind": "cluster", "index": idx.tolist()})
@@ -339,4 +394,5 @@ class TTSVAR(Strategy):
                          extra={"batches": batches, "kept": kept, "cluster_s": cluster_s, "features_s": features_s})
 
 
-__all__ = ["CLUSTER_INITS", "POTENTIALS", "TTSVAR", "linear_fractions", "nearest_to_centroids", "potential", "structure_maps"]
+__all__ = ["CLUSTER_INITS", "POTENTIALS", "TTSVAR", "distinct_copies", "linear_fractions", "nearest_to_centroids",
+           "potential", "structure_maps", "top_components"]

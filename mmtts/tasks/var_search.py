@@ -97,7 +97,8 @@ class VARSearch(SearchTask):
     Args:
         cache: where trained weights are kept; a default :class:`ModelCache` when None.
         quick: run a reduced version for a fast check.
-        **options: ``keep`` (candidates a strategy keeps) and ``lmbda`` (the potential's weight).
+        **options: ``keep`` (candidates a strategy keeps), ``lmbda`` (the potential's weight) and ``cluster_init``
+            (tts-var's k-means seeding: ``ward``, the default, or ``k-means++``).
     """
 
     description = "MNIST VAR steered scale by scale to a bold target digit: TTS-VAR against best-of-N at equal token work"
@@ -105,7 +106,7 @@ class VARSearch(SearchTask):
     budget_unit = "tokens"
     default_budgets = (130, 260, 520, 1040, 2080, 4160)
     quick_budgets = (130, 390)
-    option_defaults = {"keep": 4, "lmbda": 3.0}
+    option_defaults = {"keep": 4, "lmbda": 3.0, "cluster_init": "ward"}
     full_config = FULL
     quick_config = QUICK
     model_names = ("var-search-tokenizer", "var-search-transformer", "image-search-classifier-A",
@@ -117,7 +118,9 @@ class VARSearch(SearchTask):
         with one_thread():
             a, b = digit_classifiers(self.cache, (IMAGE_QUICK if self.quick else IMAGE_FULL)["cls"])
         x, y = load_digits32()
-        import sklearn.cluster  # noqa: F401  (tts-var's k-means: imported here, not inside a timed search)
+        # tts-var's k-means and Ward agglomeration: imported here, not inside the first timed search
+        import scipy.cluster.hierarchy  # noqa: F401
+        import sklearn.cluster  # noqa: F401
         return {"tokenizer": tok, "transformer": tf, "A": a, "B": b, "ink": ink_targets(x, y)}
 
     def process(self):
@@ -131,7 +134,8 @@ class VARSearch(SearchTask):
         if method in POTENTIAL_METHODS:
             return {"potential": POTENTIAL_METHODS[method], "lmbda": float(self.options["lmbda"]),
                     "cluster_at": (1, 2), "resample_at": (3, 4), "fractions": TTS_VAR_FRACTIONS,
-                    "features": PatchFeatures(self.models()["A"]), "keep": keep}
+                    "features": PatchFeatures(self.models()["A"]), "cluster_init": self.options["cluster_init"],
+                    "keep": keep}
         return {"best-of-n": {"batch_size": 64}, "beam": {"beams": max(1, n // 4)},
                 "particle-filter": {"lmbda": 3.0, "potential": "diff"}}[method] | {"keep": keep}
 
