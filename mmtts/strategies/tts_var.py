@@ -12,8 +12,9 @@ scales so far. Duplicates continue with their parent's KV cache and a forked
 random stream. The last batch is finished, scored, and the best returned.
 The feature extractor is a verifier-like network: its time is counted on the
 verifier clock and reported on its own as ``Selection.extra["features_s"]``;
-``Selection.extra["cluster_s"]`` is the rest of the clustering (structure maps
-and k-means), outside the model, decode and verifier clocks.
+``Selection.extra["cluster_s"]`` is the rest of the clustering (the
+duplicate check, structure maps and k-means), outside the model, decode and
+verifier clocks.
 """
 
 from __future__ import annotations

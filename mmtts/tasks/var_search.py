@@ -14,7 +14,7 @@ for digit s % 10. Budgets are token work (tokens the transformer processes);
 ``nfe`` counts transformer forwards (one per scale per candidate). tts-var's
 clustering features come from a network (classifier A's trunk): ``features_s``
 is that forward's time, counted inside ``verifier_s``; ``cluster_s`` is the rest
-of its clustering (structure maps and k-means), outside the model, decode and
+of its clustering (duplicate check, structure maps, k-means), outside the model, decode and
 verifier clocks.
 """
 
