@@ -13,7 +13,12 @@ temperature from the cached VLM and measures:
 - ``overlap K``: a whole-answer vote over the same K samples: the answer
   (its box, or its 50 px square) with the largest summed IoU with the
   others, scored by its centre;
-- in the prompts where greedy and the mode disagree, how often each is right.
+- ``point a=A K``: GUI-RC over the same K samples with every answer reduced
+  to its point (a box answer to its centre) and voting as a click, a square
+  of side A px, for A in ``ALPHAS``: the click vote at other square sizes
+  for the click model, the *centre vote* for the box model;
+- in the prompts where greedy and the mode disagree, how often each is right;
+- for each vote, how often its answer lies on the mode element.
 
 An answer's element is the smallest element holding its point (a box
 answer's centre). ``--answer box`` measures the model that answers with
@@ -22,6 +27,9 @@ vlm_vote_bounds_box.{json,md}.
 
 Voting can gain over greedy only where greedy departs from the mode and the
 mode is right more often than greedy there; this prints how often that is.
+Every accuracy is also kept per seed, and the markdown gives each
+aggregation's difference to greedy paired over the seeds with its 95%
+t-interval.
 Writes vlm_vote_bounds.json and vlm_vote_bounds.md beside this script (or under --out).
 
     python benchmarks/gui/vlm_vote_bounds.py [--answer point|box] [--seeds 100 101 102] [--screens 30] [--out DIR]
@@ -37,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmtts.bench import mean_ci95, paired_comparison, strict_json
 from mmtts.core.rng import derive_seed
 from mmtts.core.threads import one_thread
 from mmtts.modalities.gui.parse import parse_answers
@@ -47,6 +56,10 @@ from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGroundingVLM
 
 TEMPERATURES = (0.5, 1.0)
 VOTES = (16, 64)
+#: square sides (px) of the point votes: every answer reduced to its point (a box to its centre), voted as a click
+ALPHAS = (20, 35, 50, 80)
+#: the aggregations scored at each K, as named in the per-seed keys ("T=0.5/vote16", "T=0.5/point_a20_16")
+AGGREGATIONS = ("vote", "overlap", *(f"point_a{a}_" for a in ALPHAS))
 
 
 def element_of(point, boxes) -> int:
@@ -84,13 +97,14 @@ SETTING = {"point": "vlm-t0.5", "box": "vlm-box-t0.5"}
 def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -> dict:
     counts = {"n": 0, "greedy": 0, "parsed_greedy": 0}
     per_t = {t: {"mode": 0, "greedy_on_mode": 0, "disagree": 0, "greedy_right_when_disagree": 0,
-                 "mode_right_when_disagree": 0, "parse_rate": 0.0, **{f"vote{k}": 0 for k in VOTES},
-                 **{f"overlap{k}": 0 for k in VOTES}}
+                 "mode_right_when_disagree": 0, "parse_rate": 0.0,
+                 **{f"{m}{k}{on}": 0 for m in AGGREGATIONS for k in VOTES for on in ("", "_on_mode")}}
              for t in TEMPERATURES}
 
-    def right() -> dict:  # the answers right so far: greedy, and each vote at each temperature
-        return {"greedy": counts["greedy"], **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES
-                                               for m in ("vote", "overlap") for k in VOTES}}
+    def right() -> dict:  # the answers right so far: greedy, and the mode and each vote at each temperature
+        return {"greedy": counts["greedy"], **{f"T={t:g}/mode": per_t[t]["mode"] for t in TEMPERATURES},
+                **{f"T={t:g}/{m}{k}": per_t[t][f"{m}{k}"] for t in TEMPERATURES for m in AGGREGATIONS
+                   for k in VOTES}}
 
     per_seed = {key: [] for key in right()}  # accuracy of each seed's instructions, for paired intervals
     for seed in seeds:
@@ -125,9 +139,13 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                     r["mode_right_when_disagree"] += mode == target and mode >= 0
                 for k in VOTES:
                     cast = vote_boxes(p.points[:k], p.boxes[:k], 50.0)
-                    c = consensus(cast, *ex.image_size)
-                    r[f"vote{k}"] += c.point is not None and inside(np.array(c.point), ex.box)
-                    r[f"overlap{k}"] += inside(overlap_vote(cast), ex.box)
+                    found = {"vote": consensus(cast, *ex.image_size).point, "overlap": overlap_vote(cast)}
+                    for a in ALPHAS:  # every answer's point (a box's centre) as a click
+                        found[f"point_a{a}_"] = consensus(vote_boxes(p.points[:k], None, a), *ex.image_size).point
+                    for m, point in found.items():
+                        point = np.array((np.nan, np.nan) if point is None else point, dtype=np.float64)
+                        r[f"{m}{k}"] += inside(point, ex.box)
+                        r[f"{m}{k}_on_mode"] += mode >= 0 and element_of(point, boxes) == mode
         now = right()
         for key in per_seed:
             per_seed[key].append((now[key] - before[key]) / len(examples))
@@ -141,8 +159,58 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                            "mode_right_when_disagree": r["mode_right_when_disagree"],
                            "parse_rate": r["parse_rate"] / n,
                            **{f"vote_K{k}_acc": r[f"vote{k}"] / n for k in VOTES},
-                           **{f"overlap_K{k}_acc": r[f"overlap{k}"] / n for k in VOTES}}
+                           **{f"overlap_K{k}_acc": r[f"overlap{k}"] / n for k in VOTES},
+                           **{f"point_a{a}_K{k}_acc": r[f"point_a{a}_{k}"] / n for a in ALPHAS for k in VOTES},
+                           **{result_key(m, k) + "_on_mode": r[f"{m}{k}_on_mode"] / n for m in AGGREGATIONS
+                              for k in VOTES}}
+    out["paired_to_greedy"] = {key: paired_comparison(acc, per_seed["greedy"])
+                               for key, acc in per_seed.items() if key != "greedy"}
     return out
+
+
+def result_key(m: str, k: int) -> str:
+    """The name an aggregation of ``AGGREGATIONS`` at K samples has in the results ("vote_K16", "point_a20_K16")."""
+    return f"{m.rstrip('_')}_K{k}"
+
+
+def aggregation_name(m: str, answer: str) -> str:
+    """How the markdown names an aggregation key of ``AGGREGATIONS`` (or ``mode``)."""
+    if m.startswith("point_a"):
+        return f"{'centre' if answer == 'box' else 'click'} vote, alpha = {m[len('point_a'):-1]} px"
+    return {"vote": "region vote (GUI-RC)" + (", boxes as they are" if answer == "box" else ", alpha = 50 px"),
+            "overlap": "overlap vote", "mode": "mode (true element boxes, from every sample)"}[m]
+
+
+def paired_table(res: dict, answer: str) -> list[str]:
+    """Rows of each aggregation's accuracy and its difference to greedy paired over the seeds (points, 95%
+    t-interval; bold where it excludes 0)."""
+    seeds = len(res["per_seed_acc"]["greedy"])
+    g, g_half = mean_ci95(res["per_seed_acc"]["greedy"])
+
+    def cell(key: str) -> str:
+        acc = res["per_seed_acc"][key]
+        if seeds < 2:
+            return f"{100 * np.mean(acc):.1f}"
+        d = res["paired_to_greedy"][key]
+        text = f"{100 * d['diff']:+.1f} ± {100 * d['diff_ci95']:.1f}"
+        return f"{100 * np.mean(acc):.1f} | " + (f"**{text}**" if d["significant"] else text)
+
+    head = " | ".join(f"K = {k}" + ("" if seeds < 2 else f" | K = {k} - greedy") for k in VOTES) \
+        + " | on the mode element, K = " + " / ".join(map(str, VOTES))
+    lines = [f"Accuracy (%, mean of {seeds} seeds) and its difference to greedy in points, paired over the seeds "
+             f"(mean ± 95% t-interval, bold where it excludes 0); greedy {100 * g:.1f}"
+             + ("" if seeds < 2 else f" ± {100 * g_half:.1f}") + ":", "",
+             f"| T | aggregation | {head} |", "|---:|---|" + "---:|" * (len(VOTES) * (1 if seeds < 2 else 2) + 1)]
+    for t in TEMPERATURES:
+        per_k = 1 if seeds < 2 else 2  # cells per K
+        lines.append(f"| {t:g} | {aggregation_name('mode', answer)} | {cell(f'T={t:g}/mode')} |"
+                     + " |" * (per_k * (len(VOTES) - 1) + 1))
+        r = res[f"T={t:g}"]
+        for m in AGGREGATIONS:
+            on = " / ".join(f"{100 * r[result_key(m, k) + '_on_mode']:.1f}%" for k in VOTES)
+            lines.append(f"| {t:g} | {aggregation_name(m, answer)} | "
+                         + " | ".join(cell(f"T={t:g}/{m}{k}") for k in VOTES) + f" | {on} |")
+    return lines
 
 
 def markdown(res: dict, samples: int, seeds, answer: str = "point") -> str:
@@ -162,7 +230,7 @@ def markdown(res: dict, samples: int, seeds, answer: str = "point") -> str:
                      + " | ".join(f"{100 * r[f'vote_K{k}_acc']:.1f}%" for k in VOTES) + " | "
                      + " | ".join(f"{100 * r[f'overlap_K{k}_acc']:.1f}%" for k in VOTES)
                      + f" | {100 * r['parse_rate']:.1f}% |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + paired_table(res, answer)) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -188,7 +256,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     name = "vlm_vote_bounds" + ("" if args.answer == "point" else f"_{args.answer}")
     text = markdown(res, args.samples, args.seeds, args.answer)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(strict_json(res), indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
     print(text)
     return res
