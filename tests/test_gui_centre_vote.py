@@ -28,9 +28,12 @@ def test_click_vote_at_50_px_is_the_region_vote_of_clicks(click_run):
             # clicks carry no box, so GUI-RC's vote and the point vote at its alpha are one aggregation
             assert r[f"point_a50_K{k}_acc"] == r[f"vote_K{k}_acc"]
             assert r[f"point_a50_K{k}_on_mode"] == r[f"vote_K{k}_on_mode"]
+            assert r[f"point_a50_K{k}_off_element"] == r[f"vote_K{k}_off_element"]
             assert res["per_seed_acc"][f"T={t:g}/point_a50_{k}"] == res["per_seed_acc"][f"T={t:g}/vote{k}"]
             for m in mod.AGGREGATIONS:
-                assert 0 <= r[mod.result_key(m, k) + "_on_mode"] <= 1
+                on, off = r[mod.result_key(m, k) + "_on_mode"], r[mod.result_key(m, k) + "_off_element"]
+                assert on >= 0 and off >= 0 and on + off <= 1  # an answer on the mode element is on an element
+        assert 0 <= r["samples_off_element"] <= 1
 
 
 def test_per_seed_accuracies_pool_to_the_totals_and_give_the_paired_intervals(click_run):

@@ -18,7 +18,8 @@ temperature from the cached VLM and measures:
   of side A px, for A in ``ALPHAS``: the click vote at other square sizes
   for the click model, the *centre vote* for the box model;
 - in the prompts where greedy and the mode disagree, how often each is right;
-- for each vote, how often its answer lies on the mode element.
+- how many samples lie on no element, and for each vote, how often its
+  answer lies on the mode element and how often on no element.
 
 An answer's element is the smallest element holding its point (a box
 answer's centre). ``--answer box`` measures the model that answers with
@@ -95,10 +96,10 @@ SETTING = {"point": "vlm-t0.5", "box": "vlm-box-t0.5"}
 
 
 def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -> dict:
-    counts = {"n": 0, "greedy": 0, "parsed_greedy": 0}
+    counts = {"n": 0, "greedy": 0, "parsed_greedy": 0, "greedy_off": 0}
     per_t = {t: {"mode": 0, "greedy_on_mode": 0, "disagree": 0, "greedy_right_when_disagree": 0,
-                 "mode_right_when_disagree": 0, "parse_rate": 0.0,
-                 **{f"{m}{k}{on}": 0 for m in AGGREGATIONS for k in VOTES for on in ("", "_on_mode")}}
+                 "mode_right_when_disagree": 0, "parse_rate": 0.0, "off_element": 0.0,
+                 **{f"{m}{k}{on}": 0 for m in AGGREGATIONS for k in VOTES for on in ("", "_on_mode", "_off")}}
              for t in TEMPERATURES}
 
     def right() -> dict:  # the answers right so far: greedy, and the mode and each vote at each temperature
@@ -123,12 +124,14 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
             counts["greedy"] += inside(g, ex.box)
             counts["parsed_greedy"] += bool(np.isfinite(g).all())
             g_el = element_of(g, boxes)
+            counts["greedy_off"] += g_el < 0
             for t in TEMPERATURES:
                 seeds_i = [derive_seed(seed, i, j, int(t * 1000)) for j in range(samples)]
                 p = parse_answers(sampler.sample(px, ex.instruction, seeds_i, t), "permille", ex.image_size)
                 r = per_t[t]
                 r["parse_rate"] += float(p.ok.mean())
                 els = np.array([element_of(q, boxes) for q in p.points])
+                r["off_element"] += float((els < 0).mean())
                 valid = els[els >= 0]
                 mode = int(np.bincount(valid).argmax()) if len(valid) else -1
                 r["mode"] += mode == target and mode >= 0
@@ -145,23 +148,28 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                     for m, point in found.items():
                         point = np.array((np.nan, np.nan) if point is None else point, dtype=np.float64)
                         r[f"{m}{k}"] += inside(point, ex.box)
-                        r[f"{m}{k}_on_mode"] += mode >= 0 and element_of(point, boxes) == mode
+                        el = element_of(point, boxes)
+                        r[f"{m}{k}_on_mode"] += mode >= 0 and el == mode
+                        r[f"{m}{k}_off"] += el < 0
         now = right()
         for key in per_seed:
             per_seed[key].append((now[key] - before[key]) / len(examples))
     n = counts["n"]
     out = {"n": n, "greedy_acc": counts["greedy"] / n, "greedy_parse_rate": counts["parsed_greedy"] / n,
+           "greedy_off_element": counts["greedy_off"] / n,
            "per_seed_acc": per_seed}
     for t, r in per_t.items():
         out[f"T={t:g}"] = {"mode_acc": r["mode"] / n, "greedy_on_mode": r["greedy_on_mode"] / n,
                            "disagreements": r["disagree"],
                            "greedy_right_when_disagree": r["greedy_right_when_disagree"],
                            "mode_right_when_disagree": r["mode_right_when_disagree"],
-                           "parse_rate": r["parse_rate"] / n,
+                           "parse_rate": r["parse_rate"] / n, "samples_off_element": r["off_element"] / n,
                            **{f"vote_K{k}_acc": r[f"vote{k}"] / n for k in VOTES},
                            **{f"overlap_K{k}_acc": r[f"overlap{k}"] / n for k in VOTES},
                            **{f"point_a{a}_K{k}_acc": r[f"point_a{a}_{k}"] / n for a in ALPHAS for k in VOTES},
                            **{result_key(m, k) + "_on_mode": r[f"{m}{k}_on_mode"] / n for m in AGGREGATIONS
+                              for k in VOTES},
+                           **{result_key(m, k) + "_off_element": r[f"{m}{k}_off"] / n for m in AGGREGATIONS
                               for k in VOTES}}
     out["paired_to_greedy"] = {key: paired_comparison(acc, per_seed["greedy"])
                                for key, acc in per_seed.items() if key != "greedy"}
@@ -196,20 +204,22 @@ def paired_table(res: dict, answer: str) -> list[str]:
         return f"{100 * np.mean(acc):.1f} | " + (f"**{text}**" if d["significant"] else text)
 
     head = " | ".join(f"K = {k}" + ("" if seeds < 2 else f" | K = {k} - greedy") for k in VOTES) \
-        + " | on the mode element, K = " + " / ".join(map(str, VOTES))
+        + "".join(f" | {where}, K = " + " / ".join(map(str, VOTES)) for where in ("on the mode element",
+                                                                                 "on no element"))
     lines = [f"Accuracy (%, mean of {seeds} seeds) and its difference to greedy in points, paired over the seeds "
              f"(mean ± 95% t-interval, bold where it excludes 0); greedy {100 * g:.1f}"
              + ("" if seeds < 2 else f" ± {100 * g_half:.1f}") + ":", "",
-             f"| T | aggregation | {head} |", "|---:|---|" + "---:|" * (len(VOTES) * (1 if seeds < 2 else 2) + 1)]
+             f"| T | aggregation | {head} |", "|---:|---|" + "---:|" * (len(VOTES) * (1 if seeds < 2 else 2) + 2)]
     for t in TEMPERATURES:
         per_k = 1 if seeds < 2 else 2  # cells per K
         lines.append(f"| {t:g} | {aggregation_name('mode', answer)} | {cell(f'T={t:g}/mode')} |"
-                     + " |" * (per_k * (len(VOTES) - 1) + 1))
+                     + " |" * (per_k * (len(VOTES) - 1) + 2))
         r = res[f"T={t:g}"]
         for m in AGGREGATIONS:
-            on = " / ".join(f"{100 * r[result_key(m, k) + '_on_mode']:.1f}%" for k in VOTES)
+            where = [" / ".join(f"{100 * r[result_key(m, k) + suffix]:.1f}%" for k in VOTES)
+                     for suffix in ("_on_mode", "_off_element")]
             lines.append(f"| {t:g} | {aggregation_name(m, answer)} | "
-                         + " | ".join(cell(f"T={t:g}/{m}{k}") for k in VOTES) + f" | {on} |")
+                         + " | ".join(cell(f"T={t:g}/{m}{k}") for k in VOTES) + f" | {' | '.join(where)} |")
     return lines
 
 
@@ -218,18 +228,19 @@ def markdown(res: dict, samples: int, seeds, answer: str = "point") -> str:
     which = "validation seeds" if min(seeds) >= 100 else "seeds"
     lines = [f"# Voting bounds on the {model} ({which} {list(seeds)}, {res['n']} "
              f"instructions, {samples} samples per temperature)", "",
-             f"greedy accuracy {100 * res['greedy_acc']:.1f}% (parsed {100 * res['greedy_parse_rate']:.1f}%)", "",
+             f"greedy accuracy {100 * res['greedy_acc']:.1f}% (parsed {100 * res['greedy_parse_rate']:.1f}%, "
+             f"on no element {100 * res['greedy_off_element']:.1f}%)", "",
              "| T | mode accuracy | greedy on the mode | disagreements | greedy right there | mode right there | "
              + " | ".join(f"vote K={k}" for k in VOTES) + " | "
-             + " | ".join(f"overlap K={k}" for k in VOTES) + " | parse rate |",
-             "|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(VOTES)) + "---:|"]
+             + " | ".join(f"overlap K={k}" for k in VOTES) + " | parse rate | samples on no element |",
+             "|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(VOTES)) + "---:|---:|"]
     for t in TEMPERATURES:
         r = res[f"T={t:g}"]
         lines.append(f"| {t:g} | {100 * r['mode_acc']:.1f}% | {100 * r['greedy_on_mode']:.1f}% | "
                      f"{r['disagreements']} | {r['greedy_right_when_disagree']} | {r['mode_right_when_disagree']} | "
                      + " | ".join(f"{100 * r[f'vote_K{k}_acc']:.1f}%" for k in VOTES) + " | "
                      + " | ".join(f"{100 * r[f'overlap_K{k}_acc']:.1f}%" for k in VOTES)
-                     + f" | {100 * r['parse_rate']:.1f}% |")
+                     + f" | {100 * r['parse_rate']:.1f}% | {100 * r['samples_off_element']:.1f}% |")
     return "\n".join(lines + [""] + paired_table(res, answer)) + "\n"
 
 
