@@ -6,6 +6,8 @@ import torch
 
 from mmtts.bench import run_benchmark
 from mmtts.core.errors import MmttsError
+from mmtts.modalities.gui.data import grounding_accuracy
+from mmtts.modalities.gui.elements import DetectedElements
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.vlm import BOX_VLM_CONFIG, QUICK_BOX_VLM_CONFIG, QUICK_VLM_CONFIG, VLM_CONFIG
 from mmtts.tasks.cache import ModelCache
@@ -26,7 +28,8 @@ def test_quick_benchmark_runs_every_method(cache, tmp_path):
     res = run_benchmark(task, [0, 1], list(task.quick_budgets), out=tmp_path, settings=["vlm-t0.5", "vlm-box-t1"])
     assert {r["method"] for r in res["rows"]} == {"greedy", "gui-rc", "gui-rcpo", "gui-rcpo+rc"}
     assert {r["setting"] for r in res["rows"]} == {"vlm-t0.5", "vlm-box-t1"}
-    assert set(GUIGroundingVLM.settings) == {"vlm-t0.5", "vlm-t1", "vlm-box-t0.5", "vlm-box-t1"}
+    assert set(GUIGroundingVLM.settings) == {"vlm-t0.5", "vlm-t1", "vlm-box-t0.5", "vlm-box-t1", "vlm-snap-t0.5",
+                                             "vlm-box-snap-t0.5"}
     for r in res["rows"]:
         m = r["metrics"]
         assert 0 <= m["accuracy"] <= 1 and 0 < m["parse_rate"] <= 1 and m["ms_per_example"] > 0
@@ -83,3 +86,23 @@ def test_box_settings_answer_with_boxes(cache):
         assert np.isfinite(boxes).all() if kind == "box" else np.isnan(boxes).all()
     # one model per answer format, the click model by default
     assert task.model() is task.model("vlm-t1") is not task.model("vlm-box-t1")
+
+
+def test_snap_settings_answer_with_the_detected_element(cache):
+    task = GUIGroundingVLM(cache=cache, quick=True, screens=2)
+    examples, pixels = task.data(0)
+    assert task.elements("vlm-box-t0.5", examples[0]) is None
+    el = task.elements("vlm-box-snap-t0.5", examples[0])
+    assert isinstance(el, DetectedElements) and task.elements("vlm-box-snap-t0.5", examples[0]) is el  # once a screen
+    sampler, _ = task.sampler("greedy", "vlm-box-snap-t0.5", 0)
+    snapped = []
+    for i, (ex, px) in enumerate(zip(examples, pixels)):
+        p = parse_answers(sampler.sample(px, ex.instruction, [0], 0.0), "permille", ex.image_size).points
+        snapped.append(task.elements("vlm-box-snap-t0.5", ex).snap(p)[0])
+    # greedy in a snap setting answers the centre of the detected element under its own answer
+    want = grounding_accuracy(examples, np.stack(snapped))["accuracy"]
+    assert task.run("greedy", "vlm-box-snap-t0.5", 8, 0)["accuracy"] == want
+    vote = task.run("gui-rc", "vlm-box-snap-t0.5", 8, 0)
+    assert 0 <= vote["accuracy"] <= 1 and vote["parse_rate"] > 0
+    assert task.detail("gui-rc", "vlm-box-snap-t0.5", 8).endswith("snapped to detected elements")
+    assert "snapped" not in task.detail("gui-rc", "vlm-box-t0.5", 8)

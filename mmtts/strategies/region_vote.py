@@ -333,6 +333,23 @@ def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
 
 # -- the strategy ------------------------------------------------------------------------------
 
+def snapped_vote_boxes(points=None, boxes=None, elements=None, alpha: float = 50.0) -> np.ndarray:
+    """:func:`vote_boxes`, with each sample whose element is known voting with that element's box instead.
+
+    ``elements`` (K, 4) holds the box of the element under each answer (NaN
+    rows where none is known: those samples vote as they are).
+    """
+    votes = vote_boxes(points, boxes, alpha)
+    if elements is None:
+        return votes
+    el = as_coords(elements, "elements", 4)
+    if len(el) != len(votes):
+        raise MmttsError(f"{len(el)} element boxes for {len(votes)} samples; give one (or a NaN row) per sample")
+    known = np.isfinite(el).all(1)
+    votes[known] = el[known]
+    return votes
+
+
 @STRATEGIES.register("region-vote")
 class RegionVote(Strategy):
     """Draw n candidates and answer with the consensus of their votes (GUI-RC); no verifier is needed.
@@ -356,19 +373,24 @@ class RegionVote(Strategy):
         alpha: side, in grid cells, of the square a point answer votes with (GUI-RC uses 50).
         published: truncate box edges with ``int()`` as the published GUI-RC code does (docs/gui.md lists
             what changes); the default lets a box cover every cell it overlaps.
+        snap: each sample votes with the box of the element under its answer (the process's ``elements``
+            output, e.g. a :class:`~mmtts.modalities.gui.ClickProcess` given ``elements=``) instead of its own
+            box or alpha-square; samples on no known element vote as they are. Off in the published method.
         samples: deprecated spelling of ``n``.
         k: deprecated spelling of ``n``.
     """
 
-    def __init__(self, n: int | None = None, alpha: float = 50.0, *, published: bool = False,
+    def __init__(self, n: int | None = None, alpha: float = 50.0, *, published: bool = False, snap: bool = False,
                  samples: int | None = None, k: int | None = None):
         n = renamed("region-vote", "n", n, samples=samples, k=k)
         if n is not None and (int(n) != n or n < 1):
             raise MmttsError(f"region-vote needs a whole number n >= 1 of samples (got n = {n}); GUI-RC uses 64")
         check_alpha(alpha)
         n = None if n is None else int(n)
-        super().__init__(n=n, alpha=alpha, published=bool(published))
-        self.n, self.alpha, self.published = n, float(alpha), bool(published)
+        if not isinstance(snap, bool):
+            raise MmttsError(f"region-vote snap={snap!r} must be True or False")
+        super().__init__(n=n, alpha=alpha, published=bool(published), snap=snap)
+        self.n, self.alpha, self.published, self.snap = n, float(alpha), bool(published), snap
 
     def run(self, ctx: SearchContext) -> Selection:
         process = ctx.process
@@ -382,10 +404,17 @@ class RegionVote(Strategy):
             raise MmttsError("region-vote with n=None sizes n from an NFE budget; pass n or a budget with max_nfe")
         if cap != -1 and n > cap or n < 1:
             ctx.require_candidates(max(n, 1), calls)
+        if self.snap and hasattr(process, "elements") and process.elements is None:  # refuse before sampling
+            raise MmttsError(f"region-vote snap=True needs the element under each answer; this "
+                             f"{type(process).__name__} has no elements (give it elements=: an ElementList of "
+                             "boxes or DetectedElements)")
         state = ctx.advance(ctx.fresh(n))
         out = ctx.finish(state)
-        c = consensus(vote_boxes(out.get("points"), out.get("boxes"), self.alpha), *process.extent,
-                      published=self.published)
+        if self.snap and "elements" not in out:
+            raise MmttsError(f"region-vote snap=True needs the element under each answer; {type(process).__name__}'s "
+                             "outputs hold no 'elements' (give ClickProcess its elements=)")
+        c = consensus(snapped_vote_boxes(out.get("points"), out.get("boxes"), out.get("elements") if self.snap
+                                         else None, self.alpha), *process.extent, published=self.published)
         population_scores = ctx.score(out, state) if ctx.verifier is not None else None
         point = torch.tensor([c.point if c.point is not None else (float("nan"),) * 2], dtype=torch.float64)
         return Selection(outputs=point, scores=torch.full((1,), float("nan"), dtype=torch.float64), state=None,

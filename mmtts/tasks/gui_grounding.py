@@ -67,6 +67,7 @@ from ..core.rng import derive_seed
 from ..core.strategy import run_strategy
 from ..core.threads import one_thread
 from ..modalities.gui.data import GroundingExample, grounding_accuracy, load_screenspot, write_screenspot
+from ..modalities.gui.elements import DetectedElements, ElementProposals
 from ..modalities.gui.model import INPUT_SIZE, BoxGrounding, ElementBoxNet, GroundingNet, image_tensor, tokenize
 from ..modalities.gui.parse import parse_answers
 from ..modalities.gui.process import ClickProcess
@@ -259,16 +260,18 @@ class GUIGrounding(Task):
         with one_thread():
             for i, (ex, thumb) in enumerate(zip(examples, thumbs)):
                 rseed = derive_seed(seed, i)
+                elements = self.elements(setting, ex)
                 if voting:
-                    process = ClickProcess(sampler, thumb, ex.instruction, ex.image_size, temp)
-                    res = run_strategy(RegionVote(n=k, alpha=alpha), process, None, budget=k, seed=rseed)
+                    process = ClickProcess(sampler, thumb, ex.instruction, ex.image_size, temp, elements=elements)
+                    res = run_strategy(RegionVote(n=k, alpha=alpha, snap=elements is not None), process, None,
+                                       budget=k, seed=rseed)
                     points.append(res.outputs[0].numpy())
                     parsed += int(res.population["parsed"].sum())
                     answers += k
                 else:
                     answer = sampler.sample(thumb, ex.instruction, [rseed], 0.0)
                     p = parse_answers(answer, sampler.space, ex.image_size)
-                    points.append(p.points[0])
+                    points.append(p.points[0] if elements is None else elements.snap(p.points)[0])
                     parsed += int(p.ok.sum())
                     answers += 1
         seconds = time.perf_counter() - t0 + extra
@@ -279,6 +282,11 @@ class GUIGrounding(Task):
         out["parse_rate"] = parsed / answers
         out["ms_per_example"] = 1000.0 * seconds / len(examples)
         return out
+
+    def elements(self, setting: str, example: GroundingExample) -> ElementProposals | None:
+        """Where the elements of ``example``'s screenshot are, for settings that snap answers onto them; None
+        (the default: no setting of this task snaps)."""
+        return None
 
     def sampler(self, method: str, setting: str, seed: int) -> tuple[HeatmapSampler, float]:
         """The sampler ``method`` answers with, and the seconds its adaptation took (0 without GUI-RCPO)."""
@@ -314,9 +322,13 @@ class GUIGrounding(Task):
 
 
 #: sampling temperature of the VLM settings: the published GUI-RC/GUI-RCPO value and one more
-VLM_SETTING_TEMPERATURE = {"vlm-t0.5": 0.5, "vlm-t1": 1.0, "vlm-box-t0.5": 0.5, "vlm-box-t1": 1.0}
+VLM_SETTING_TEMPERATURE = {"vlm-t0.5": 0.5, "vlm-t1": 1.0, "vlm-box-t0.5": 0.5, "vlm-box-t1": 1.0,
+                           "vlm-snap-t0.5": 0.5, "vlm-box-snap-t0.5": 0.5}
 #: how the VLM of each setting answers: a click "(x,y)" or the element's box "[x1,y1,x2,y2]" (thousandths)
-VLM_SETTING_ANSWER = {"vlm-t0.5": "point", "vlm-t1": "point", "vlm-box-t0.5": "box", "vlm-box-t1": "box"}
+VLM_SETTING_ANSWER = {"vlm-t0.5": "point", "vlm-t1": "point", "vlm-box-t0.5": "box", "vlm-box-t1": "box",
+                      "vlm-snap-t0.5": "point", "vlm-box-snap-t0.5": "box"}
+#: the settings whose answers are snapped to the elements the element-box network detects on the screenshot
+VLM_SNAP_SETTINGS = ("vlm-snap-t0.5", "vlm-box-snap-t0.5")
 #: the VLM of each answer format, full and quick
 VLM_CONFIGS = {"point": VLM_CONFIG, "box": BOX_VLM_CONFIG}
 QUICK_VLM_CONFIGS = {"point": QUICK_VLM_CONFIG, "box": QUICK_BOX_VLM_CONFIG}
@@ -333,7 +345,12 @@ class GUIGroundingVLM(GUIGrounding):
     screens and cached, asked through :class:`TransformersSampler`. The
     ``vlm-*`` settings use the model that answers "(x,y)" in thousandths,
     the ``vlm-box-*`` settings the same model trained to answer with the
-    target element's box "[x1,y1,x2,y2]" (boxes vote as themselves). GUI-RCPO
+    target element's box "[x1,y1,x2,y2]" (boxes vote as themselves). The
+    ``*-snap-*`` settings snap every answer to the element under its point,
+    as detected on the screenshot by the task's :class:`ElementBoxNet` (the
+    one the ``boxes`` settings of ``gui-grounding`` use): greedy answers the
+    centre of its element, and GUI-RC votes with the detected element boxes
+    (``region-vote`` with ``snap=True``). GUI-RCPO
     adapts it with the token backend of the ``gui-rcpo`` adapter, rewarding
     each answer as the published training code does (``published=True``:
     clicks in the UI-TARS branch, grown by ``point_expand_size`` pixels per
@@ -361,6 +378,7 @@ class GUIGroundingVLM(GUIGrounding):
         self.vlm_configs = QUICK_VLM_CONFIGS if quick else VLM_CONFIGS
         self._vlm: dict[str, tuple] = {}
         self._pixels = build_processor(self.vlm_configs["point"]).image_processor
+        self._detected: dict[str, DetectedElements] = {}
 
     def prepare(self) -> list[str]:
         for answer in self.vlm_configs:
@@ -386,6 +404,19 @@ class GUIGroundingVLM(GUIGrounding):
     def temperature(self, setting: str) -> float:
         t = self.options["temperature"]
         return VLM_SETTING_TEMPERATURE[setting] if t is None else t
+
+    def elements(self, setting: str, example: GroundingExample) -> DetectedElements | None:
+        """The elements the element-box network detects on ``example``'s screenshot, in a snapping setting
+        (one detection per screenshot, the last 64 kept); None otherwise."""
+        if setting not in VLM_SNAP_SETTINGS:
+            return None
+        key = str(example.image)
+        if key not in self._detected:
+            if len(self._detected) >= 64:
+                self._detected.pop(next(iter(self._detected)))
+            with Image.open(example.image) as im:
+                self._detected[key] = DetectedElements(self.box_model(), im.convert("RGB"), example.image_size)
+        return self._detected[key]
 
     def adapted(self, seed: int, setting: str = "vlm-t0.5"):
         """((model, processor), seconds): the VLM after GUI-RCPO on the seed's unlabeled test prompts."""
@@ -428,6 +459,10 @@ class GUIGroundingVLM(GUIGrounding):
         step = self._adapted[setting, seed][2] if method.startswith("gui-rcpo") else float("nan")
         out["rcpo_ms_per_step"] = 1000.0 * step
         return out
+
+    def detail(self, method: str, setting: str, budget: int | None) -> str:
+        text = super().detail(method, setting, budget)
+        return text + ("; snapped to detected elements" if setting in VLM_SNAP_SETTINGS else "")
 
     def rcpo_detail(self, setting: str) -> str:
         o = self.options

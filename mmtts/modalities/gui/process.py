@@ -17,6 +17,7 @@ from ...core.process import Process
 from ...core.rng import Streams
 from ...core.state import State
 from ...strategies.region_vote import check_extent
+from .elements import ElementProposals
 from .parse import parse_answers
 from .sampler import ClickSampler
 
@@ -32,7 +33,10 @@ class ClickProcess(Process):
     ``TEXT_CHARS`` characters); unparseable answers are NaN rows. The
     texts travel in the State as code points (``text``, (n, TEXT_CHARS)
     int32, 0-padded), so they follow their candidates when a batch is
-    indexed or concatenated.
+    indexed or concatenated. With ``elements``, outputs also hold
+    ``elements`` (n, 4): the box of the element under each answer's point
+    (NaN where none is known), which ``region-vote`` with ``snap=True``
+    votes with.
 
     Args:
         sampler: the model as a :class:`ClickSampler`; candidate i's answer is drawn with its stream's next seed.
@@ -41,13 +45,19 @@ class ClickProcess(Process):
         image_size: the original screenshot's (width, height): the pixels answers are parsed into, and the
             process's ``extent``.
         temperature: sampling temperature; 0 is greedy decoding.
+        elements: where the screenshot's UI elements are (:mod:`.elements`: a list of boxes or a detector's
+            proposals); None records none.
     """
 
     num_stages = 1
     nfe_per_stage = 1
 
     def __init__(self, sampler: ClickSampler, image: Image.Image, instruction: str,
-                 image_size: tuple[int, int], temperature: float = 1.0):
+                 image_size: tuple[int, int], temperature: float = 1.0, elements: ElementProposals | None = None):
+        if elements is not None and not isinstance(elements, ElementProposals):
+            raise ProcessError(f"elements must be ElementProposals (an ElementList of boxes or DetectedElements), "
+                               f"got a {type(elements).__name__}")
+        self.elements = elements
         self.sampler = sampler
         self.image = image
         self.instruction = instruction
@@ -60,6 +70,8 @@ class ClickProcess(Process):
                 "boxes": torch.full((n, 4), float("nan"), dtype=torch.float64),
                 "parsed": torch.zeros(n, dtype=torch.bool),
                 "text": torch.zeros(n, TEXT_CHARS, dtype=torch.int32)}
+        if self.elements is not None:
+            data["elements"] = torch.full((n, 4), float("nan"), dtype=torch.float64)
         return State.fresh(data, streams, first_index)
 
     def step(self, state: State) -> State:
@@ -72,6 +84,8 @@ class ClickProcess(Process):
         p = parse_answers(texts, self.sampler.space, self.extent)
         data = {"points": torch.from_numpy(p.points), "boxes": torch.from_numpy(p.boxes),
                 "parsed": torch.from_numpy(np.asarray(p.ok)), "text": encode_texts(texts)}
+        if self.elements is not None:
+            data["elements"] = torch.from_numpy(self.elements.boxes_at(p.points))
         return State(data, state.stage + 1, state.streams, state.ids, state.parents, state.origin, state.meta)
 
     def finish(self, state: State) -> dict:
