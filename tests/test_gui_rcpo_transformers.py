@@ -103,6 +103,32 @@ def test_groups_are_prompt_ids_and_never_mix(trained):
     assert adapter.last["parsed"] > 0.5
 
 
+def test_answers_are_rewarded_with_the_element_under_them(trained):
+    from mmtts.modalities.gui.elements import ElementList
+
+    model, proc = build_vlm(QUICK_VLM_CONFIG, trained)
+    seen = []
+
+    def spy(points, groups, sizes, alpha, **kw):
+        seen.append({"points": points.copy(), **kw})
+        return grouped_region_rewards(points, groups, sizes, alpha, **kw)
+
+    # the whole first screen is one element; the second prompt has no elements (its answers vote as they are)
+    left = ElementList([[0, 0, 1280, 720]])
+    adapter = rcpo(model, proc, reward=spy)
+    adapter({**batch(ids=(0, 1)), "elements": [left, None]})
+    points, boxes = seen[0]["points"], seen[0]["boxes"]
+    first, second = slice(0, 4), slice(4, 8)
+    parsed = np.isfinite(points[first]).all(1)
+    assert parsed.any()
+    assert np.array_equal(boxes[first][parsed], np.tile([0.0, 0.0, 1280.0, 720.0], (int(parsed.sum()), 1)))
+    assert np.isnan(boxes[first][~parsed]).all() and np.isnan(boxes[second]).all()  # click answers, unsnapped
+    with pytest.raises(MmttsError, match="1 entries for 2 prompts"):
+        adapter({**batch(ids=(0, 1)), "elements": [left]})
+    with pytest.raises(MmttsError, match="holds a list"):
+        adapter({**batch(ids=(0, 1)), "elements": [[0, 0, 1, 1], None]})
+
+
 def test_box_answers_reach_the_published_qwen_reward_as_boxes(tmp_path):
     state = ModelCache(tmp_path).load_or_train("gui-vlm", QUICK_BOX_VLM_CONFIG,
                                                lambda: train_vlm(QUICK_BOX_VLM_CONFIG))

@@ -136,7 +136,11 @@ class GUIRCPO(Adapter):
     policy the batch is ``{"images": B screenshots (PIL), "instructions": B
     strings, "sizes", "ids"}`` and the returned clicks are each prompt's
     region vote over its ``n`` samples (NaN when none parsed): the answers
-    GUI-RC gives, at no extra generation.
+    GUI-RC gives, at no extra generation. A transformers batch may also hold
+    ``"elements"``: per prompt, where its screenshot's UI elements are
+    (:mod:`mmtts.modalities.gui.elements`, or None); each answer then votes,
+    and is rewarded, with the box of the element under it (as ``region-vote``
+    with ``snap=True``), answers on no known element as they are.
 
     Args:
         model: the policy: ``model(images, tokens) -> logits (B, rows, cols)`` with ``model.cells``, or a
@@ -289,6 +293,9 @@ class GUIRCPO(Adapter):
         self._check(batch)
         if self.tokens:
             return self._adapt_tokens(batch)
+        if batch.get("elements") is not None:
+            raise MmttsError("batch['elements'] (snapping answers to UI elements) is for transformers policies; a "
+                             "grid-cell policy with box answers already votes with the boxes of its elements")
         images, tokens = batch["images"], batch["tokens"]
         sizes = torch.as_tensor(batch["sizes"], dtype=torch.float64)
         ids = torch.as_tensor(batch["ids"]).reshape(-1)
@@ -347,6 +354,8 @@ class GUIRCPO(Adapter):
             gens.append(g)
             points.append(p.points)
             boxes.append(p.boxes)
+        if batch.get("elements") is not None:
+            boxes = self._snapped(batch["elements"], points, boxes)
         points, boxes = np.concatenate(points), np.concatenate(boxes)
         groups = ids.repeat_interleave(self.n).numpy()
         extra = {"boxes": boxes} if np.isfinite(boxes).all(1).any() else {}
@@ -379,6 +388,27 @@ class GUIRCPO(Adapter):
             if c.point is not None:
                 votes[b] = c.point
         return torch.from_numpy(votes)
+
+    @staticmethod
+    def _snapped(elements, points: list, boxes: list) -> list:
+        """Each prompt's answer boxes with the element under each answer in place of its own box, where known."""
+        from ..modalities.gui.elements import ElementProposals
+
+        if len(elements) != len(points):
+            raise MmttsError(f"batch['elements'] has {len(elements)} entries for {len(points)} prompts; give one "
+                             "(or None) per prompt")
+        out = []
+        for el, p, b in zip(elements, points, boxes):
+            if el is None:
+                out.append(b)
+                continue
+            if not isinstance(el, ElementProposals):
+                raise MmttsError(f"batch['elements'] holds a {type(el).__name__}; give ElementProposals (an "
+                                 "ElementList of boxes or DetectedElements) or None per prompt")
+            found = el.boxes_at(p)
+            known = np.isfinite(found).all(1)
+            out.append(np.where(known[:, None], found, b))
+        return out
 
     def _reference_logprobs(self, g) -> torch.Tensor:
         """Log-probabilities of a generation's tokens under the starting policy."""

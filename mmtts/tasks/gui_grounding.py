@@ -355,7 +355,8 @@ class GUIGroundingVLM(GUIGrounding):
     each answer as the published training code does (``published=True``:
     clicks in the UI-TARS branch, grown by ``point_expand_size`` pixels per
     side, 50 as the released scripts pass; boxes in the Qwen branch, as
-    they are).
+    they are; in the snapping settings every answer is rewarded with the
+    detected element under it, in the Qwen branch).
 
     Args:
         cache: where trained weights are kept; a default :class:`ModelCache` when None.
@@ -425,11 +426,12 @@ class GUIGroundingVLM(GUIGrounding):
             model, proc = self.model(setting)
             o = self.options
             t0 = time.perf_counter()
-            answer = VLM_SETTING_ANSWER[setting]
+            answer, snap = VLM_SETTING_ANSWER[setting], setting in VLM_SNAP_SETTINGS
             adapter = GUIRCPO(copy.deepcopy(model), processor=proc, space="permille", prompt=PROMPT,
                               max_new_tokens=MAX_NEW_TOKENS[answer], n=o["rcpo_samples"],
                               temperature=self.temperature(setting), beta=o["rcpo_beta"], lr=o["rcpo_lr"], seed=seed,
-                              trainable=o["rcpo_params"], published=True, branch=VLM_RCPO_BRANCH[answer],
+                              trainable=o["rcpo_params"], published=True,
+                              branch="qwen" if snap else VLM_RCPO_BRANCH[answer],
                               point_expand_size=o["point_expand_size"])
             g = torch.Generator().manual_seed(derive_seed(seed, 0x12C0))
             n, p = len(examples), o["rcpo_prompts"]
@@ -440,7 +442,8 @@ class GUIGroundingVLM(GUIGrounding):
                         idx = order[start:start + p]
                         adapter({"images": [pixels[i] for i in idx],
                                  "instructions": [examples[i].instruction for i in idx],
-                                 "sizes": [examples[i].image_size for i in idx], "ids": idx})
+                                 "sizes": [examples[i].image_size for i in idx], "ids": idx,
+                                 "elements": [self.elements(setting, examples[i]) for i in idx] if snap else None})
             seconds = time.perf_counter() - t0
             self._adapted[setting, seed] = ((adapter.release().eval(), proc), seconds, seconds / adapter.updates)
         return self._adapted[setting, seed][:2]
@@ -468,6 +471,8 @@ class GUIGroundingVLM(GUIGrounding):
         o = self.options
         box = VLM_SETTING_ANSWER[setting] == "box"
         reward = "published reward, boxes as they are" if box else f"published reward +{o['point_expand_size']} px"
+        if setting in VLM_SNAP_SETTINGS:
+            reward = "published reward (Qwen branch) on the detected elements"
         return (f"RCPO {o['rcpo_epochs']} epoch x {o['rcpo_samples']} samples, {o['rcpo_prompts']} prompts/step, "
                 f"lr={o['rcpo_lr']:g}, beta={o['rcpo_beta']:g}, {o['rcpo_params']}, {reward}")
 
