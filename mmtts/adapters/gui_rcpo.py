@@ -51,7 +51,7 @@ from ..core.rng import derive_seed
 from ..core.settings import renamed
 from ..modalities.gui.coords import CoordSpace
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..strategies.region_vote import as_coords, consensus, point_boxes, region_rewards, vote_boxes
+from ..strategies.region_vote import as_coords, consensus, region_rewards, vote_boxes
 
 #: the published reward's branches: how much an answer grows per side before it votes
 BRANCHES = ("ui-tars", "qwen")

@@ -11,6 +11,7 @@ GUI-RCPO is the ``gui-rcpo`` adapter (:mod:`mmtts.adapters.gui_rcpo`).
 """
 
 from .coords import CoordSpace
+from .elements import DetectedElements, ElementList, ElementProposals
 from .data import (GroundingExample, grounding_accuracy, load_rcpo_jsonl, load_screenspot, load_screenspot_pro,
                    point_in_box, write_screenspot)
 from .model import BoxGrounding, ElementBoxNet, GroundingNet
@@ -18,7 +19,7 @@ from .parse import ParsedAnswers, parse_answer, parse_answers
 from .process import ClickProcess
 from .sampler import ClickSampler, HeatmapSampler, TransformersSampler
 
-__all__ = ["BoxGrounding", "ClickProcess", "ClickSampler", "CoordSpace", "ElementBoxNet", "GroundingExample",
-           "GroundingNet", "HeatmapSampler",
+__all__ = ["BoxGrounding", "ClickProcess", "ClickSampler", "CoordSpace", "DetectedElements", "ElementBoxNet",
+           "ElementList", "ElementProposals", "GroundingExample", "GroundingNet", "HeatmapSampler",
            "ParsedAnswers", "TransformersSampler", "grounding_accuracy", "load_rcpo_jsonl", "load_screenspot",
            "load_screenspot_pro", "parse_answer", "parse_answers", "point_in_box", "write_screenspot"]
