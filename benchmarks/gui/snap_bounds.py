@@ -27,21 +27,17 @@ snapped greedy. Writes snap_bounds{,_box}.{json,md} under --out.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 
 from mmtts.bench import mean_ci95, paired_comparison, strict_json
 from mmtts.core.rng import derive_seed
-from mmtts.core.threads import one_thread
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.render import render_screen
 from mmtts.strategies.region_vote import consensus, snapped_vote_boxes, vote_boxes
-from mmtts.tasks.cache import ModelCache
 from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGroundingVLM
 
 _spec = importlib.util.spec_from_file_location("vlm_vote_bounds", Path(__file__).with_name("vlm_vote_bounds.py"))
@@ -61,12 +57,7 @@ def group_vote(boxes: np.ndarray) -> np.ndarray:
     b = boxes[np.isfinite(boxes).all(1)]
     if len(b) == 0:
         return np.array([np.nan, np.nan])
-    lo, hi = np.maximum(b[:, None, :2], b[None, :, :2]), np.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(-1)
-    area = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
-    union = area[:, None] + area[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    j = int(np.argmax((iou > 0.5).sum(1)))
+    j = int(np.argmax((_bounds.pairwise_iou(b) > 0.5).sum(1)))
     return (b[j, :2] + b[j, 2:]) / 2
 
 
@@ -150,23 +141,10 @@ def markdown(res: dict, seeds, samples: int, answer: str) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--answer", choices=tuple(SETTING), default="box", help="the click model or the box model")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(100, 110)))
-    ap.add_argument("--screens", type=int, default=20, help="screens per seed (three instructions each)")
-    ap.add_argument("--samples", type=int, default=64, help="answers drawn per temperature")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "validation-snap"))
-    ap.add_argument("--quick", action="store_true", help="the quick models (for tests)")
-    ap.add_argument("--cache", default=None, help="model cache directory")
-    args = ap.parse_args(argv)
-    if args.samples < max(VOTES):
-        ap.error(f"--samples must be at least {max(VOTES)} (the largest vote)")
-    task = GUIGroundingVLM(cache=ModelCache(args.cache) if args.cache else None, quick=args.quick,
-                           screens=args.screens)
-    with one_thread():
-        res = measure(task, args.seeds, args.samples, args.answer)
-    res.update(seeds=args.seeds, samples=args.samples, screens=args.screens, answer=args.answer,
-               machine=platform.machine())
+    args = _bounds.sweep_args(argv, __doc__.splitlines()[0], "box", list(range(100, 110)), 20, 64,
+                              str(Path(__file__).parent / "validation-snap"))
+    res = _bounds.run_sweep(args, measure)
+    res["answer"] = args.answer
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "snap_bounds" + ("" if args.answer == "point" else "_box")

@@ -78,13 +78,17 @@ def overlap_vote(boxes: np.ndarray) -> np.ndarray:
     b = boxes[np.isfinite(boxes).all(1)]
     if len(b) == 0:
         return np.array([np.nan, np.nan])
+    j = int(np.argmax(pairwise_iou(b).sum(1)))
+    return (b[j, :2] + b[j, 2:]) / 2
+
+
+def pairwise_iou(b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every pair of finite boxes (K, 4): (K, K), 0 where both are empty."""
     lo, hi = np.maximum(b[:, None, :2], b[None, :, :2]), np.minimum(b[:, None, 2:], b[None, :, 2:])
     inter = np.clip(hi - lo, 0, None).prod(-1)
     area = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
     union = area[:, None] + area[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    j = int(np.argmax(iou.sum(1)))
-    return (b[j, :2] + b[j, 2:]) / 2
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def inside(p, box) -> bool:
@@ -244,23 +248,36 @@ def markdown(res: dict, samples: int, seeds, answer: str = "point") -> str:
     return "\n".join(lines + [""] + paired_table(res, answer)) + "\n"
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--answer", choices=tuple(SETTING), default="point", help="the click model or the box model")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
-    ap.add_argument("--screens", type=int, default=30, help="screens per seed (three instructions each)")
-    ap.add_argument("--samples", type=int, default=128, help="answers drawn per temperature")
-    ap.add_argument("--out", default=str(Path(__file__).parent))
-    ap.add_argument("--quick", action="store_true", help="the quick model (for tests)")
+def sweep_args(argv, description: str, answer: str, seeds: list[int], screens: int, samples: int,
+               out: str) -> argparse.Namespace:
+    """The command line of a validation sweep over the VLM's answers (the defaults given), checked."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--answer", choices=tuple(SETTING), default=answer, help="the click model or the box model")
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    ap.add_argument("--screens", type=int, default=screens, help="screens per seed (three instructions each)")
+    ap.add_argument("--samples", type=int, default=samples, help="answers drawn per temperature")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--quick", action="store_true", help="the quick models (for tests)")
     ap.add_argument("--cache", default=None, help="model cache directory")
     args = ap.parse_args(argv)
     if args.samples < max(VOTES):
         ap.error(f"--samples must be at least {max(VOTES)} (the largest vote)")
+    return args
+
+
+def run_sweep(args: argparse.Namespace, measure) -> dict:
+    """``measure(task, seeds, samples, answer)`` on one thread, with the sweep's settings added to its result."""
     task = GUIGroundingVLM(cache=ModelCache(args.cache) if args.cache else None, quick=args.quick,
                            screens=args.screens)
     with one_thread():
         res = measure(task, args.seeds, args.samples, args.answer)
     res.update(seeds=args.seeds, samples=args.samples, screens=args.screens, machine=platform.machine())
+    return res
+
+
+def main(argv=None) -> dict:
+    args = sweep_args(argv, __doc__.splitlines()[0], "point", [100, 101, 102], 30, 128, str(Path(__file__).parent))
+    res = run_sweep(args, measure)
     if args.answer != "point":
         res["answer"] = args.answer
     out = Path(args.out)
