@@ -331,8 +331,6 @@ def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
     return np.where(use_box[:, None], b, from_points)
 
 
-# -- the strategy ------------------------------------------------------------------------------
-
 def snapped_vote_boxes(points=None, boxes=None, elements=None, alpha: float = 50.0) -> np.ndarray:
     """:func:`vote_boxes`, with each sample whose element is known voting with that element's box instead.
 
@@ -349,6 +347,8 @@ def snapped_vote_boxes(points=None, boxes=None, elements=None, alpha: float = 50
     votes[known] = el[known]
     return votes
 
+
+# -- the strategy ------------------------------------------------------------------------------
 
 @STRATEGIES.register("region-vote")
 class RegionVote(Strategy):
