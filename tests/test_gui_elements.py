@@ -38,6 +38,7 @@ def test_element_list_gives_the_smallest_element_holding_each_point():
     got = el.boxes_at(pts)
     np.testing.assert_array_equal(got[:4], ELEMENTS[[0, 2, 1, 0]])  # edges belong to the box (the first, smaller)
     assert np.isnan(got[4:]).all()                                    # outside every element, or no answer
+    assert el.index_at(pts).tolist() == [0, 2, 1, 0, -1, -1]
     snapped = el.snap(pts)
     np.testing.assert_array_equal(snapped[:4], [[50, 20], [80, 10], [50, 60], [50, 20]])
     np.testing.assert_array_equal(snapped[4], pts[4])                 # unknown: the point stays

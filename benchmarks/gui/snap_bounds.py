@@ -35,6 +35,7 @@ import numpy as np
 
 from mmtts.bench import mean_ci95, paired_comparison, strict_json
 from mmtts.core.rng import derive_seed
+from mmtts.modalities.gui.elements import ElementList
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.render import render_screen
 from mmtts.strategies.region_vote import consensus, snapped_vote_boxes, vote_boxes
@@ -43,7 +44,7 @@ from mmtts.tasks.gui_grounding import TEST_OFFSET, GUIGroundingVLM
 _spec = importlib.util.spec_from_file_location("vlm_vote_bounds", Path(__file__).with_name("vlm_vote_bounds.py"))
 _bounds = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bounds)
-element_of, inside = _bounds.element_of, _bounds.inside
+as_point, element_of, inside = _bounds.as_point, _bounds.element_of, _bounds.inside
 
 TEMPERATURES = (0.5, 1.0)
 VOTES = (16, 64)
@@ -61,10 +62,6 @@ def group_vote(boxes: np.ndarray) -> np.ndarray:
     return (b[j, :2] + b[j, 2:]) / 2
 
 
-def point_of(c) -> np.ndarray:
-    return np.array((np.nan, np.nan) if c.point is None else c.point, dtype=np.float64)
-
-
 def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str) -> dict:
     setting = SETTING[answer]
     keys = ["greedy", "greedy_snapped"] + [f"T={t:g}/{m}" for t in TEMPERATURES for m in
@@ -79,7 +76,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str) -> dict:
         for i, (ex, px) in enumerate(zip(examples, pixels)):
             s = int(ex.id.split("-")[0])
             if s not in screens:
-                screens[s] = [el.box for el in render_screen(derive_seed(TEST_OFFSET, seed, s)).elements]
+                screens[s] = ElementList([el.box for el in render_screen(derive_seed(TEST_OFFSET, seed, s)).elements])
             boxes, elements = screens[s], task.elements(setting, ex)
             target = element_of(((ex.box[0] + ex.box[2]) / 2, (ex.box[1] + ex.box[3]) / 2), boxes)
             g = parse_answers(sampler.sample(px, ex.instruction, [0], 0.0), "permille", ex.image_size).points
@@ -88,7 +85,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str) -> dict:
             for t in TEMPERATURES:
                 draws = [derive_seed(seed, i, j, int(t * 1000)) for j in range(samples)]
                 p = parse_answers(sampler.sample(px, ex.instruction, draws, t), "permille", ex.image_size)
-                els = np.array([element_of(q, boxes) for q in p.points])
+                els = boxes.index_at(p.points)
                 valid = els[els >= 0]
                 mode = int(np.bincount(valid).argmax()) if len(valid) else -1
                 right[f"T={t:g}/mode"] += mode == target and mode >= 0
@@ -97,8 +94,8 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str) -> dict:
                     plain = consensus(vote_boxes(p.points[:k], p.boxes[:k], 50.0), *ex.image_size)
                     snapped = consensus(snapped_vote_boxes(p.points[:k], p.boxes[:k], found[:k], 50.0),
                                         *ex.image_size)
-                    right[f"T={t:g}/vote{k}"] += inside(point_of(plain), ex.box)
-                    right[f"T={t:g}/snap{k}"] += inside(point_of(snapped), ex.box)
+                    right[f"T={t:g}/vote{k}"] += inside(as_point(plain.point), ex.box)
+                    right[f"T={t:g}/snap{k}"] += inside(as_point(snapped.point), ex.box)
                     right[f"T={t:g}/group{k}"] += inside(group_vote(found[:k]), ex.box)
         for key in keys:
             per_seed[key].append(right[key] / len(examples))

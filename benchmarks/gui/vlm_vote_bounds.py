@@ -49,6 +49,7 @@ import numpy as np
 from mmtts.bench import mean_ci95, paired_comparison, strict_json
 from mmtts.core.rng import derive_seed
 from mmtts.core.threads import one_thread
+from mmtts.modalities.gui.elements import ElementList
 from mmtts.modalities.gui.parse import parse_answers
 from mmtts.modalities.gui.render import render_screen
 from mmtts.strategies.region_vote import consensus, vote_boxes
@@ -64,12 +65,15 @@ AGGREGATIONS = ("vote", "overlap", *(f"point_a{a}_" for a in ALPHAS))
 
 
 def element_of(point, boxes) -> int:
-    """Index of the smallest element box holding ``point`` (-1: none, or no answer)."""
-    if not np.isfinite(point).all():
-        return -1
-    hit = [(b[2] - b[0]) * (b[3] - b[1]) if b[0] <= point[0] <= b[2] and b[1] <= point[1] <= b[3] else np.inf
-           for b in boxes]
-    return int(np.argmin(hit)) if np.isfinite(min(hit, default=np.inf)) else -1
+    """Index of the smallest element box holding ``point`` (-1: none, or no answer); ``boxes`` is a list of
+    boxes or an :class:`ElementList` of them, whose rule this is."""
+    elements = boxes if isinstance(boxes, ElementList) else ElementList(boxes)
+    return int(elements.index_at(np.asarray(point, dtype=np.float64).reshape(1, 2))[0])
+
+
+def as_point(point) -> np.ndarray:
+    """A vote's answer as a float (2,) array: NaN when the vote gave none (None)."""
+    return np.array((np.nan, np.nan) if point is None else point, dtype=np.float64)
 
 
 def overlap_vote(boxes: np.ndarray) -> np.ndarray:
@@ -120,7 +124,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
         for i, (ex, px) in enumerate(zip(examples, pixels)):
             s = int(ex.id.split("-")[0])
             if s not in screens:
-                screens[s] = [el.box for el in render_screen(derive_seed(TEST_OFFSET, seed, s)).elements]
+                screens[s] = ElementList([el.box for el in render_screen(derive_seed(TEST_OFFSET, seed, s)).elements])
             boxes = screens[s]
             target = element_of(((ex.box[0] + ex.box[2]) / 2, (ex.box[1] + ex.box[3]) / 2), boxes)
             g = parse_answers(sampler.sample(px, ex.instruction, [0], 0.0), "permille", ex.image_size).points[0]
@@ -134,7 +138,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                 p = parse_answers(sampler.sample(px, ex.instruction, seeds_i, t), "permille", ex.image_size)
                 r = per_t[t]
                 r["parse_rate"] += float(p.ok.mean())
-                els = np.array([element_of(q, boxes) for q in p.points])
+                els = boxes.index_at(p.points)
                 r["off_element"] += float((els < 0).mean())
                 valid = els[els >= 0]
                 mode = int(np.bincount(valid).argmax()) if len(valid) else -1
@@ -150,7 +154,7 @@ def measure(task: GUIGroundingVLM, seeds, samples: int, answer: str = "point") -
                     for a in ALPHAS:  # every answer's point (a box's centre) as a click
                         found[f"point_a{a}_"] = consensus(vote_boxes(p.points[:k], None, a), *ex.image_size).point
                     for m, point in found.items():
-                        point = np.array((np.nan, np.nan) if point is None else point, dtype=np.float64)
+                        point = as_point(point)
                         r[f"{m}{k}"] += inside(point, ex.box)
                         el = element_of(point, boxes)
                         r[f"{m}{k}_on_mode"] += mode >= 0 and el == mode

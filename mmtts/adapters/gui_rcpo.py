@@ -51,7 +51,7 @@ from ..core.rng import derive_seed
 from ..core.settings import renamed
 from ..modalities.gui.coords import CoordSpace
 from ..modalities.gui.model import boxes_at, cells_to_unit
-from ..strategies.region_vote import as_coords, consensus, region_rewards, vote_boxes
+from ..strategies.region_vote import as_coords, consensus, region_rewards, vote_boxes, with_elements
 
 #: the published reward's branches: how much an answer grows per side before it votes
 BRANCHES = ("ui-tars", "qwen")
@@ -405,9 +405,7 @@ class GUIRCPO(Adapter):
             if not isinstance(el, ElementProposals):
                 raise MmttsError(f"batch['elements'] holds a {type(el).__name__}; give ElementProposals (an "
                                  "ElementList of boxes or DetectedElements) or None per prompt")
-            found = el.boxes_at(p)
-            known = np.isfinite(found).all(1)
-            out.append(np.where(known[:, None], found, b))
+            out.append(with_elements(b, el.boxes_at(p)))
         return out
 
     def _reference_logprobs(self, g) -> torch.Tensor:

@@ -331,6 +331,18 @@ def vote_boxes(points=None, boxes=None, alpha: float = 50.0) -> np.ndarray:
     return np.where(use_box[:, None], b, from_points)
 
 
+def with_elements(boxes, elements) -> np.ndarray:
+    """``boxes`` (K, 4) with each row whose element is known (a finite row of ``elements`` (K, 4)) replaced by
+    that element's box; rows with a NaN element row stay as they are."""
+    b = as_coords(boxes, "boxes", 4).copy()
+    el = as_coords(elements, "elements", 4)
+    if len(el) != len(b):
+        raise MmttsError(f"{len(el)} element boxes for {len(b)} samples; give one (or a NaN row) per sample")
+    known = np.isfinite(el).all(1)
+    b[known] = el[known]
+    return b
+
+
 def snapped_vote_boxes(points=None, boxes=None, elements=None, alpha: float = 50.0) -> np.ndarray:
     """:func:`vote_boxes`, with each sample whose element is known voting with that element's box instead.
 
@@ -338,14 +350,7 @@ def snapped_vote_boxes(points=None, boxes=None, elements=None, alpha: float = 50
     rows where none is known: those samples vote as they are).
     """
     votes = vote_boxes(points, boxes, alpha)
-    if elements is None:
-        return votes
-    el = as_coords(elements, "elements", 4)
-    if len(el) != len(votes):
-        raise MmttsError(f"{len(el)} element boxes for {len(votes)} samples; give one (or a NaN row) per sample")
-    known = np.isfinite(el).all(1)
-    votes[known] = el[known]
-    return votes
+    return votes if elements is None else with_elements(votes, elements)
 
 
 # -- the strategy ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ...core.errors import MmttsError
 from ...strategies.region_vote import as_coords, check_extent
+from .model import boxes_at, image_tensor
 
 
 class ElementProposals:
@@ -53,15 +54,19 @@ class ElementList(ElementProposals):
             raise MmttsError("element boxes must be finite (x1, y1, x2, y2) rows with x2 >= x1 and y2 >= y1")
         self.boxes = b
 
-    def boxes_at(self, points) -> np.ndarray:
+    def index_at(self, points) -> np.ndarray:
+        """The index (K,) of the smallest box holding each point (the first of equal areas); -1 for none."""
         p = as_coords(points, "points", 2)
         b = self.boxes
         hit = ((b[None, :, 0] <= p[:, None, 0]) & (p[:, None, 0] <= b[None, :, 2])
                & (b[None, :, 1] <= p[:, None, 1]) & (p[:, None, 1] <= b[None, :, 3]))  # NaN compares False
         area = np.where(hit, ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :], np.inf)
-        out = np.full((len(p), 4), np.nan)
-        found = hit.any(1)
-        out[found] = b[area[found].argmin(1)]
+        return np.where(hit.any(1), area.argmin(1), -1)
+
+    def boxes_at(self, points) -> np.ndarray:
+        idx = self.index_at(points)
+        out = np.full((len(idx), 4), np.nan)
+        out[idx >= 0] = self.boxes[idx[idx >= 0]]
         return out
 
 
@@ -79,8 +84,6 @@ class DetectedElements(ElementProposals):
     """
 
     def __init__(self, net: torch.nn.Module, image: Image.Image, image_size: tuple[int, int]):
-        from .model import boxes_at, image_tensor
-
         self.size = check_extent(*image_size)
         self.cols, self.rows = (int(c) for c in net.cells)
         with torch.no_grad():
@@ -88,7 +91,6 @@ class DetectedElements(ElementProposals):
         if tuple(self.extents.shape[-2:]) != (self.rows, self.cols):
             raise MmttsError(f"the element-box network gave a {tuple(self.extents.shape[-2:])} grid for its cells "
                              f"{(self.cols, self.rows)} (columns, rows); check the network")
-        self._boxes_at = boxes_at
 
     def boxes_at(self, points) -> np.ndarray:
         p = as_coords(points, "points", 2)
@@ -99,7 +101,7 @@ class DetectedElements(ElementProposals):
             col = np.clip(np.floor(p[ok, 0] / w * self.cols), 0, self.cols - 1).astype(np.int64)
             row = np.clip(np.floor(p[ok, 1] / h * self.rows), 0, self.rows - 1).astype(np.int64)
             cells = torch.from_numpy(row * self.cols + col)[None]
-            out[ok] = self._boxes_at(self.extents, cells)[0].numpy() * np.array([w, h, w, h], dtype=np.float64)
+            out[ok] = boxes_at(self.extents, cells)[0].numpy() * np.array([w, h, w, h], dtype=np.float64)
         return out
 
 
